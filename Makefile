@@ -1,0 +1,36 @@
+# Quick start:  make demo   (the embedded default end to end on this CPU)
+#               make test   (the test suite; tiers by marker, see README)
+# Every target sets itself up first; `make setup` is idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch first, from its pinned CPU wheel: with torch present nothing else pulls a CUDA build.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "unit or fidelity" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m pipeline.demo --out $(DEMO_DIR)
+
+bench: setup
+	$(PY) -m data_prep.bench
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,5 @@
+"""Stage 1: raw GSM8K-style data -> tokenized, step-annotated shards (``python -m data_prep --help``)."""
+from .loader import ShardSet, load_shards
+from .manifest import ShardError
+
+__all__ = ["ShardSet", "ShardError", "load_shards"]

@@ -1,0 +1,76 @@
+"""Open a shard directory for the next stages, verified against its manifest.
+
+    from data_prep import load_shards
+    shards = load_shards("data/shards")            # checks sha256s and the tokenizer fingerprint
+    train = shards.split("train")                   # a datasets.Dataset of records
+    shards.special_tokens["latent"]                 # token ids always come from here
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import datasets
+
+from .manifest import ShardError, read_manifest, shard_problems
+
+FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "question": datasets.Value("string"),
+    "steps": datasets.List(datasets.Value("string")),
+    "answer": datasets.Value("string"),
+    "question_ids": datasets.List(datasets.Value("int32")),
+    "step_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "answer_ids": datasets.List(datasets.Value("int32")),
+    "source": datasets.Value("string"),
+    "flags": datasets.List(datasets.Value("string")),
+})
+
+
+@dataclass
+class ShardSet:
+    """A verified shard directory: manifest, tokenizer and the records of each split."""
+    path: str
+    manifest: dict
+    tokenizer: object
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return self.manifest["special_tokens"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def split(self, name: str) -> datasets.Dataset:
+        if name not in self.manifest["splits"]:
+            raise ShardError(f"{self.path}: no {name!r} split (has {', '.join(self.splits)})")
+        files = [os.path.join(self.path, s["file"]) for s in self.manifest["splits"][name]["shards"]]
+        parts = [datasets.Dataset.from_file(f) for f in files]
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def load_shards(path: str, verify: bool = True, expected_fingerprint: str | None = None) -> ShardSet:
+    """Load and check ``path``; a mismatch is an error, never a silent reuse.
+
+    ``expected_fingerprint``: the fingerprint of the tokenizer the caller will use (e.g. a run's
+    tokenizer); it must equal the one the ids were made with.
+    """
+    from .tokenizer import fingerprint, load_pretrained
+
+    manifest = read_manifest(path)
+    if verify:
+        problems = shard_problems(path, manifest)
+        if problems:
+            raise ShardError("; ".join(problems))
+    tok_dir = os.path.join(path, manifest["tokenizer"]["dir"])
+    tokenizer = load_pretrained(tok_dir)
+    actual = fingerprint(tokenizer)
+    recorded = manifest["tokenizer"]["fingerprint"]
+    if actual != recorded:
+        raise ShardError(f"{tok_dir}: tokenizer fingerprint {actual[:12]} differs from the manifest's "
+                         f"{recorded[:12]}; the tokenizer was changed after the build, rebuild the shards")
+    if expected_fingerprint is not None and expected_fingerprint != recorded:
+        raise ShardError(f"{path}: shards were tokenized with tokenizer {recorded[:12]}, not the expected "
+                         f"{expected_fingerprint[:12]}; rebuild them with `python -m data_prep build --tokenizer ...`")
+    return ShardSet(path, manifest, tokenizer)

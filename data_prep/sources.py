@@ -1,0 +1,299 @@
+"""Readers that turn each raw format into :class:`Problem` records or reasoned rejects.
+
+A source is named on the command line as ``KIND:PATH[@SPLIT]`` (``hub:ID[:SPLIT]`` for the hub).
+Every reader yields one :class:`Parsed` per input record, so ``read == accepted + rejected``
+holds by construction: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .arithmetic import NUMBER, STEP, check_steps, format_number, normalise_answer
+
+SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid",
+                 "val": "valid", "test": "test"}
+
+
+@dataclass
+class Problem:
+    """One parsed problem before tokenisation."""
+    question: str
+    steps: list[str]
+    answer: str
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Parsed:
+    """What a reader yields for one input record: a problem, or the reason it was rejected."""
+    line: int
+    problem: Problem | None = None
+    reject: str | None = None
+
+
+class RecordError(ValueError):
+    """A malformed record; the message is the reject reason."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    path: str
+    split: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+
+def parse_source_spec(spec: str) -> SourceSpec:
+    """``gsm8k-aug:data/valid.txt`` -> kind, path, split (from ``@split`` or the file name)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in READERS:
+        raise ValueError(f"--source {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(READERS))}")
+    if kind == "hub":
+        dataset_id, _, split = rest.partition(":")
+        return SourceSpec(kind, dataset_id, SPLIT_ALIASES.get(split or "train", split or "train"))
+    path, _, split = rest.partition("@")
+    if not split:
+        split = _split_from_name(path, default="test" if kind in ANSWER_ONLY else None)
+    if split not in SPLIT_ALIASES.values():
+        raise ValueError(f"--source {spec!r}: split {split!r} is not train, valid or test (add @train, @valid or @test)")
+    return SourceSpec(kind, path, split)
+
+
+def _split_from_name(path: str, default: str | None) -> str:
+    stem = os.path.basename(path).lower()
+    for word in re.split(r"[^a-z]+", stem):
+        if word in SPLIT_ALIASES:
+            return SPLIT_ALIASES[word]
+    if default:
+        return default
+    raise ValueError(f"{path}: cannot tell the split from the file name; append @train, @valid or @test")
+
+
+# ---------------------------------------------------------------- field-level rules
+def _require_text(obj: dict, key: str) -> str:
+    if key not in obj:
+        raise RecordError(f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RecordError(f"field {key!r} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise RecordError(f"empty {key!r}")
+    return value
+
+
+def _numeric_answer(text: str) -> str:
+    answer = normalise_answer(text)
+    if not answer:
+        raise RecordError("empty answer")
+    if not NUMBER.fullmatch(answer):
+        raise RecordError(f"non-numeric answer {answer!r}")
+    return answer
+
+
+def _answer_after_marker(text: str) -> tuple[str, str]:
+    """Split ``solution #### answer``; exactly one marker is allowed."""
+    count = text.count("####")
+    if count == 0:
+        raise RecordError("no '####' answer marker")
+    if count > 1:
+        raise RecordError(f"{count} '####' answer markers, expected one")
+    body, _, answer = text.partition("####")
+    return body, _numeric_answer(answer)
+
+
+def _check_brackets(text: str) -> None:
+    depth = 0
+    for match in re.finditer(r"<<|>>", text):
+        depth += 1 if match.group() == "<<" else -1
+        if depth not in (0, 1):
+            raise RecordError("unbalanced '<<' / '>>'")
+    if depth:
+        raise RecordError("unbalanced '<<' / '>>'")
+
+
+def _checked(question: str, steps: list[str], answer: str) -> Problem:
+    return Problem(question, steps, answer, check_steps(steps, answer))
+
+
+# ---------------------------------------------------------------- record parsers
+def parse_gsm8k(obj: object) -> Problem:
+    """Original GSM8K: the ``<<expr=result>>`` annotations of the solution become the steps."""
+    obj = _object(obj)
+    question = _require_text(obj, "question")
+    body, answer = _answer_after_marker(_require_text(obj, "answer"))
+    _check_brackets(body)
+    return _checked(question, [f"<<{m}>>" for m in STEP.findall(body)], answer)
+
+
+def parse_gsm8k_aug(line: str) -> Problem:
+    """GSM8k-Aug: ``question||<<e1>> <<e2>> #### answer``."""
+    if "||" not in line:
+        raise RecordError("no '||' between question and steps")
+    question, _, rest = line.partition("||")
+    if not question.strip():
+        raise RecordError("empty question")
+    chain, answer = _answer_after_marker(rest)
+    _check_brackets(chain)
+    steps = chain.split()
+    for step in steps:
+        if not STEP.fullmatch(step) or "=" not in step:
+            raise RecordError(f"step {step!r} is not of the form <<expression=result>>")
+    return _checked(question, steps, answer)
+
+
+def parse_coconut(obj: object) -> Problem:
+    """Coconut JSON ``{question, steps, answer}``; its ``[""]`` for an empty chain means no step."""
+    obj = _object(obj)
+    question = _require_text(obj, "question")
+    steps = obj.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise RecordError("field 'steps' must be a list of strings")
+    steps = [s for s in steps if s.strip()]
+    for step in steps:
+        _check_brackets(step)
+    answer = _numeric_answer(str(_require_text(obj, "answer")))
+    return _checked(question, steps, answer)
+
+
+def parse_gsm_hard(obj: object) -> Problem:
+    obj = _object(obj)
+    return Problem(_require_text(obj, "input"), [], _float_answer(obj, "target"))
+
+
+def parse_svamp(obj: object) -> Problem:
+    obj = _object(obj)
+    question = f"{_require_text(obj, 'Body').strip()} {_require_text(obj, 'Question').strip()}"
+    return Problem(question, [], _float_answer(obj, "Answer"))
+
+
+def parse_multiarith(obj: object) -> Problem:
+    """Both layouts: the full ``MultiArith.json`` and the 420/180 split (``question``/``final_ans``)."""
+    obj = _object(obj)
+    if "sQuestion" in obj:
+        solutions = obj.get("lSolutions")
+        if not isinstance(solutions, list) or not solutions:
+            raise RecordError("missing field 'lSolutions'")
+        return Problem(_require_text(obj, "sQuestion").strip(), [], _float_answer({"a": solutions[0]}, "a"))
+    return Problem(_require_text(obj, "question").strip(), [], _numeric_answer(_require_text(obj, "final_ans")))
+
+
+def _float_answer(obj: dict, key: str) -> str:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            return _numeric_answer(value)
+        raise RecordError(f"field {key!r} is not a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise RecordError(f"field {key!r} is not finite")
+    return format_number(value)
+
+
+def _object(obj: object) -> dict:
+    if not isinstance(obj, dict):
+        raise RecordError(f"record is {type(obj).__name__}, expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------- file readers
+def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error) for each non-empty line; bytes that are not UTF-8 are an error."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                yield number, raw.decode("utf-8"), None
+            except UnicodeDecodeError as err:
+                yield number, None, f"not UTF-8 ({err.reason} at byte {err.start})"
+
+
+def _each(parse: Callable[[object], Problem], number: int, payload: object) -> Parsed:
+    try:
+        return Parsed(number, problem=parse(payload))
+    except RecordError as err:
+        return Parsed(number, reject=str(err))
+
+
+def read_text_lines(path: str, parse: Callable) -> Iterator[Parsed]:
+    for number, text, error in _lines(path):
+        yield Parsed(number, reject=error) if error else _each(parse, number, text)
+
+
+def read_jsonl(path: str, parse: Callable) -> Iterator[Parsed]:
+    for number, text, error in _lines(path):
+        if error:
+            yield Parsed(number, reject=error)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield Parsed(number, reject=f"bad JSON: {err.msg} (column {err.colno})")
+            continue
+        yield _each(parse, number, obj)
+
+
+def read_json_list(path: str, parse: Callable) -> Iterator[Parsed]:
+    """A whole-file JSON list; ``line`` is the 1-based item index (JSON gives no per-item lines)."""
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        yield Parsed(1, reject=f"not UTF-8 ({err.reason} at byte {err.start})")
+        return
+    except json.JSONDecodeError as err:
+        yield Parsed(err.lineno, reject=f"bad JSON: {err.msg} (line {err.lineno}, column {err.colno})")
+        return
+    if not isinstance(items, list):
+        yield Parsed(1, reject=f"file holds a JSON {type(items).__name__}, expected a list of records")
+        return
+    for index, obj in enumerate(items, start=1):
+        yield _each(parse, index, obj)
+
+
+def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
+    """A hub dataset with GSM8K (``question, answer``), Coconut (``steps``) or iCoT (``cot``) columns."""
+    import datasets  # imported here: only users with a network need it
+
+    hub_split = "validation" if split == "valid" else split
+    try:
+        table = datasets.load_dataset(dataset_id, split=hub_split)
+    except ValueError:  # datasets asks for a config name, as openai/gsm8k does
+        table = datasets.load_dataset(dataset_id, "main", split=hub_split)
+    columns = set(table.column_names)
+    for index, row in enumerate(table, start=1):
+        if "steps" in columns:
+            yield _each(parse_coconut, index, row)
+        elif "cot" in columns:
+            text = f"{row.get('question', '')}||{row.get('cot', '')} #### {row.get('answer', '')}"
+            yield _each(parse_gsm8k_aug, index, text)
+        else:
+            yield _each(parse_gsm8k, index, row)
+
+
+READERS: dict[str, Callable[[str], Iterator[Parsed]]] = {
+    "gsm8k": lambda path: read_jsonl(path, parse_gsm8k),
+    "gsm8k-aug": lambda path: read_text_lines(path, parse_gsm8k_aug),
+    "coconut": lambda path: read_json_list(path, parse_coconut),
+    "gsm-hard": lambda path: read_jsonl(path, parse_gsm_hard),
+    "svamp": lambda path: read_json_list(path, parse_svamp),
+    "multiarith": lambda path: read_json_list(path, parse_multiarith),
+    "hub": None,  # dispatched in read_source (needs the split)
+}
+ANSWER_ONLY = {"gsm-hard", "svamp", "multiarith"}
+
+
+def read_source(spec: SourceSpec) -> Iterator[Parsed]:
+    if spec.kind == "hub":
+        return read_hub(spec.path, spec.split)
+    if not os.path.isfile(spec.path):
+        raise FileNotFoundError(f"--source {spec.name}: no such file")
+    return READERS[spec.kind](spec.path)

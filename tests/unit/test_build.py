@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from data_prep import ShardError, load_shards
+from data_prep.__main__ import main
+from data_prep.build import BuildOptions, run_build
+from data_prep.manifest import sha256_file
+
+pytestmark = pytest.mark.unit
+
+
+def _opts(synth_dir, tok, out, **kw):
+    sources = [f"gsm8k-aug:{synth_dir / s}.txt" for s in ("train", "valid", "test")]
+    return BuildOptions(sources, str(tok), str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def built(synth_dir, spm_tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "shards"
+    run_build(_opts(synth_dir, spm_tokenizer_dir, out, shards=3), log=lambda *_: None)
+    return out
+
+
+def test_manifest_contract(built, spm_tokenizer_dir):
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["counts"] == {"read": 3100, "accepted": 3100, "rejected": 0, "flagged": 0}
+    assert all(isinstance(v, int) for v in m["counts"].values())
+    assert set(m["special_tokens"]) == {"bos", "eos", "pad", "start_latent", "latent", "end_latent", "bot", "eot"}
+    assert [s["rows"] for s in m["splits"]["train"]["shards"]] == [1000, 1000, 1000]
+    assert m["templates"] == {"question_suffix": "\n", "step_separator": "\n", "answer_prefix": "### "}
+    assert sum(m["splits"]["train"]["step_counts"].values()) == 3000
+    assert (built / "rejects.jsonl").read_text() == ""
+
+
+def test_records_hold_ids_made_with_the_saved_tokenizer(built):
+    shards = load_shards(str(built))
+    row = shards.split("test")[0]
+    tok = shards.tokenizer
+    assert row["question_ids"] == tok(row["question"] + "\n")["input_ids"]
+    assert row["step_ids"] == [tok(s + "\n", add_special_tokens=False)["input_ids"] for s in row["steps"]]
+    assert row["answer_ids"] == tok("### " + row["answer"], add_special_tokens=False)["input_ids"]
+    assert row["source"].endswith("test.txt:1") and row["id"] == "test-000000"
+
+
+def test_same_inputs_give_the_same_bytes(built, synth_dir, spm_tokenizer_dir, tmp_path):
+    run_build(_opts(synth_dir, spm_tokenizer_dir, tmp_path / "again", shards=3), log=lambda *_: None)
+    for rel in ("manifest.json", "train/data-00001-of-00003.arrow", "test/data-00002-of-00003.arrow"):
+        assert sha256_file(tmp_path / "again" / rel) == sha256_file(built / rel)
+
+
+def test_existing_output_is_kept_unless_overwrite(built, synth_dir, spm_tokenizer_dir):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_build(_opts(synth_dir, spm_tokenizer_dir, built), log=lambda *_: None)
+
+
+def test_a_killed_build_leaves_no_output_and_the_old_one_intact(synth_dir, spm_tokenizer_dir, tmp_path):
+    """SIGKILL mid-build: --out is either absent or the previous complete build, never partial."""
+    out = tmp_path / "shards"
+    args = [sys.executable, "-m", "data_prep", "build", "--tokenizer", str(spm_tokenizer_dir), "--out", str(out),
+            "--source", f"gsm8k-aug:{synth_dir / 'train.txt'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    for line in proc.stdout:                     # killed after reading, while tokenizing/writing
+        if "accepted" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert not out.exists()
+    assert main(["build", "--tokenizer", str(spm_tokenizer_dir), "--out", str(out),
+                 "--source", f"gsm8k-aug:{synth_dir / 'test.txt'}"]) == 0
+    before = sha256_file(out / "manifest.json")
+    proc = subprocess.Popen(args + ["--overwrite"], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "accepted" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert sha256_file(out / "manifest.json") == before
+    assert main(["verify", str(out)]) == 0
+
+
+def test_verify_and_load_detect_a_corrupted_shard(built, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(built), str(copy)], check=True)
+    assert main(["verify", str(copy)]) == 0
+    shard = copy / "train" / "data-00001-of-00003.arrow"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(copy)]) == 1
+    assert "data-00001-of-00003.arrow: sha256 differs" in capsys.readouterr().err
+    with pytest.raises(ShardError, match="sha256 differs"):
+        load_shards(str(copy))
+
+
+def test_a_changed_tokenizer_is_an_error_never_a_silent_reuse(built, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(built), str(copy)], check=True)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(copy / "tokenizer")
+    tok.add_tokens(["<new>"])
+    tok.save_pretrained(copy / "tokenizer")
+    with pytest.raises(ShardError, match="fingerprint"):
+        load_shards(str(copy))
+    with pytest.raises(ShardError, match="not the expected"):
+        load_shards(str(built), expected_fingerprint="0" * 64)
+
+
+def test_inspect_prints_counts_histograms_and_examples(built, capsys):
+    assert main(["inspect", str(built), "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3100 read, 3100 accepted, 0 rejected, 0 flagged" in out
+    assert "[train] 3000 records in 3 shard(s)" in out and "steps per record" in out
+    assert "test-000000" in out and "###" in out
+
+
+def test_every_subcommand_has_help():
+    for command in ("synth", "tokenizer", "build", "inspect", "verify"):
+        result = subprocess.run([sys.executable, "-m", "data_prep", command, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout
