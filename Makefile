@@ -15,7 +15,6 @@ setup: $(STAMP)
 # torch first, from its pinned CPU wheel: with torch present nothing else pulls a CUDA build.
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)"
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)

@@ -1,0 +1,94 @@
+"""Layout rules with exact ids (SIMCOT_SPEC.md §2.2, §3.2, §4.2, §4.4)."""
+import pytest
+
+from pipeline.collate import collate_aligned
+from pipeline.layouts import IGNORE as X
+from pipeline.layouts import LayoutConfig, answer_start, coconut_step_targets, layout, slot_targets
+
+pytestmark = pytest.mark.unit
+SP = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 90, "latent": 91, "end_latent": 92, "bot": 93, "eot": 94}
+S, L, E, EOS = 90, 91, 92, 2
+RECORD = {"question_ids": [1, 10, 11], "step_ids": [[20, 21], [30], [40, 41], [50]], "answer_ids": [60, 61]}
+SHORT = {"question_ids": [1, 12], "step_ids": [[20]], "answer_ids": [60, 62]}
+
+
+def test_cot_and_nocot():
+    ex = layout(RECORD, SP, LayoutConfig("cot"))
+    assert ex.input_ids == [1, 10, 11, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
+    assert ex.labels == [X, X, X, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
+    ex = layout(RECORD, SP, LayoutConfig("nocot"))
+    assert ex.input_ids == [1, 10, 11, 60, 61, EOS] and ex.labels == [X, X, X, 60, 61, EOS]
+
+
+def test_coconut_stage_k_replaces_k_steps_with_c_latents_each():
+    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3)
+    ex = layout(RECORD, SP, cfg, stage=2)
+    assert ex.input_ids == [1, 10, 11, S, L, L, L, L, E, 40, 41, 50, 60, 61, EOS]
+    assert ex.labels == [X] * 9 + [40, 41, 50, 60, 61, EOS]
+    assert ex.n_latents == 4
+
+
+def test_coconut_short_problem_still_gets_k_latents():
+    ex = layout(SHORT, SP, LayoutConfig("coconut", c_thought=2, max_latent_stage=3), stage=3)
+    assert ex.input_ids == [1, 12, S] + [L] * 6 + [E, 60, 62, EOS]
+
+
+def test_coconut_final_stage_all_steps_latent_padded_to_max():
+    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3)
+    assert layout(RECORD, SP, cfg, stage=4).input_ids == [1, 10, 11, S] + [L] * 6 + [E, 60, 61, EOS]
+    assert layout(SHORT, SP, cfg, stage=4).n_latents == 6
+    unpadded = LayoutConfig("coconut", c_thought=2, max_latent_stage=3, pad_latent_to_max=False)
+    assert layout(SHORT, SP, unpadded, stage=4).n_latents == 2
+
+
+def test_simcot_coconut_targets_overflow_merge_and_pseudo_thought():
+    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True)
+    # final stage: groups 0, 1 own steps; steps 3.. merged into group 2
+    assert layout(RECORD, SP, cfg, stage=4).step_targets == [[20, 21], [30], [40, 41, 50]]
+    # stage 2: the two replaced steps
+    assert layout(RECORD, SP, cfg, stage=2).step_targets == [[20, 21], [30]]
+    # short problem at stage 3: one real step, then the pseudo thought (text after <end>)
+    assert layout(SHORT, SP, cfg, stage=3).step_targets == [[20], [60, 62], [60, 62]]
+    assert coconut_step_targets([[1], [2], [3], [4]], 2, 2, [9]) == [[1], [2, 3, 4]]
+
+
+def test_codi_student_teacher_and_distillation_columns():
+    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
+    # answer_ids [60, 61] with prefix [60]: the answer text starts at index 1
+    ex = layout(RECORD, SP, cfg, prefix_ids=[60])
+    assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
+    assert ex.labels == [X] * 8 + [60, 61, EOS]
+    assert ex.teacher_ids == [1, 10, 11, 20, 21, 30, 40, 41, 60, 61, EOS]     # last step dropped
+    assert ex.teacher_labels == [X, X, X, 20, 21, 30, 40, 41, 60, 61, EOS]
+    assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
+    assert ex.step_targets == [[20, 21], [30], [40, 41], []]                 # 4 slots, last masked
+
+
+def test_codi_slots_merge_overflow_into_the_last_slot():
+    assert slot_targets([[1], [2], [3], [4], [5]], 3) == [[1], [2], [3, 4, 5]]
+    assert slot_targets([], 2) == [[], []]
+
+
+def test_answer_start_needs_the_prefix():
+    assert answer_start([5, 6, 7], [5, 6]) == 2
+    assert answer_start([5, 6, 8], [5, 6, 7]) == 2      # GPT-2 style: " 18" swallowed the space
+    with pytest.raises(ValueError, match="answer prefix"):
+        answer_start([9, 9], [5])
+
+
+def test_collate_aligns_the_first_latent_column():
+    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=2, simcot=True)
+    batch = collate_aligned([layout(RECORD, SP, cfg, 2), layout(SHORT, SP, cfg, 2)], L, SP["pad"])
+    ids = batch["input_ids"].tolist()
+    assert ids[0][:6] == [1, 10, 11, S, L, L] and ids[1][:6] == [0, 1, 12, S, L, L]
+    assert batch["position_ids"].tolist()[1][:4] == [0, 0, 1, 2]
+    assert batch["attention_mask"].tolist()[1][:2] == [0, 1]
+    assert batch["first_latent"] == 4 and batch["n_latents"] == 2
+    assert batch["step_lengths"].tolist() == [[2, 1], [1, 2]]
+    assert batch["step_ids"].tolist()[1] == [[20, 0], [60, 62]]
+
+
+def test_collate_refuses_mixed_latent_counts():
+    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=3)
+    with pytest.raises(ValueError, match="pad_latent_to_max"):
+        collate_aligned([layout(RECORD, SP, cfg, 1), layout(RECORD, SP, cfg, 2)], L, 0)
