@@ -4,13 +4,16 @@ Semantics (SIMCOT_SPEC.md §2.4, pinned by ``shared/fixtures/coconut_golden``): 
 aligned so latent ``i`` of every row sits in column ``first + i``. Pass 0 runs the columns before
 the first latent; pass ``i`` runs the single column of latent ``i-1``; latent ``i`` receives the
 last-layer (post-norm) hidden state of the column before it, through an optional projection
-(CODI's ``prj``); a final pass runs everything after the last filled latent. The KV cache is
+(CODI's ``prj``); a final pass runs everything after the last filled latent. Keys and values are
 reused between passes and gradients flow through the whole chain.
 
-Checkpointing: each pass is a pure function of (its input embeddings, the K/V chunks of earlier
-passes) that returns its hidden states and its own new K/V chunk. Recomputing a pass in backward
-therefore rebuilds its cache from saved chunks and never appends to a live cache twice, which is
-what breaks HF's own switch (it silently drops the cache; DEEPSPEED_CPU.md §3).
+Checkpointing: HF's switch drops the KV cache inside each checkpointed layer, because replaying a
+layer in backward would append to a live cache a second time (silently wrong losses,
+DEEPSPEED_CPU.md §3). Our passes use a :class:`PassCache` instead: the past keys/values are
+fixed chunks and ``update`` returns ``past + new`` without storing it, so a replayed layer sees
+exactly what it saw in forward. With it, per-layer activation checkpointing keeps the cache
+(:func:`enable_cache_safe_checkpointing`). Past chunks are kept once, never re-concatenated per
+pass into stored copies.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, for some columns
 
@@ -38,59 +42,62 @@ class LatentPasses:
     layer_states: torch.Tensor | None
 
 
-def _cache_from(chunks: list[KV], n_layers: int) -> DynamicCache:
-    cache = DynamicCache()
-    if chunks:
-        for layer in range(n_layers):
-            keys = torch.cat([chunk[layer][0] for chunk in chunks], dim=2)
-            values = torch.cat([chunk[layer][1] for chunk in chunks], dim=2)
-            cache.update(keys, values, layer)
-    return cache
+class _FrozenPastLayer(DynamicLayer):
+    """One layer's cache for one pass: past chunks fixed, the new keys/values recorded, not appended."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.past = past
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+        if past:
+            self.keys, self.values = past[0]            # what shape/device queries look at
+            self.device, self.is_initialized = past[0][0].device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.new = (key_states, value_states)           # a replay overwrites: idempotent
+        if not self.past:
+            return key_states, value_states
+        keys = torch.cat([k for k, _ in self.past] + [key_states], dim=-2)
+        values = torch.cat([v for _, v in self.past] + [value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return sum(k.shape[-2] for k, _ in self.past)
 
 
-def _run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool):
-    """One forward over some columns given earlier chunks; returns (last hidden, new KV, layers)."""
-    n_layers = len(body.layers)
-    cache = _cache_from(chunks, n_layers)
-    past = cache.get_seq_length()
+class PassCache(DynamicCache):
+    """A replay-safe cache for one forward pass over some columns, given earlier passes' chunks."""
+
+    def __init__(self, chunks: list[KV], n_layers: int):
+        super().__init__()
+        self.layers = [_FrozenPastLayer([chunk[layer] for chunk in chunks]) for layer in range(n_layers)]
+
+    def new_chunk(self) -> KV:
+        return [layer.new for layer in self.layers]
+
+
+def enable_cache_safe_checkpointing(model) -> None:
+    """Per-layer activation checkpointing (non-reentrant) that keeps the cache: safe because
+    every cached forward in this package goes through a :class:`PassCache`. ``use_reentrant=True``
+    is never used: it crashes ZeRO when a module runs more than once per step."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
+
+
+def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False):
+    """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states)."""
+    cache = PassCache(chunks, len(body.layers))
     out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                use_cache=True, output_hidden_states=want_layers)
-    new = [(layer.keys[:, :, past:], layer.values[:, :, past:]) for layer in out.cache.layers]
     layers = torch.stack(out.hidden_states, dim=0) if want_layers else None
-    return out.last_hidden_state, new, layers
-
-
-def _flatten(kv: KV) -> list[torch.Tensor]:
-    return [t for pair in kv for t in pair]
-
-
-def _unflatten(flat: list[torch.Tensor]) -> KV:
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-
-
-def run_pass(body, embeds, mask, positions, chunks: list[KV], use_checkpoint: bool, want_layers: bool = False):
-    if not use_checkpoint or not torch.is_grad_enabled():
-        return _run_pass(body, embeds, mask, positions, chunks, want_layers)
-    sizes = [len(c) * 2 for c in chunks]
-
-    def pure(embeds, mask, positions, *flat):
-        rebuilt, cursor = [], 0
-        for size in sizes:
-            rebuilt.append(_unflatten(list(flat[cursor:cursor + size])))
-            cursor += size
-        hidden, new, layers = _run_pass(body, embeds, mask, positions, rebuilt, want_layers)
-        return (hidden, layers, *_flatten(new)) if want_layers else (hidden, *_flatten(new))
-
-    flat_in = [t for c in chunks for t in _flatten(c)]
-    outs = checkpoint(pure, embeds, mask, positions, *flat_in, use_reentrant=False)
-    if want_layers:
-        return outs[0], _unflatten(list(outs[2:])), outs[1]
-    return outs[0], _unflatten(list(outs[1:])), None
+    return out.last_hidden_state, cache.new_chunk(), layers
 
 
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 use_checkpoint: bool = False, keep_layers_at: torch.Tensor | None = None) -> LatentPasses:
+                 keep_layers_at: torch.Tensor | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
@@ -102,7 +109,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
     chunks: list[KV] = []
     hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
-                             chunks, use_checkpoint)
+                             chunks)
     chunks.append(kv)
     pieces, latents = [hidden], []
     latent = project(hidden[:, -1:])
@@ -110,7 +117,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
         latents.append(latent)
         col = first + i
         hidden, kv, _ = run_pass(body, latent, attention_mask[:, :col + 1], position_ids[:, col:col + 1],
-                                 chunks, use_checkpoint)
+                                 chunks)
         chunks.append(kv)
         pieces.append(hidden)
         latent = project(hidden)
@@ -118,8 +125,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
     want_layers = keep_layers_at is not None
-    hidden, _, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, use_checkpoint,
-                                 want_layers)
+    hidden, _, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, want_layers)
     pieces.append(hidden)
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .latent import fill_latents
+from .latent import enable_cache_safe_checkpointing, fill_latents
 from .layouts import IGNORE, LayoutConfig
 
 
@@ -60,6 +60,10 @@ class LatentReasoner(nn.Module):
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
         self.step_decoder = copy.deepcopy(base) if config.layout.simcot else None
         self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
+        if config.gradient_checkpointing:
+            for lm in (self.base, self.step_decoder):
+                if lm is not None:
+                    enable_cache_safe_checkpointing(lm)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -69,8 +73,19 @@ class LatentReasoner(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base.get_input_embeddings()(ids)
 
-    def _answer_pass(self, batch: dict):
-        embeds = self.embed(batch["input_ids"])
+    def embed_all(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every token embedding of the step in one lookup: with a 128k vocabulary each lookup's
+        backward zero-fills and scatters a dense vocabulary-sized gradient, so one beats three."""
+        keys = [k for k in ("input_ids", "teacher_input_ids", "step_ids") if k in batch]
+        flat = self.embed(torch.cat([batch[k].flatten() for k in keys]))
+        out, cursor = {}, 0
+        for key in keys:
+            n = batch[key].numel()
+            out[key] = flat[cursor:cursor + n].view(*batch[key].shape, -1)
+            cursor += n
+        return out
+
+    def _answer_pass(self, batch: dict, embeds: torch.Tensor):
         n = int(batch.get("n_latents", 0))
         if n == 0:
             hidden = self.body(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
@@ -78,29 +93,30 @@ class LatentReasoner(nn.Module):
             return hidden, None
         passes = fill_latents(self.body, embeds, batch["attention_mask"], batch["position_ids"],
                               int(batch["first_latent"]), n,
-                              project=self.projection, use_checkpoint=self.config.gradient_checkpointing,
-                              keep_layers_at=batch["distill_index"] if "distill_index" in batch else None)
+                              project=self.projection, keep_layers_at=batch["distill_index"] if "distill_index" in batch else None)
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        hidden, passes = self._answer_pass(batch)
+        embeds = self.embed_all(batch)
+        hidden, passes = self._answer_pass(batch, embeds["input_ids"])
         head = self.base.get_output_embeddings()
         zero = hidden.new_zeros(())
         losses = {"answer_ce": labelled_ce(head, hidden, batch["labels"]), "teacher_ce": zero,
                   "distill": zero, "step_ce": zero}
         if self.config.layout.method == "codi":
-            losses["teacher_ce"], losses["distill"] = self._teacher(batch, passes)
+            losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
         if self.step_decoder is not None and passes is not None:
-            losses["step_ce"] = self.step_loss(self._slot_vectors(passes), batch["step_ids"], batch["step_lengths"])
+            losses["step_ce"] = self.step_loss(self._slot_vectors(passes), batch["step_ids"], embeds["step_ids"],
+                                               batch["step_lengths"])
         c = self.config
         losses["total"] = (losses["answer_ce"] + c.teacher_loss_weight * losses["teacher_ce"]
                            + c.distill_factor * losses["distill"] + c.step_loss_weight * losses["step_ce"])
         return losses
 
-    def _teacher(self, batch: dict, passes) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher(self, batch: dict, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
-        out = self.body(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+        out = self.body(inputs_embeds=embeds, attention_mask=batch["teacher_attention_mask"],
                         position_ids=batch["teacher_position_ids"], output_hidden_states=True)
         teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch["teacher_labels"])
         rows = torch.arange(len(batch["teacher_distill_index"]))
@@ -119,7 +135,8 @@ class LatentReasoner(nn.Module):
         b, n, d = passes.latents.shape
         return passes.latents.reshape(b, n // c, c, d)
 
-    def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, step_embeds: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
         """One decoder call for every slot of every row: input ``[latents ; embed(step ids)]``,
         labels the step ids then EOS; masked slots (length 0) carry no label."""
         b, s, c, d = slots.shape
@@ -130,7 +147,7 @@ class LatentReasoner(nn.Module):
         target = torch.cat([ids, ids.new_full((b * s, 1), self.eos_id)], dim=1)
         target = torch.where(cols == lengths[:, None], self.eos_id, target)
         valid = (cols <= lengths[:, None]) & (lengths[:, None] > 0)                  # [BS, width+1]
-        embeds = torch.cat([slots.reshape(b * s, c, d), self.embed(ids)], dim=1)       # [BS, c+width, d]
+        embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
         hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

@@ -105,3 +105,16 @@ def test_batched_codi_answer_loss_equals_the_token_weighted_per_sample_losses():
         together = model(_batch(RECORDS, cfg, 0))["answer_ce"].item()
         alone = [model(_batch([r], cfg, 0))["answer_ce"].item() for r in RECORDS]
     assert together == pytest.approx(sum(alone) / 3, abs=1e-5)     # 4 labelled tokens in every row
+
+
+def test_checkpointing_really_replays_layers_in_backward():
+    cfg, stage = METHODS["coconut+simcot"]
+    batch = _batch(RECORDS, cfg, stage)
+    counts = []
+    for use in (False, True):
+        model = _model(cfg, gradient_checkpointing=use)
+        calls = []
+        model.base.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        model(batch)["total"].backward()
+        counts.append(len(calls))
+    assert counts[1] == 2 * counts[0]          # every pass's layer ran again during backward
