@@ -88,7 +88,7 @@ def enable_cache_safe_checkpointing(model) -> None:
 
 def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False):
     """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states)."""
-    cache = PassCache(chunks, len(body.layers))
+    cache = PassCache(chunks, body.config.num_hidden_layers)
     out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                use_cache=True, output_hidden_states=want_layers)
     layers = torch.stack(out.hidden_states, dim=0) if want_layers else None

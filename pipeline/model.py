@@ -50,7 +50,8 @@ def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, red
 
 
 class LatentReasoner(nn.Module):
-    def __init__(self, base: nn.Module, config: ReasonerConfig, eos_id: int | None = None):
+    def __init__(self, base: nn.Module, config: ReasonerConfig, eos_id: int | None = None,
+                 step_decoder: nn.Module | None = None):
         super().__init__()
         self.base = base
         self.config = config
@@ -58,7 +59,11 @@ class LatentReasoner(nn.Module):
         hidden = base.config.hidden_size
         self.projection = Projection(hidden) if method == "codi" else None
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
-        self.step_decoder = copy.deepcopy(base) if config.layout.simcot else None
+        # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
+        # parameters would copy shards, not weights).
+        if config.layout.simcot and step_decoder is None:
+            step_decoder = copy.deepcopy(base)
+        self.step_decoder = step_decoder if config.layout.simcot else None
         self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
         if config.gradient_checkpointing:
             for lm in (self.base, self.step_decoder):
@@ -109,10 +114,23 @@ class LatentReasoner(nn.Module):
         if self.step_decoder is not None and passes is not None:
             losses["step_ce"] = self.step_loss(self._slot_vectors(passes), batch["step_ids"], embeds["step_ids"],
                                                batch["step_lengths"])
+        if passes is not None:
+            losses.update(self.latent_health(passes.latents, embeds["input_ids"]))
         c = self.config
         losses["total"] = (losses["answer_ce"] + c.teacher_loss_weight * losses["teacher_ce"]
                            + c.distill_factor * losses["distill"] + c.step_loss_weight * losses["step_ce"])
         return losses
+
+    @staticmethod
+    @torch.no_grad()
+    def latent_health(latents: torch.Tensor, token_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics: latent norm over token-embedding norm, and the mean pairwise
+        cosine of one problem's latents (1.0 = every latent the same direction)."""
+        ratio = latents.norm(dim=-1).mean() / token_embeds.norm(dim=-1).mean().clamp(min=1e-12)
+        unit = F.normalize(latents.float(), dim=-1)
+        n = unit.size(1)
+        cosine = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(max(1, n * (n - 1))).mean()
+        return {"latent_norm_ratio": ratio, "latent_cosine": cosine}
 
     def _teacher(self, batch: dict, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""

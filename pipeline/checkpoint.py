@@ -1,0 +1,172 @@
+"""Checkpoints that count only once every rank has written them.
+
+Layout: ``runs/NAME/checkpoints/<tag>/`` (DeepSpeed's per-rank ZeRO files, our per-rank RNG
+files, ``COMPLETE.json`` with every file's size and sha256) and ``checkpoints/latest`` (the
+newest complete tag, replaced atomically). A crash mid-save leaves a tag without
+``COMPLETE.json``; it is never loaded, and ``latest`` still names the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save(engine, ckpt_dir: str, tag: str, client_state: dict, checksums: bool = True) -> None:
+    """Every rank calls this. Returns once ``latest`` names ``tag`` on every rank's view."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()                       # every rank has written its shards
+    if rank == 0:
+        tag_dir = os.path.join(ckpt_dir, tag)
+        files = {}
+        for root, _, names in os.walk(tag_dir):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, tag_dir)] = {"bytes": os.path.getsize(path),
+                                                         "sha256": _sha256(path) if checksums else None}
+        _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": files,
+                                                                    "client_state": _jsonable(client_state)}, indent=1))
+        _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _jsonable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """Complete tags, oldest first (by the step recorded in COMPLETE.json)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = []
+    for name in os.listdir(ckpt_dir):
+        marker = os.path.join(ckpt_dir, name, COMPLETE)
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as handle:
+                tags.append((json.load(handle)["client_state"].get("global_step", 0), name))
+    return [name for _, name in sorted(tags)]
+
+
+def latest_tag(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            tag = handle.read().strip()
+        if os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def verify(ckpt_dir: str, tag: str) -> list[str]:
+    """Files whose size or sha256 differs from COMPLETE.json."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    marker = os.path.join(tag_dir, COMPLETE)
+    if not os.path.isfile(marker):
+        return [f"{tag_dir}: no {COMPLETE}; the save did not finish on every rank"]
+    with open(marker, encoding="utf-8") as handle:
+        files = json.load(handle)["files"]
+    problems = []
+    for rel, info in files.items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+        elif os.path.getsize(path) != info["bytes"] or (info["sha256"] and _sha256(path) != info["sha256"]):
+            problems.append(f"{path}: differs from {COMPLETE} (corrupted or changed)")
+    return problems
+
+
+def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> dict:
+    """Load ``tag`` on every rank after checking its files; returns the client state."""
+    problems = verify(ckpt_dir, tag)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
+                                                load_lr_scheduler_states=load_optimizer)
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
+    if load_optimizer and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state or {}
+
+
+def rotate(ckpt_dir: str, keep_last: int, keep: set[str]) -> list[str]:
+    """Delete complete tags beyond the newest ``keep_last`` (``keep``, e.g. the best, stays). Rank 0 only."""
+    tags = complete_tags(ckpt_dir)
+    doomed = [t for t in tags[:-keep_last] if t not in keep] if keep_last > 0 else []
+    for tag in doomed:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+    return doomed
+
+
+def load_base_weights(modules, ckpt_dir: str) -> str:
+    """Start ``modules`` (the base LM, and the step decoder: it starts from the base's weights)
+    from the base weights of an earlier run's checkpoint, consolidated by DeepSpeed's own
+    ``zero_to_fp32``. Works across method changes (e.g. Coconut -> Coconut+SIM-CoT, where the
+    module and its ZeRO partitions differ) and under ZeRO-3 (rank 0 writes, then broadcast)."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        raise CheckpointError(f"checkpoint.init_from={ckpt_dir}: no complete checkpoint there")
+    problems = verify(ckpt_dir, tag)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    base = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for module in modules:
+        if module is None:
+            continue
+        tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if rank == 0:
+                missing, unexpected = module.load_state_dict(base, strict=False)
+                if set(missing) - tied or unexpected:
+                    raise CheckpointError(f"{ckpt_dir}/{tag}: base weights do not fit this model "
+                                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    return tag

@@ -1,0 +1,81 @@
+"""Process-group setup for every launcher (deepspeed, torchrun, srun, plain python) and
+preemption signals.
+
+srun sets only SLURM_* variables; DeepSpeed reads RANK/WORLD_SIZE/... (else it tries MPI), so they
+are mapped here. A plain ``python -m pipeline.train`` is world size 1.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "checkpointed on a signal, run me again" (the sbatch script requeues)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment_from_slurm() -> None:
+    env = os.environ
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """-> (rank, world size, device). Uses NCCL on CUDA and gloo on CPU."""
+    import deepspeed
+
+    # DeepSpeed 0.19.8 calls the c10d *_tensor collectives that torch 2.13 deprecates, once per call.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    environment_from_slurm()
+    env = os.environ
+    if "RANK" not in env:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    on_cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    local = int(env.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if on_cuda else torch.device("cpu")
+    if on_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (Slurm's warning before preemption or time limit). All ranks agree
+    on it at a step boundary, so they stop and checkpoint at the same step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.signal is not None else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def teardown() -> None:
+    """Explicit teardown: without it gloo occasionally aborts at exit (DEEPSPEED_CPU.md §1)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""Build the model a run trains: base LM (tiny in code, or pretrained), step decoder, LoRA, attention.
+
+Under ZeRO-3 an ``HfDeepSpeedConfig`` is kept alive while models are built, so transformers
+creates them inside ``deepspeed.zero.Init`` and an 8B model is never materialised whole on one rank.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelSettings, RunConfig
+from .layouts import LayoutConfig
+from .model import LatentReasoner, ReasonerConfig
+
+
+def pick_attention(requested: str, on_cuda: bool) -> str:
+    """flash_attention_2 where flash-attn imports and CUDA is there, else sdpa (printed once by the caller)."""
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"
+
+
+def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
+    """One causal LM: the same call twice gives the same weights (decoder = copy of the base)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings.init_seed)
+    if settings.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(settings.name_or_path, attn_implementation=attention,
+                                                     trust_remote_code=settings.trust_remote_code,
+                                                     dtype=torch.float32)
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        return model
+    t = settings.tiny
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                      num_key_value_heads=t.num_kv_heads, tie_word_embeddings=t.tie_word_embeddings,
+                      max_position_embeddings=2048)
+    cfg._attn_implementation = attention
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attention, dtype=torch.float32)
+
+
+def apply_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def layout_config(run: RunConfig) -> LayoutConfig:
+    m = run.method
+    return LayoutConfig(m.name, m.c_thought, m.max_latent_stage, m.pad_latent_to_max, m.num_latent,
+                        m.include_last_step, m.simcot)
+
+
+def reasoner_config(run: RunConfig) -> ReasonerConfig:
+    m = run.method
+    return ReasonerConfig(layout_config(run), m.step_loss_weight, m.step_loss_norm, m.distill_factor,
+                          m.distill_div_std, m.teacher_loss_weight, run.model.gradient_checkpointing)
+
+
+def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool):
+    """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig)."""
+    keep_alive = None
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    attention = pick_attention(run.model.attn_implementation, on_cuda)
+    base = build_lm(run.model, vocab_size, attention)
+    # The step decoder is the base architecture with the base's starting weights, never LoRA.
+    decoder = build_lm(run.model, vocab_size, attention) if run.method.simcot else None
+    if run.checkpoint.init_from:
+        from .checkpoint import load_base_weights
+
+        tag = load_base_weights([base, decoder], run.checkpoint.init_from)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"initialised base weights from {run.checkpoint.init_from}/{tag}", flush=True)
+    if run.model.lora.enabled:
+        base = apply_lora(base, run.model.lora)
+    model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)
+    return model, attention, keep_alive
+
+
+def count_params(module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; under ZeRO-3 the full (not partitioned) sizes."""
+    total = trainable = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def memory_estimate(trainable: int, total: int, world: int, stage: int, bf16: bool) -> dict[str, float]:
+    """Per-rank GiB for params, grads and optimizer states as ZeRO partitions them (mixed
+    precision: 2-byte params/grads + fp32 master + two fp32 Adam moments; fp32: 4+4+8)."""
+    p_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
+    shard = lambda n, on: n / world if on else n  # noqa: E731
+    gib = 2 ** 30
+    return {"params": shard(total, stage >= 3) * p_bytes / gib,
+            "grads": shard(trainable, stage >= 2) * g_bytes / gib,
+            "optimizer": shard(trainable, stage >= 1) * o_bytes / gib}

@@ -1,0 +1,40 @@
+"""Stage 2: train a latent-reasoning model under DeepSpeed.
+
+    python -m pipeline.train --config configs/tiny-cpu.yaml [key=value ...]
+    ./launch.sh train --config configs/tiny-cpu.yaml --nproc 2          (several ranks)
+
+A run directory ``runs/<name>/`` gets the resolved config, the resolved DeepSpeed JSON,
+checkpoints, TensorBoard events (``tb/``) and ``metrics.jsonl``. Re-running the same command
+resumes from the last complete checkpoint. On SIGTERM/SIGUSR1 the step finishes, a checkpoint is
+written and the process exits 75 (the Slurm script requeues the job).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher adds it
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.simcot=true")
+    args = parser.parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        run = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .distributed import teardown
+    from .trainer import Trainer
+
+    code = Trainer(run).fit()
+    teardown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

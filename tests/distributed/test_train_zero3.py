@@ -1,0 +1,87 @@
+"""2-rank DeepSpeed ZeRO-3 training on CPU (gloo), through the real ``pipeline.train`` CLI."""
+import json
+
+import pytest
+
+from tests.distributed.conftest import losses_by_step, torchrun
+
+pytestmark = pytest.mark.distributed
+COMMON = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train.micro_batch_size=8",
+          "train.lr=3e-3", "train.log_every=1", "train.warmup_steps=2"]
+
+
+def _args(tiny_shards, runs, name, *extra):
+    return ["--config", "configs/tiny-cpu.yaml", f"data={tiny_shards}", f"runs_dir={runs}", f"name={name}",
+            *COMMON, *extra]
+
+
+def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_path):
+    code, out = torchrun(_args(tiny_shards, tmp_path, "coco", "method.name=coconut", "method.simcot=true",
+                               "curriculum.start_stage=1", "train.max_steps=14"))
+    assert code == 0, out[-3000:]
+    run = tmp_path / "coco"
+    losses = losses_by_step(run)
+    assert sorted(losses) == list(range(1, 15))
+    assert sum(list(losses.values())[-3:]) / 3 < 0.8 * losses[1]            # it learns
+    steps = losses_by_step(run, "loss/step_ce")
+    assert steps[14] < steps[1]                                               # the decoder learns too
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert "auto" not in json.dumps(ds)
+    assert (run / "checkpoints" / "latest").read_text() == "epoch0"
+    assert (run / "checkpoints" / "epoch0" / "COMPLETE.json").exists()
+    assert "global batch = 16 (micro 8 x accum 1 x 2 ranks)" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tb")).Reload()
+    for tag in ("loss/answer_ce", "loss/step_ce", "loss/total", "lr", "grad_norm", "mfu",
+                "throughput/tokens_per_s", "latent/latent_cosine", "latent/latent_norm_ratio", "valid/total"):
+        assert tag in events.Tags()["scalars"], tag
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_shards, tmp_path):
+    extra = ["method.name=codi", "method.simcot=true", "method.num_latent=3", "train.grad_accum=2",
+             "train.max_steps=8", "train.validate=false"]
+    code, out = torchrun(_args(tiny_shards, tmp_path, "straight", *extra))
+    assert code == 0, out[-3000:]
+    code, out = torchrun(_args(tiny_shards, tmp_path, "resumed", *extra, "train.stop_at_step=4"))
+    # every rank exits 75 ("requeue me"); torchrun itself reports that as a failed run
+    assert code != 0 and "exitcode  : 75" in out and "stopped by train.stop_at_step at step 4" in out, out[-3000:]
+    assert (tmp_path / "resumed" / "REQUEUE").exists()
+    code, out = torchrun(_args(tiny_shards, tmp_path, "resumed", *extra))
+    assert code == 0 and "resumed from" in out, out[-3000:]
+    straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]
+
+
+def test_ranks_with_different_data_shapes_do_not_hang(tiny_shards, tmp_path, spm_tokenizer_dir):
+    """Rank 0 gets only problems without steps (every SIM-CoT slot masked), rank 1 problems with
+    steps: the module-call sequence is the same, so ZeRO-3's gathers stay matched."""
+    from data_prep.build import BuildOptions, run_build
+    lines = []
+    for i in range(64):
+        steps = "" if i % 2 == 0 else "<<1+2=3>> <<3*2=6>>"
+        lines.append(f"Q{i}: Ann has 1 pen and gets 2 more, then doubles them. How many?||{steps} #### 6\n")
+    raw = tmp_path / "train.txt"
+    raw.write_text("".join(lines))
+    shards = tmp_path / "asym"
+    run_build(BuildOptions([f"gsm8k-aug:{raw}"], str(spm_tokenizer_dir), str(shards)), log=lambda *_: None)
+    code, out = torchrun(["--config", "configs/tiny-cpu.yaml", f"data={shards}", f"runs_dir={tmp_path}",
+                          "name=asym", *COMMON, "train.shuffle=false", "method.name=codi", "method.simcot=true",
+                          "method.num_latent=2", "train.max_steps=3"], timeout=240)
+    assert code == 0, out[-3000:]
+    assert sorted(losses_by_step(tmp_path / "asym")) == [1, 2, 3]
+
+
+def test_simcot_continues_from_an_earlier_runs_checkpoint(tiny_shards, tmp_path):
+    """CoT run -> Coconut+SIM-CoT run started from its base weights (module layout differs)."""
+    code, out = torchrun(_args(tiny_shards, tmp_path, "cot", "train.max_steps=6", "train.validate=false"))
+    assert code == 0, out[-3000:]
+    code, out = torchrun(_args(tiny_shards, tmp_path, "simcot", "method.name=coconut", "method.simcot=true",
+                               "curriculum.start_stage=1", "train.max_steps=2", "train.validate=false",
+                               f"checkpoint.init_from={tmp_path / 'cot' / 'checkpoints'}"))
+    assert code == 0 and "initialised base weights from" in out, out[-3000:]
+    cot_final = losses_by_step(tmp_path / "cot", "loss/answer_ce")[6]
+    fresh_start = 6.0      # ln(517) = 6.25: an untrained model's loss on this tokenizer
+    assert losses_by_step(tmp_path / "simcot", "loss/answer_ce")[1] < min(fresh_start, cot_final + 2.0)
