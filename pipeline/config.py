@@ -89,6 +89,7 @@ class TrainSettings:
     shuffle: bool = True
     log_every: int = 10
     validate: bool = True
+    pin_zero3_params: bool = True       # ZeRO-3: gather the model once per step (pipeline/zero_gather.py)
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
 
 

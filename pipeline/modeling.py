@@ -82,6 +82,12 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
     model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)
+    if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
+        # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
+        # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).
+        for param in model.parameters():
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.to(torch.bfloat16)
     return model, attention, keep_alive
 
 

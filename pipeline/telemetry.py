@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -42,20 +43,43 @@ def flops_per_token(n_params: int, layers: int, hidden: int, context: int) -> fl
     return 6 * n_params + 12 * layers * hidden * context
 
 
-def step_flops(batch: dict, base_params: int, decoder_params: int, layers: int, hidden: int,
-               decoder_prefix: int) -> float:
-    """FLOPs of one micro-batch's forward + backward, every latent pass and decoder token counted."""
-    tokens = int(batch["attention_mask"].sum())
-    context = batch["attention_mask"].size(1)
-    total = tokens * flops_per_token(base_params, layers, hidden, context)
+@dataclass(frozen=True)
+class FlopModel:
+    """Sizes for FLOP counting. ``body_params`` excludes the embedding and LM head: the embedding
+    is a lookup, and the LM head runs only where a label exists (its FLOPs are counted there)."""
+    body_params: int
+    decoder_body_params: int
+    layers: int
+    hidden: int
+    vocab: int
+    decoder_prefix: int   # latents in front of each step in the decoder (c for Coconut, 1 for CODI)
+
+
+def step_flops(batch: dict, m: FlopModel) -> float:
+    """FLOPs of one micro-batch's forward + backward: every base token of every latent pass, the
+    CODI teacher, the step decoder's tokens, and the LM heads at labelled positions."""
+    def tokens_of(mask_key):
+        mask = batch[mask_key]
+        return int(mask.sum()) * flops_per_token(m.body_params, m.layers, m.hidden, mask.size(1))
+
+    total = tokens_of("attention_mask")
+    labelled = int((batch["labels"] != -100).sum())
     if "teacher_attention_mask" in batch:
-        teacher = int(batch["teacher_attention_mask"].sum())
-        total += teacher * flops_per_token(base_params, layers, hidden, batch["teacher_attention_mask"].size(1))
-    if decoder_params and "step_ids" in batch:
+        total += tokens_of("teacher_attention_mask")
+        labelled += int((batch["teacher_labels"] != -100).sum())
+    if m.decoder_body_params and "step_ids" in batch:
         b, s, width = batch["step_ids"].shape
-        seq = width + decoder_prefix
-        total += b * s * seq * flops_per_token(decoder_params, layers, hidden, seq)
-    return float(total)
+        seq = width + m.decoder_prefix
+        total += b * s * seq * flops_per_token(m.decoder_body_params, m.layers, m.hidden, seq)
+        lengths = batch["step_lengths"]
+        labelled += int((lengths + 1)[lengths > 0].sum())
+    return float(total + labelled * 6 * m.vocab * m.hidden)
+
+
+def body_params(lm) -> int:
+    """Parameters minus the input embedding and the LM head (counted once if tied)."""
+    skip = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters() if id(p) not in skip)
 
 
 class MetricsLog:

@@ -23,7 +23,8 @@ from .data import BatchPlan, iter_batches, rank_indices, stage_for_epoch
 from .distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
 from .ds_config import resolve_ds_config, zero_stage
 from .modeling import build_reasoner, count_params, layout_config, memory_estimate
-from .telemetry import MetricsLog, peak_flops, step_flops
+from .telemetry import FlopModel, MetricsLog, body_params, peak_flops, step_flops
+from .zero_gather import whole_model_gathered
 
 
 @dataclass
@@ -111,10 +112,10 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=self._scheduler)
-        base = model.base
-        self.base_params = count_params(base)[0]
-        self.decoder_params = count_params(model.step_decoder)[0] if model.step_decoder is not None else 0
-        self.layers, self.hidden = base.config.num_hidden_layers, base.config.hidden_size
+        base, decoder = model.base, model.step_decoder
+        self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
+                                    base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
+                                    run.method.c_thought if run.method.name == "coconut" else 1)
 
     def _scheduler(self, optimizer):
         t = self.run.train
@@ -191,8 +192,9 @@ class Trainer:
         sums: dict[str, float] = {}
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:
-            losses = self.engine(self._to_device(batch))
-            self.engine.backward(losses["total"])
+            with whole_model_gathered(self.engine, t.pin_zero3_params):
+                losses = self.engine(self._to_device(batch))
+                self.engine.backward(losses["total"])
             self.engine.step()
             p.micro_in_epoch += 1
             self._accumulate(sums, losses, clock, batch)
@@ -233,8 +235,7 @@ class Trainer:
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         clock.tokens += int(batch["attention_mask"].sum())
         clock.samples += batch["input_ids"].size(0)
-        prefix = self.run.method.c_thought if self.run.method.name == "coconut" else 1
-        clock.flops += step_flops(batch, self.base_params, self.decoder_params, self.layers, self.hidden, prefix)
+        clock.flops += step_flops(batch, self.flop_model)
 
     def _log_step(self, sums: dict, clock: StepClock, stage: int) -> None:
         p, t = self.progress, self.run.train
@@ -270,7 +271,8 @@ class Trainer:
         indices = rank_indices(len(self.valid_records), plan, 0, shuffle=False)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in iter_batches(self.valid_records, indices, self.special, self.layout, stage, self.prefix_ids):
-            losses = self.engine(self._to_device(batch))
+            with whole_model_gathered(self.engine, self.run.train.pin_zero3_params):
+                losses = self.engine(self._to_device(batch))
             total += torch.tensor([float(losses["total"]), 1.0], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(total)
