@@ -1,13 +1,19 @@
 """The embedded default, end to end on this CPU: ``make demo`` or ``python -m pipeline.demo --out runs/demo``.
 
 Runs every stage that exists, in data-flow order, and says what each produced:
-synthetic GSM-style problems -> SentencePiece tokenizer -> verified shards.
-(Training, merge and evaluation join here as those stages land; see DESIGN.md.)
+synthetic GSM-style problems -> SentencePiece tokenizer -> verified shards -> a tiny LLaMA trained
+with explicit CoT under DeepSpeed ZeRO-3 on 2 CPU ranks -> Coconut + SIM-CoT continued from it.
+The table at the end is read from the runs' own metrics files, never fixed.
+(Merge and evaluation join here when those stages land; see DESIGN.md.)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 from data_prep.build import BuildOptions, run_build
@@ -15,31 +21,74 @@ from data_prep.summary import inspect_shards, verify_shards
 from data_prep.synth import SynthConfig, generate_splits, write_splits
 from data_prep.tokenizer import build_tokenizer
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
-    parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    data = os.path.join(args.out, "data")
 
-    print(f"[1/3] synthetic problems -> {data}/synth")
-    splits = generate_splits({"train": args.train, "valid": 500, "test": 500}, args.seed, SynthConfig())
+def prepare_data(out: str, n_train: int, seed: int) -> str:
+    data = os.path.join(out, "data")
+    print(f"[1/4] synthetic problems -> {data}/synth", flush=True)
+    splits = generate_splits({"train": n_train, "valid": 200, "test": 500}, seed, SynthConfig())
     paths = write_splits(os.path.join(data, "synth"), splits)
-    print(f"[2/3] SentencePiece tokenizer -> {data}/tokenizer")
-    tok = build_tokenizer([paths["train"]], 512, None, os.path.join(data, "tokenizer"))
-    print(f"      {len(tok)} tokens")
-    print(f"[3/3] shards -> {data}/shards")
+    print(f"[2/4] SentencePiece tokenizer + shards -> {data}/shards", flush=True)
+    build_tokenizer([paths["train"]], 512, None, os.path.join(data, "tokenizer"))
     shards = os.path.join(data, "shards")
     run_build(BuildOptions([f"gsm8k-aug:{paths[s]}" for s in ("train", "valid", "test")],
                            os.path.join(data, "tokenizer"), shards, shards=2, overwrite=True))
     problems = verify_shards(shards)
     if problems:
         raise SystemExit("shard verification failed: " + "; ".join(problems))
-    print("\n" + inspect_shards(shards, examples=1))
-    print(f"\ndemo finished in {time.perf_counter() - start:.1f}s: shards verified in {shards}")
+    print(inspect_shards(shards, examples=1).split("\n[")[0], flush=True)
+    return shards
+
+
+def train(out: str, shards: str, name: str, overrides: list[str], nproc: int) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "pipeline.train", "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"),
+               f"data={shards}", f"runs_dir={out}", f"name={name}", *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, env=env, cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"training {name} failed (exit {result.returncode}); see the output above")
+    return os.path.join(out, name)
+
+
+def summary(runs: dict[str, str]) -> str:
+    rows = ["| run | steps | first loss | last loss | valid loss | tokens/s |", "|---|---|---|---|---|---|"]
+    for name, run_dir in runs.items():
+        metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+        train = [m for m in metrics if "loss/total" in m]
+        valid = [m["valid/total"] for m in metrics if "valid/total" in m]
+        speed = sorted(m["throughput/tokens_per_s"] for m in train)[len(train) // 2]
+        rows.append(f"| {name} | {train[-1]['step']} | {train[0]['loss/total']:.3f} | {train[-1]['loss/total']:.3f} | "
+                    f"{valid[-1] if valid else float('nan'):.3f} | {speed:,.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
+    parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
+    parser.add_argument("--cot-steps", type=int, default=600, help="optimizer steps of the CoT run")
+    parser.add_argument("--latent-steps", type=int, default=200, help="optimizer steps of the Coconut+SIM-CoT run")
+    parser.add_argument("--nproc", type=int, default=2, help="CPU ranks (DeepSpeed ZeRO-3, gloo)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = os.path.abspath(args.out)
+    for name in ("cot", "coconut-simcot"):       # the demo always starts fresh
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    shards = prepare_data(out, args.train, args.seed)
+    print(f"[3/4] explicit CoT, {args.cot_steps} steps on {args.nproc} ranks", flush=True)
+    runs = {"cot": train(out, shards, "cot", [f"train.max_steps={args.cot_steps}", "train.epochs=100"], args.nproc)}
+    print(f"[4/4] Coconut + SIM-CoT from the CoT weights, {args.latent_steps} steps", flush=True)
+    runs["coconut-simcot"] = train(out, shards, "coconut-simcot", [
+        "method.name=coconut", "method.simcot=true", "method.c_thought=1", "method.max_latent_stage=4",
+        "curriculum.start_stage=1", f"curriculum.epochs_per_stage={1}", "train.epochs=100",
+        f"train.max_steps={args.latent_steps}", "train.lr=1e-3",
+        f"checkpoint.init_from={os.path.join(runs['cot'], 'checkpoints')}"], args.nproc)
+    print("\n" + summary(runs))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; runs in {out} "
+          f"(TensorBoard: tensorboard --logdir {out})")
     return 0
 
 

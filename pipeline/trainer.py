@@ -153,6 +153,9 @@ class Trainer:
     def fit(self) -> int:
         """Train to the end (or ``max_steps``); returns the process exit code."""
         run, p = self.run, self.progress
+        if self._done():
+            self.say(f"nothing to do: already at train.max_steps={run.train.max_steps}")
+            return 0
         for epoch in range(p.epoch, run.train.epochs):
             stage = stage_for_epoch(epoch, run.curriculum, run.method.name)
             if epoch != p.epoch or p.micro_in_epoch == 0:
