@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m pipeline.bench {latent,zero}`` (P1, P4; P3, P5). See shared/docs/BENCHMARKS.md."""
+"""Benchmarks: ``python -m pipeline.bench {latent,generate,zero,gpu}`` (P1+P4, P2, P3+P5, P6). See shared/docs/BENCHMARKS.md."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,15 @@ import argparse
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
-    parser.add_argument("which", choices=["latent", "zero", "gpu"],
-                        help="latent: P1 step time, P4 activation memory; zero: P3 gather volume, P5 model "
-                             "states; gpu: P6 throughput and MFU on one GPU")
+    parser.add_argument("which", choices=["latent", "generate", "zero", "gpu"],
+                        help="latent: P1 step time, P4 activation memory; generate: P2 inference; zero: P3 gather "
+                             "volume, P5 model states; gpu: P6 throughput and MFU on one GPU")
     args, rest = parser.parse_known_args(argv)
     if args.which == "latent":
         from .bench_latent import main as run
+        run()
+    elif args.which == "generate":
+        from .bench_generate import main as run
         run()
     elif args.which == "gpu":
         from .bench_gpu import main as run

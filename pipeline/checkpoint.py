@@ -7,7 +7,6 @@ newest complete tag, replaced atomically). A crash mid-save leaves a tag without
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,19 +15,13 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from data_prep.manifest import sha256_file
+
 COMPLETE = "COMPLETE.json"
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict:
@@ -54,7 +47,7 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, checksums: bool = 
             for name in sorted(names):
                 path = os.path.join(root, name)
                 files[os.path.relpath(path, tag_dir)] = {"bytes": os.path.getsize(path),
-                                                         "sha256": _sha256(path) if checksums else None}
+                                                         "sha256": sha256_file(path) if checksums else None}
         _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": files,
                                                                     "client_state": _jsonable(client_state)}, indent=1))
         _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
@@ -112,23 +105,23 @@ def verify(ckpt_dir: str, tag: str) -> list[str]:
         path = os.path.join(tag_dir, rel)
         if not os.path.isfile(path):
             problems.append(f"{path}: missing")
-        elif os.path.getsize(path) != info["bytes"] or (info["sha256"] and _sha256(path) != info["sha256"]):
+        elif os.path.getsize(path) != info["bytes"] or (info["sha256"] and sha256_file(path) != info["sha256"]):
             problems.append(f"{path}: differs from {COMPLETE} (corrupted or changed)")
     return problems
 
 
-def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> dict:
-    """Load ``tag`` on every rank after checking its files; returns the client state."""
+def load(engine, ckpt_dir: str, tag: str) -> dict:
+    """Load ``tag`` (weights, optimizer, schedule, RNG) on every rank after checking its files;
+    returns the client state."""
     problems = verify(ckpt_dir, tag)
     if problems:
         raise CheckpointError("; ".join(problems))
-    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=load_optimizer,
-                                                load_lr_scheduler_states=load_optimizer)
+    path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it")
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
-    if load_optimizer and os.path.isfile(rng_file):
+    if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))
     return client_state or {}
 

@@ -35,11 +35,13 @@ class LatentPasses:
     ``[0, T)`` (the pre-latent, latent and tail passes concatenated); ``latents[:, i]`` is the
     vector fed at latent ``i``; ``next_latent`` the one the last latent produced (never fed;
     CODI's SIM-CoT supervises it). ``layer_states`` holds every layer's hidden state at the
-    columns asked for with ``keep_layers_at`` (CODI distillation), else None."""
+    columns asked for with ``keep_layers_at`` (CODI distillation), else None; ``cache_chunks``
+    the keys/values of every pass (generation continues from them)."""
     hidden: torch.Tensor
     latents: torch.Tensor
     next_latent: torch.Tensor
     layer_states: torch.Tensor | None
+    cache_chunks: list = None         # the keys/values of every pass, for decoding after the prompt
 
 
 class _FrozenPastLayer(DynamicLayer):
@@ -125,11 +127,13 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
     want_layers = keep_layers_at is not None
-    hidden, _, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, want_layers)
+    hidden, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, want_layers)
+    chunks.append(kv)
     pieces.append(hidden)
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None
-    return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states)
+    return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states,
+                        chunks)
 
 
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int]:

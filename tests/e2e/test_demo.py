@@ -11,14 +11,17 @@ pytestmark = pytest.mark.e2e
 
 def test_demo_runs_every_stage_and_reports_measured_numbers(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--out", str(tmp_path), "--train", "300",
-                             "--cot-steps", "6", "--latent-steps", "3"], cwd=REPO, capture_output=True, text=True,
+                             "--cot-steps", "6", "--latent-steps", "3", "--eval-limit", "8"], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in out
     assert "initialised base weights from" in out
     table = [line for line in out.splitlines() if line.startswith("| cot |") or line.startswith("| coconut-simcot |")]
-    assert len(table) == 2 and "| 6 |" in table[0] and "| 3 |" in table[1]
+    assert len(table) == 2 and "| 6 |" in table[0] and "| 3 |" in table[1] and "% of 8 |" in table[1]
     assert (tmp_path / "data" / "shards" / "manifest.json").exists()
     assert (tmp_path / "coconut-simcot" / "checkpoints" / "latest").read_text() == "epoch0"
+    for run in ("cot", "coconut-simcot"):
+        assert (tmp_path / run / "merged" / "latent_config.json").exists()
+        assert (tmp_path / run / "eval" / "report.md").exists() and (tmp_path / run / "eval" / "accuracy.png").exists()

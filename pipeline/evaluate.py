@@ -1,0 +1,183 @@
+"""Stage 3b: benchmark a merged model on GSM8K-style sets and decode its latents.
+
+    python -m pipeline.evaluate --model runs/NAME/merged --set gsm8k=data/gsm8k-test \\
+        --set gsm-hard=data/gsm-hard --split test [--batch-size 64] [--max-new-tokens 64]
+
+Each ``--set NAME=DIR`` is a shard directory from ``python -m data_prep build`` (answer-only
+evaluation sets included). Writes ``eval/report.json``, ``eval/report.md`` and PNG plots next
+to the model (``runs/NAME/eval``): accuracy by both published metrics, mean tokens generated
+(latents + answer), latency per problem and problems/s, model and data fingerprints, and for a
+few problems each latent decoded by the step decoder plus its logit-lens top-5. Run under
+``torchrun`` to split the sets across ranks (no problem counted twice).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from data_prep import load_shards
+
+from .generate import latent_generate, prefill, _left_pad
+from .merge import LATENT_CONFIG
+from .metrics import hash_match, number_match
+from .report import write_report
+
+
+def load_merged(model_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(os.path.join(model_dir, LATENT_CONFIG), encoding="utf-8") as handle:
+        latent = json.load(handle)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    projection = None
+    if latent.get("projection"):
+        from safetensors.torch import load_file
+
+        from .model import Projection
+
+        projection = Projection(model.config.hidden_size)
+        projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
+        projection.eval()
+    decoder_dir = os.path.join(model_dir, "step_decoder")
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir).eval() if os.path.isdir(decoder_dir) else None
+    return model, AutoTokenizer.from_pretrained(model_dir), latent, projection, decoder
+
+
+def prompt_for(record: dict, latent: dict) -> list[int]:
+    """The question, then the latent block the model was trained with (count from latent_config)."""
+    sp, n = latent["special_tokens"], latent["n_latents"]
+    if latent["method"] == "coconut":
+        return record["question_ids"] + [sp["start_latent"]] + [sp["latent"]] * n + [sp["end_latent"]]
+    if latent["method"] == "codi":
+        return record["question_ids"] + [sp["bot"]] + [sp["latent"]] * n + [sp["eot"]]
+    return list(record["question_ids"])
+
+
+def _rank_slice(n: int) -> tuple[range, int]:
+    """Contiguous, non-overlapping records per rank, and the padded count every rank iterates."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per = -(-n // world)
+    return range(rank * per, min(n, (rank + 1) * per)), per
+
+
+def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_new: int) -> dict:
+    sp = latent["special_tokens"]
+    mine, per_rank = _rank_slice(len(records))
+    rows, start = [], time.perf_counter()
+    for offset in range(0, per_rank, batch_size):
+        chunk = [records[i] for i in mine[offset:offset + batch_size]]
+        real = len(chunk)
+        chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
+        outputs = latent_generate(model, [prompt_for(r, latent) for r in chunk], sp["latent"], sp["eos"], max_new,
+                                  pad_id=sp["pad"], project=projection, sync_ranks=True)
+        for record, new in list(zip(chunk, outputs))[:real]:
+            text = tok.decode(new, skip_special_tokens=True)
+            rows.append({"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
+                         "hash": hash_match(text, record["answer"]), "number": number_match(text, record["answer"])})
+    elapsed = time.perf_counter() - start
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (rows, elapsed))
+        rows = [r for part, _ in gathered for r in part]
+        elapsed = max(t for _, t in gathered)
+    n = len(rows)
+    return {"n": n, "accuracy_hash": sum(r["hash"] for r in rows) / max(1, n),
+            "accuracy_number": sum(r["number"] for r in rows) / max(1, n),
+            "mean_tokens": latent["n_latents"] + sum(r["tokens"] for r in rows) / max(1, n),
+            "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
+            "examples": rows[:5]}
+
+
+@torch.no_grad()
+def decode_latents(model, tok, decoder, latent, projection, records, n_problems: int = 3, max_len: int = 24) -> list:
+    """Each latent (Coconut: each group of c) decoded greedily by the step decoder, and the
+    logit-lens top-5 tokens of each latent through the base LM head."""
+    sp = latent["special_tokens"]
+    if latent["n_latents"] == 0:
+        return []
+    prompts = [prompt_for(r, latent) for r in records[:n_problems]]
+    ids, mask = _left_pad(prompts, sp["latent"], sp["pad"])
+    _, _, latents = prefill(model, ids, mask, sp["latent"], projection)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    c = latent["c_thought"] if latent["method"] == "coconut" else 1
+    out = []
+    for row, record in enumerate(records[:n_problems]):
+        lens = [tok.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in latents[row]]
+        steps = []
+        for group in range(latents.size(1) // c):
+            steps.append(_greedy_step(decoder, embed, latents[row, group * c:(group + 1) * c], sp["eos"], max_len, tok)
+                         if decoder is not None else None)
+        out.append({"id": record["id"], "question": record["question"], "gold_steps": record["steps"],
+                    "decoded_steps": steps, "logit_lens_top5": lens, "latents": latents[row].tolist()})
+    return out
+
+
+def _greedy_step(decoder, embed, prefix: torch.Tensor, eos: int, max_len: int, tok) -> str:
+    inputs, tokens = prefix[None], []
+    for _ in range(max_len):
+        token = decoder(inputs_embeds=inputs).logits[0, -1].argmax().item()
+        if token == eos:
+            break
+        tokens.append(token)
+        inputs = torch.cat([inputs, embed(torch.tensor([[token]]))], dim=1)
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def _fingerprint(model_dir: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors") or name == LATENT_CONFIG:
+            with open(os.path.join(model_dir, name), "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="merged model directory (python -m pipeline.merge)")
+    parser.add_argument("--set", action="append", required=True, metavar="NAME=DIR", help="a shard directory")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test; select on valid)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=0, help="first N problems per set (0: all)")
+    parser.add_argument("--decode-latents", type=int, default=3, help="problems whose latents are decoded")
+    parser.add_argument("--out", help="report directory (default: MODEL/../eval)")
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:
+        from .distributed import init_distributed
+        init_distributed()
+    model, tok, latent, projection, decoder = load_merged(args.model)
+    report = {"model": os.path.abspath(args.model), "model_fingerprint": _fingerprint(args.model),
+              "latent_config": {k: v for k, v in latent.items() if k != "special_tokens"}, "split": args.split,
+              "sets": {}, "latents": []}
+    for spec in args.set:
+        name, _, path = spec.partition("=")
+        shards = load_shards(path)
+        records = shards.split(args.split).to_list()[:args.limit or None]
+        result = evaluate_set(model, tok, latent, projection, records, args.batch_size, args.max_new_tokens)
+        result["data_fingerprint"] = shards.manifest["tokenizer"]["fingerprint"]
+        result["data"] = {"path": os.path.abspath(path), "shards": [s["sha256"] for s in
+                                                                     shards.manifest["splits"][args.split]["shards"]]}
+        report["sets"][name] = result
+        print(f"{name}: accuracy {100 * result['accuracy_hash']:.1f}% (after '#') / "
+              f"{100 * result['accuracy_number']:.1f}% (last number) on {result['n']} problems, "
+              f"{result['problems_per_s']:.1f} problems/s", flush=True)
+        if not report["latents"]:
+            report["latents"] = decode_latents(model, tok, decoder, latent, projection, records, args.decode_latents)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_report(report, out)
+        print(f"report: {out}/report.md, {out}/report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

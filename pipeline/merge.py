@@ -1,0 +1,148 @@
+"""Stage 3a: merge a run's ZeRO checkpoint into a Hugging Face model directory.
+
+    python -m pipeline.merge --run runs/NAME [--tag T] [--dtype bf16|fp32]
+
+Writes ``runs/NAME/merged/``: the base model as safetensors (sharded when large; LoRA merged in),
+the tokenizer, ``latent_config.json`` (method, latent count, special-token ids, templates) and,
+for CODI, ``projection.safetensors``; the SIM-CoT step decoder goes apart to
+``merged/step_decoder/`` (interpretability only; inference never needs it). Consolidation is
+DeepSpeed's own ``zero_to_fp32``. Every checkpoint key must land somewhere and every model key
+must be filled; the merged model is reloaded with ``from_pretrained`` and its logits are checked
+against the consolidated weights before the command reports success.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from data_prep import load_shards
+
+from . import checkpoint
+from .config import load_config
+from .modeling import apply_lora, build_lm, layout_config
+
+LATENT_CONFIG = "latent_config.json"
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def _take(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+
+
+def _load_exact(module, weights: dict, what: str) -> None:
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise MergeError(f"{what}: missing keys {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+
+
+def rebuild(run, state: dict, vocab_size: int):
+    """Base LM (LoRA merged), step decoder, projection weights from a consolidated state dict."""
+    state = dict(state)
+    base = build_lm(run.model, vocab_size, "sdpa")
+    if run.model.lora.enabled:
+        base = apply_lora(base, run.model.lora)
+        _load_exact(base, _take(state, "base."), "base (LoRA)")
+        base = base.merge_and_unload()
+    else:
+        _load_exact(base, _take(state, "base."), "base")
+    decoder = None
+    if run.method.simcot:
+        decoder = build_lm(run.model, vocab_size, "sdpa")
+        _load_exact(decoder, _take(state, "step_decoder."), "step_decoder")
+    projection = _take(state, "projection.")
+    if state:
+        raise MergeError(f"checkpoint keys that belong nowhere: {sorted(state)[:5]}")
+    return base, decoder, projection
+
+
+def latent_count(run, stage: int) -> int:
+    """Latents the model was trained with at this checkpoint's stage (never from a resume counter)."""
+    return layout_config(run).n_latents(stage, n_steps=10**6)
+
+
+def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | None = None) -> str:
+    run = load_config(os.path.join(run_dir, "config.yaml"))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    tag = tag or checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        raise MergeError(f"{ckpt_dir}: no complete checkpoint")
+    problems = checkpoint.verify(ckpt_dir, tag)
+    if problems:
+        raise MergeError("; ".join(problems))
+    with open(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE), encoding="utf-8") as handle:
+        client = json.load(handle)["client_state"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    shards = load_shards(run.data)
+    base, decoder, projection = rebuild(run, state, len(shards.tokenizer))
+    out = out or os.path.join(run_dir, "merged")
+    tmp = f"{out}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    base.to(torch_dtype).save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    shards.tokenizer.save_pretrained(tmp)
+    if decoder is not None:
+        decoder.to(torch_dtype).save_pretrained(os.path.join(tmp, "step_decoder"), safe_serialization=True)
+    if projection:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
+    config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
+              "c_thought": run.method.c_thought, "stage": client["stage"], "special_tokens": shards.special_tokens,
+              "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
+              "source": {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}}
+    with open(os.path.join(tmp, LATENT_CONFIG), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    check_logits(base.float(), tmp, shards, tolerance=1e-5 if dtype == "fp32" else 5e-2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+@torch.no_grad()
+def check_logits(reference, merged_dir: str, shards, tolerance: float) -> float:
+    """The merged directory, reloaded, must give the consolidated weights' logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    split = shards.split("test" if "test" in shards.splits else shards.splits[0])
+    rows = [split[i]["question_ids"] for i in range(min(4, len(split)))]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [shards.special_tokens["pad"]] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    diff = (merged(input_ids=ids, attention_mask=mask).logits - reference.eval()(input_ids=ids, attention_mask=mask)
+            .logits)[mask.bool()].abs().max().item()
+    if diff > tolerance:
+        raise MergeError(f"{merged_dir}: reloaded logits differ by {diff:.2e} (> {tolerance:.0e})")
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    parser.add_argument("--tag", help="checkpoint tag (default: latest complete)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--out", help="output directory (default RUN/merged)")
+    args = parser.parse_args(argv)
+    try:
+        out = merge(args.run, args.tag, args.dtype, args.out)
+    except (MergeError, checkpoint.CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged {args.run} -> {out} (logits of the reloaded model checked)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Evaluation report files: ``report.json``, ``report.md`` and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def write_report(report: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    plots = {"accuracy": plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))}
+    if report["latents"]:
+        plots["latent_similarity"] = plot_latent_similarity(report["latents"], os.path.join(out_dir,
+                                                                                             "latent_similarity.png"))
+    report["plots"] = plots
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump({**report, "latents": [{k: v for k, v in x.items() if k != "latents"} for x in report["latents"]]},
+                  handle, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lc = report["latent_config"]
+    lines = [f"# Evaluation of `{report['model']}`", "",
+             f"method **{lc['method']}**{' + SIM-CoT' if lc.get('simcot') else ''}, {lc['n_latents']} latents, "
+             f"split `{report['split']}`, model sha256 `{report['model_fingerprint'][:16]}`", "",
+             "| set | problems | accuracy (after '#') | accuracy (last number) | tokens generated | latency/problem | problems/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report["sets"].items():
+        lines.append(f"| {name} | {r['n']} | {100 * r['accuracy_hash']:.1f}% | {100 * r['accuracy_number']:.1f}% | "
+                     f"{r['mean_tokens']:.1f} | {1000 * r['latency_s']:.1f} ms | {r['problems_per_s']:.1f} |")
+    lines += ["", "![accuracy](accuracy.png)", ""]
+    if report["latents"]:
+        lines += ["## Decoded latents", "", "![latent similarity](latent_similarity.png)", ""]
+        for item in report["latents"]:
+            lines.append(f"**{item['id']}** {item['question']}  ")
+            lines.append(f"gold steps: {' '.join(item['gold_steps']) or '(none)'}  ")
+            for k, (step, lens) in enumerate(zip(item["decoded_steps"] or [], item["logit_lens_top5"])):
+                lines.append(f"- latent {k}: decoder `{step!r}`, logit lens {lens}")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(report: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["sets"])
+    lc = report["latent_config"]
+    label = f"{lc['method']}{'+SIM-CoT' if lc.get('simcot') else ''}"
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 3.2))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * report["sets"][n]["accuracy_hash"] for n in names], 0.4,
+           label=f"{label}: after '#'")
+    ax.bar([x + 0.2 for x in xs], [100 * report["sets"][n]["accuracy_number"] for n in names], 0.4,
+           label=f"{label}: last number")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)
+
+
+def plot_latent_similarity(latents: list[dict], path: str) -> str:
+    """Mean pairwise cosine similarity between latent positions over the decoded problems."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sims = []
+    for item in latents:
+        z = torch.nn.functional.normalize(torch.tensor(item["latents"]), dim=-1)
+        sims.append(z @ z.T)
+    mean = torch.stack(sims).mean(0).numpy()
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    image = ax.imshow(mean, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xlabel("latent")
+    ax.set_ylabel("latent")
+    ax.set_title("mean cosine similarity")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.basename(path)

@@ -1,0 +1,22 @@
+"""Helper for test_merge_eval: train a few steps under torchrun, then save the engine's logits on
+fixed ids (rank 0) so the merged model can be compared with the live training engine."""
+import sys
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.distributed import teardown
+from pipeline.trainer import Trainer
+from pipeline.zero_gather import whole_model_gathered
+
+if __name__ == "__main__":
+    out, args = sys.argv[1], sys.argv[2:]
+    trainer = Trainer(load_config(args[1], args[2:]))      # args: --config X overrides...
+    trainer.fit()
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45], [2, 50, 51, 52, 53, 54, 55]])
+    trainer.engine.eval()
+    with torch.no_grad(), whole_model_gathered(trainer.engine):
+        logits = trainer.engine.module.base(input_ids=ids).logits
+    if trainer.rank == 0:
+        torch.save({"ids": ids, "logits": logits}, out)
+    teardown()

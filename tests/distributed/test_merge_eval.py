@@ -1,0 +1,69 @@
+"""2-rank ZeRO-3 checkpoint -> merged HF model (same logits as the engine) -> evaluation report."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    logits = runs / "engine_logits.pt"
+    overrides = [f"data={tiny_shards}", f"runs_dir={runs}", "name=codi", "model.tiny.hidden_size=64",
+                 "model.tiny.intermediate_size=128", "method.name=codi", "method.simcot=true", "method.num_latent=2",
+                 "train.max_steps=4", "train.micro_batch_size=8", "train.validate=false"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tests.distributed.engine_logits", str(logits), "--config", "configs/tiny-cpu.yaml", *overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return runs / "codi", torch.load(logits, weights_only=True)
+
+
+def _run(*args):
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_merged_model_gives_the_engines_logits(trained):
+    run, engine = trained
+    assert "logits of the reloaded model checked" in _run("pipeline.merge", "--run", str(run))
+    merged = run / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=engine["ids"]).logits
+    assert (logits - engine["logits"]).abs().max().item() <= 1e-5
+    latent = json.loads((merged / "latent_config.json").read_text())
+    assert latent["method"] == "codi" and latent["n_latents"] == 2 and latent["projection"]
+    assert (merged / "step_decoder" / "model.safetensors").exists() and (merged / "projection.safetensors").exists()
+    assert (merged / "tokenizer.json").exists()
+
+
+def test_evaluation_writes_readable_reports_and_plots(trained, tiny_shards, tmp_path):
+    run, _ = trained
+    if not (run / "merged").exists():
+        _run("pipeline.merge", "--run", str(run))
+    out = tmp_path / "eval"
+    stdout = _run("pipeline.evaluate", "--model", str(run / "merged"), "--set", f"synth={tiny_shards}",
+                  "--split", "valid", "--limit", "12", "--batch-size", "5", "--max-new-tokens", "8",
+                  "--decode-latents", "2", "--out", str(out))
+    assert "synth: accuracy" in stdout
+    report = json.loads((out / "report.json").read_text())
+    synth = report["sets"]["synth"]
+    assert synth["n"] == 12 and 0 <= synth["accuracy_hash"] <= 1 and synth["problems_per_s"] > 0
+    assert synth["mean_tokens"] >= 2                               # latents count as generated tokens
+    assert len(report["latents"]) == 2 and len(report["latents"][0]["decoded_steps"]) == 2   # one per fed latent
+    assert len(report["latents"][0]["logit_lens_top5"][0]) == 5
+    assert "| synth | 12 |" in (out / "report.md").read_text()
+    import matplotlib.image
+    for png in ("accuracy.png", "latent_similarity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(out / png).ndim == 3
