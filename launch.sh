@@ -5,6 +5,7 @@
 #   ./launch.sh train --config X --hostfile hosts.txt                       # deepspeed over ssh
 #   ./launch.sh train --config X --hostfile hosts.txt --no-ssh --node-rank 1 --master 10.0.0.1
 #   ./launch.sh slurm train --config X --nodes 2 --gpus-per-node 8 [--partition P] [--time 1-00:00] [--dry-run]
+#   ./launch.sh slurm merge --name NAME --run runs/NAME        (--name: the run dir for the log)
 #   ./launch.sh prep build --source ... --out ...    (python -m data_prep ...)
 #   ./launch.sh merge ... | eval ... | demo
 # Add --dry-run to any of them to print the command (or the sbatch script) without running it.
@@ -16,7 +17,7 @@ if [ -z "$PY" ]; then
   if [ -x "$here/.venv/bin/python" ]; then PY="$here/.venv/bin/python"; else PY="$(command -v python3)"; fi
 fi
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch.sh: $*" >&2; exit 2; }
 quoted() { local out="" a; for a in "$@"; do out+=" $(printf '%q' "$a")"; done; echo "${out# }"; }
 
@@ -94,7 +95,7 @@ runs_dir_of() {
 slurm_stage() {
   [ $# -gt 0 ] || die "usage: ./launch.sh slurm STAGE [--nodes N] [--gpus-per-node G] ... [stage args]"
   local stage="$1"; shift
-  local nodes=1 gpus=0 cpus="" partition="" time="" signal_secs=120 account="" args=()
+  local nodes=1 gpus=0 cpus="" partition="" time="" signal_secs=120 account="" name="" args=()
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes) nodes="$2"; shift 2 ;;
@@ -104,12 +105,13 @@ slurm_stage() {
       --account) account="$2"; shift 2 ;;
       --time) time="$2"; shift 2 ;;
       --signal-seconds) signal_secs="$2"; shift 2 ;;
+      --name) name="$2"; shift 2 ;;
       --dry-run) dry_run=1; shift ;;
       *) args+=("$1"); shift ;;
     esac
   done
   local module; module="$(module_for "$stage")"
-  local name; name="$(config_name "$stage" "${args[@]}")"
+  [ -n "$name" ] || name="$(config_name "$stage" "${args[@]}")"
   local run_dir; run_dir="$(runs_dir_of "${args[@]}")/$name"
   local nproc=$(( gpus > 0 ? gpus : 1 ))
   local script="$run_dir/submit-$stage.sbatch"

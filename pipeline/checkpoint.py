@@ -41,18 +41,23 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, checksums: bool = 
     if dist.is_initialized():
         dist.barrier()                       # every rank has written its shards
     if rank == 0:
-        tag_dir = os.path.join(ckpt_dir, tag)
-        files = {}
-        for root, _, names in os.walk(tag_dir):
-            for name in sorted(names):
-                path = os.path.join(root, name)
-                files[os.path.relpath(path, tag_dir)] = {"bytes": os.path.getsize(path),
-                                                         "sha256": sha256_file(path) if checksums else None}
-        _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": files,
-                                                                    "client_state": _jsonable(client_state)}, indent=1))
-        _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
+        mark_complete(ckpt_dir, tag, client_state, checksums)
     if dist.is_initialized():
         dist.barrier()
+
+
+def mark_complete(ckpt_dir: str, tag: str, client_state: dict, checksums: bool = True) -> None:
+    """Record every file's size and sha256, then point ``latest`` at the tag (both atomic)."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, tag_dir)] = {"bytes": os.path.getsize(path),
+                                                     "sha256": sha256_file(path) if checksums else None}
+    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": files,
+                                                                "client_state": _jsonable(client_state)}, indent=1))
+    _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
 
 
 def _jsonable(state: dict) -> dict:

@@ -28,10 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from data_prep import ShardError
+
+    from .checkpoint import CheckpointError
     from .distributed import teardown
     from .trainer import Trainer
 
-    code = Trainer(run).fit()
+    try:
+        code = Trainer(run).fit()
+    except (ShardError, CheckpointError) as err:    # corrupted data or checkpoint: say which file
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     teardown()
     return code
 

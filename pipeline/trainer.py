@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.on_cuda = self.device.type == "cuda"
         self.run_dir = os.path.join(run.runs_dir, run.name)
+        print(f"rank {self.rank}/{self.world} on {socket.gethostname()} ({self.device})", flush=True)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.shards = load_shards(run.data)
         tok = self.shards.tokenizer
@@ -209,13 +211,7 @@ class Trainer:
             if bar:
                 bar.update(1)
             if self.stop.agreed(self.device) or p.global_step == t.stop_at_step:
-                self._save(f"step{p.global_step}", None)
-                why = f"signal {self.stop.signal}" if self.stop.signal else "train.stop_at_step"
-                if self.rank == 0:   # the sbatch script requeues the job when it finds this file
-                    open(os.path.join(self.run_dir, "REQUEUE"), "w").close()
-                self.say(f"stopped by {why} at step {p.global_step}; checkpoint saved, "
-                         f"exit {REQUEUE_EXIT_CODE} so the job is requeued")
-                return REQUEUE_EXIT_CODE
+                return self._stop_for_requeue()
             every = self.run.checkpoint.every_steps
             if every and p.global_step % every == 0 and p.micro_in_epoch < len(indices):
                 self._save(f"step{p.global_step}", None)
@@ -224,6 +220,18 @@ class Trainer:
         if bar:
             bar.close()
         return None
+
+    def _stop_for_requeue(self) -> int:
+        p = self.progress
+        self._save(f"step{p.global_step}", None)
+        why = f"signal {self.stop.signal}" if self.stop.signal else "train.stop_at_step"
+        if self.rank == 0:   # the sbatch script requeues the job when it finds this file
+            open(os.path.join(self.run_dir, "REQUEUE"), "w").close()
+        self.say(f"stopped by {why} at step {p.global_step}; checkpoint saved, "
+                 f"exit {REQUEUE_EXIT_CODE} so the job is requeued")
+        if dist.is_initialized():
+            dist.barrier()   # no rank exits (and gets the others killed by the launcher) before this point
+        return REQUEUE_EXIT_CODE
 
     def _progress_bar(self, total: int, epoch: int, stage: int):
         if self.rank != 0 or not sys.stderr.isatty():

@@ -53,3 +53,16 @@ def spm_tokenizer_dir(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     build_tokenizer([str(synth_dir / "train.txt")], 512, None, str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synth_dir, spm_tokenizer_dir, tmp_path_factory) -> Path:
+    """400 train / 50 valid synthetic problems, tokenized with the SentencePiece tokenizer."""
+    from data_prep.build import BuildOptions, run_build
+
+    train = tmp_path_factory.mktemp("tiny") / "train.txt"
+    train.write_text("".join((synth_dir / "train.txt").read_text().splitlines(keepends=True)[:400]))
+    out = tmp_path_factory.mktemp("tiny_shards") / "shards"
+    run_build(BuildOptions([f"gsm8k-aug:{train}", f"gsm8k-aug:{synth_dir / 'valid.txt'}"],
+                           str(spm_tokenizer_dir), str(out)), log=lambda *_: None)
+    return out

@@ -1,4 +1,4 @@
-"""Helpers for multi-rank tests: tiny shards, and torchrun subprocesses that never outlive a test."""
+"""Helpers for multi-rank tests: torchrun subprocesses that never outlive a test."""
 from __future__ import annotations
 
 import json
@@ -11,19 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(synth_dir, spm_tokenizer_dir, tmp_path_factory) -> Path:
-    """400 train / 50 valid synthetic problems, tokenized with the SentencePiece tokenizer."""
-    from data_prep.build import BuildOptions, run_build
-
-    train = tmp_path_factory.mktemp("tiny") / "train.txt"
-    train.write_text("".join((synth_dir / "train.txt").read_text().splitlines(keepends=True)[:400]))
-    out = tmp_path_factory.mktemp("tiny_shards") / "shards"
-    run_build(BuildOptions([f"gsm8k-aug:{train}", f"gsm8k-aug:{synth_dir / 'valid.txt'}"],
-                           str(spm_tokenizer_dir), str(out)), log=lambda *_: None)
-    return out
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None,

@@ -85,3 +85,15 @@ def test_simcot_continues_from_an_earlier_runs_checkpoint(tiny_shards, tmp_path)
     cot_final = losses_by_step(tmp_path / "cot", "loss/answer_ce")[6]
     fresh_start = 6.0      # ln(517) = 6.25: an untrained model's loss on this tokenizer
     assert losses_by_step(tmp_path / "simcot", "loss/answer_ce")[1] < min(fresh_start, cot_final + 2.0)
+
+
+def test_a_corrupted_checkpoint_stops_the_resume_with_the_file_named(tiny_shards, tmp_path):
+    args = _args(tiny_shards, tmp_path, "corrupt", "train.max_steps=2", "train.validate=false")
+    code, out = torchrun(args)
+    assert code == 0, out[-3000:]
+    shard = next((tmp_path / "corrupt" / "checkpoints" / "epoch0").glob("*optim_states.pt"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out = torchrun(args + ["train.max_steps=4"])
+    assert code != 0 and f"error: {shard}: differs from COMPLETE.json" in out, out[-3000:]

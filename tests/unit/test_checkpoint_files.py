@@ -1,0 +1,43 @@
+"""Checkpoint bookkeeping: only complete tags count, corruption is caught before loading."""
+import pytest
+
+from pipeline import checkpoint
+
+pytestmark = pytest.mark.unit
+
+
+def _tag(root, tag, step, complete=True):
+    (root / tag).mkdir(parents=True)
+    (root / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"model" * 100)
+    (root / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"optim" * 100)
+    if complete:
+        checkpoint.mark_complete(str(root), tag, {"global_step": step})
+
+
+def test_latest_names_the_newest_complete_tag_and_ignores_partial_saves(tmp_path):
+    _tag(tmp_path, "step2", 2)
+    _tag(tmp_path, "step4", 4)
+    _tag(tmp_path, "step6", 6, complete=False)          # a save that died before every rank finished
+    assert checkpoint.latest_tag(str(tmp_path)) == "step4"
+    (tmp_path / "latest").write_text("step6")           # even if 'latest' were pointed at it
+    assert checkpoint.latest_tag(str(tmp_path)) == "step4"
+    assert checkpoint.complete_tags(str(tmp_path)) == ["step2", "step4"]
+
+
+def test_a_corrupted_checkpoint_file_is_a_clear_error_before_loading(tmp_path):
+    _tag(tmp_path, "step2", 2)
+    shard = tmp_path / "step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"optim" * 99 + b"OPTIM")
+    problems = checkpoint.verify(str(tmp_path), "step2")
+    assert problems == [f"{shard}: differs from COMPLETE.json (corrupted or changed)"]
+    with pytest.raises(checkpoint.CheckpointError, match="optim_states.pt: differs"):
+        checkpoint.load(None, str(tmp_path), "step2")       # never reaches the engine
+    shard.unlink()
+    assert checkpoint.verify(str(tmp_path), "step2") == [f"{shard}: missing"]
+
+
+def test_rotation_keeps_the_last_n_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4):
+        _tag(tmp_path, f"step{step}", step)
+    removed = checkpoint.rotate(str(tmp_path), keep_last=2, keep={"step1"})
+    assert removed == ["step2"] and checkpoint.complete_tags(str(tmp_path)) == ["step1", "step3", "step4"]
