@@ -28,8 +28,12 @@ test-fast: setup
 demo: setup
 	$(PY) -m pipeline.demo --out $(DEMO_DIR)
 
+# Benchmarks P1-P5, P7 on this machine (several minutes); P6 needs a GPU: python -m pipeline.bench gpu
 bench: setup
 	$(PY) -m data_prep.bench
+	$(PY) -m pipeline.bench latent
+	$(PY) -m pipeline.bench generate
+	$(PY) -m pipeline.bench zero
 
 clean:
 	rm -rf runs/demo .pytest_cache

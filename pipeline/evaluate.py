@@ -100,7 +100,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     """Each latent (Coconut: each group of c) decoded greedily by the step decoder, and the
     logit-lens top-5 tokens of each latent through the base LM head."""
     sp = latent["special_tokens"]
-    if latent["n_latents"] == 0:
+    if latent["n_latents"] == 0 or n_problems <= 0:
         return []
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
     ids, mask = _left_pad(prompts, sp["latent"], sp["pad"])

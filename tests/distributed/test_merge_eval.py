@@ -67,3 +67,20 @@ def test_evaluation_writes_readable_reports_and_plots(trained, tiny_shards, tmp_
     for png in ("accuracy.png", "latent_similarity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(out / png).ndim == 3
+
+
+def test_evaluation_split_across_two_ranks_counts_every_problem_once(trained, tiny_shards, tmp_path):
+    run, _ = trained
+    if not (run / "merged").exists():
+        _run("pipeline.merge", "--run", str(run))
+    out = tmp_path / "eval2"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pipeline.evaluate", "--model", str(run / "merged"), "--set", f"synth={tiny_shards}",
+                             "--split", "valid", "--limit", "11", "--batch-size", "4", "--max-new-tokens", "6",
+                             "--decode-latents", "0", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    ids = [e["id"] for e in report["sets"]["synth"]["examples"]]
+    assert report["sets"]["synth"]["n"] == 11 and len(set(ids)) == len(ids)
