@@ -12,11 +12,24 @@ def _pad_rows(rows: list[list[int]], left: list[int], fill: int) -> torch.Tensor
     return torch.tensor([[fill] * l + r + [fill] * (width - l - len(r)) for l, r in zip(left, rows)])
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """0..len-1 over each row's real tokens, 0 on pads."""
+    return ((mask.cumsum(1) - 1) * mask).long()
+
+
+def align_rows(rows: list[list[int]], anchors: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-pad so every row's anchor index lands in one column, right-pad to the widest row;
+    -> (ids, attention mask, position ids)."""
+    left = [max(anchors) - a for a in anchors]
+    mask = _pad_rows([[1] * len(r) for r in rows], left, 0)
+    return _pad_rows(rows, left, pad_id), mask, positions_from_mask(mask)
+
+
 def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pad_id: int) -> dict:
+    input_ids, mask, positions = align_rows(ids, first, pad_id)
     left = [max(first) - f for f in first]
-    mask = _pad_rows([[1] * len(r) for r in ids], left, 0)
-    return {"input_ids": _pad_rows(ids, left, pad_id), "attention_mask": mask,
-            "position_ids": ((mask.cumsum(1) - 1) * mask).long(), "labels": _pad_rows(labels, left, IGNORE)}
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+            "labels": _pad_rows(labels, left, IGNORE)}
 
 
 def collate_aligned(examples: list[Example], latent_id: int, pad_id: int) -> dict:

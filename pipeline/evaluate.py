@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from data_prep import load_shards
 
-from .generate import latent_generate, prefill, _left_pad
+from .generate import latent_generate, left_pad_prompts, prefill
 from .merge import LATENT_CONFIG
 from .metrics import hash_match, number_match
 from .report import write_report
@@ -103,7 +103,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     if latent["n_latents"] == 0 or n_problems <= 0:
         return []
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
-    ids, mask = _left_pad(prompts, sp["latent"], sp["pad"])
+    ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
     _, _, latents = prefill(model, ids, mask, sp["latent"], projection)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = latent["c_thought"] if latent["method"] == "coconut" else 1

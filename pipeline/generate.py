@@ -17,26 +17,21 @@ import torch
 import torch.distributed as dist
 from transformers import DynamicCache
 
+from .collate import align_rows, positions_from_mask
 from .latent import PassCache, fill_latents, latent_columns
 
 
-def _left_pad(prompts: list[list[int]], latent_id: int, pad_id: int):
-    """Align the first latent column (or the last token when there are none); 0 positions on pads."""
+def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
+    """Align the first latent column (or the last token when there are none) -> (ids, mask)."""
     anchors = [p.index(latent_id) if latent_id in p else len(p) for p in prompts]
-    left = [max(anchors) - a for a in anchors]
-    width = max(l + len(p) for l, p in zip(left, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (l, p) in enumerate(zip(left, prompts)):
-        ids[row, l:l + len(p)] = torch.tensor(p)
-        mask[row, l:l + len(p)] = 1
+    ids, mask, _ = align_rows(prompts, anchors, pad_id)
     return ids, mask
 
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int, project: Callable | None):
     """Run the prompt (filling latents); -> (next-token logits [B, V], cache chunks, latents or None)."""
-    positions = ((mask.cumsum(1) - 1) * mask).long()
+    positions = positions_from_mask(mask)
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(ids)
     first, n = latent_columns(ids, latent_id)
@@ -55,7 +50,7 @@ def latent_generate(model, prompts: list[list[int]], latent_id: int, eos_id: int
     """Greedy new tokens for each prompt (without the EOS). ``sync_ranks``: keep decoding until
     every rank is done, so data-parallel ranks make the same number of forward calls."""
     device = model.get_input_embeddings().weight.device
-    ids, mask = _left_pad(prompts, latent_id, pad_id)
+    ids, mask = left_pad_prompts(prompts, latent_id, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     logits, chunks, _ = prefill(model, ids, mask, latent_id, project)
     body = model.get_decoder()
@@ -63,7 +58,7 @@ def latent_generate(model, prompts: list[list[int]], latent_id: int, eos_id: int
     for layer in range(body.config.num_hidden_layers):
         cache.update(torch.cat([c[layer][0] for c in chunks], dim=2), torch.cat([c[layer][1] for c in chunks], dim=2),
                      layer)
-    position = ((mask.cumsum(1) - 1) * mask).max(dim=1).values
+    position = positions_from_mask(mask).max(dim=1).values
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out = [[] for _ in prompts]
     for _ in range(max_new_tokens):

@@ -42,11 +42,11 @@ class Projection(nn.Sequential):
         super().__init__(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden), nn.LayerNorm(hidden))
 
 
-def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
     """Next-token CE computed only where a label exists: the LM head never sees other positions."""
     keep = labels[:, 1:] != IGNORE
     logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep], reduction=reduction)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
 
 
 class LatentReasoner(nn.Module):
