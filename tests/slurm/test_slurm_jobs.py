@@ -68,12 +68,13 @@ def test_two_node_training_then_merge_and_eval_jobs(slurm, tiny_shards, tmp_path
 
 def test_preemption_signal_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm, tiny_shards, tmp_path):
     runs = tmp_path / "runs"
-    steps = ["train.max_steps=12", "checkpoint.every_steps=0"]
+    # Long enough that the signal always lands mid-run (a tiny step takes ~0.2 s; 12 steps raced).
+    steps = ["train.max_steps=60", "train.epochs=10", "checkpoint.every_steps=0"]
     straight = train_job(slurm, tiny_shards, runs, "straight", *steps)
     assert slurm.wait(straight, 400)["JobState"] == "COMPLETED", log_of(runs, "straight", straight)[-3000:]
 
     job = train_job(slurm, tiny_shards, runs, "preempted", *steps)
-    wait_for_line(lambda: log_of(runs, "preempted", job), r"step 4/12", 300)
+    wait_for_line(lambda: log_of(runs, "preempted", job), r"step 4/60", 300)
     slurm.run("scancel", "--signal=USR1", job, check=True)         # what --signal=USR1@120 sends
     info = slurm.wait(job, 500, final={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     log = log_of(runs, "preempted", job)
@@ -82,7 +83,7 @@ def test_preemption_signal_checkpoints_requeues_and_finishes_like_an_uninterrupt
     assert re.search(r"stopped by signal \d+ at step \d+; checkpoint saved", log)
     assert "requeueing job" in log and "resumed from" in log
     a, b = losses_by_step(runs / "straight"), losses_by_step(runs / "preempted")
-    assert sorted(b) == list(range(1, 13)) and b[12] == a[12]
+    assert sorted(b) == list(range(1, 61)) and b[60] == a[60]
 
 
 def _rank_pid(slurm, rank: str) -> int | None:
