@@ -1,4 +1,5 @@
 # Quick start:  make demo   (the embedded default end to end on this CPU)
+#               make sweep  (toy latent-scaling reproduction, ~40 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README)
 # Every target sets itself up first; `make setup` is idempotent.
 PYTHON ?= python3
@@ -6,9 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+SWEEP_DIR ?= runs/sweep
+SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo sweep bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +30,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m pipeline.demo --out $(DEMO_DIR)
+
+# Resumes an interrupted sweep; SWEEP_ARGS="--fresh" starts over (python -m pipeline.sweep --help)
+sweep: setup
+	$(PY) -m pipeline.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
 
 # Benchmarks P1-P5, P7 on this machine (several minutes); P6 needs a GPU: python -m pipeline.bench gpu
 bench: setup

@@ -140,31 +140,49 @@ def rotate(ckpt_dir: str, keep_last: int, keep: set[str]) -> list[str]:
     return doomed
 
 
-def load_base_weights(modules, ckpt_dir: str) -> str:
-    """Start ``modules`` (the base LM, and the step decoder: it starts from the base's weights)
-    from the base weights of an earlier run's checkpoint, consolidated by DeepSpeed's own
-    ``zero_to_fp32``. Works across method changes (e.g. Coconut -> Coconut+SIM-CoT, where the
-    module and its ZeRO partitions differ) and under ZeRO-3 (rank 0 writes, then broadcast)."""
-    import deepspeed
+def init_source(path: str) -> tuple[str, str]:
+    """``checkpoint.init_from`` -> (checkpoint dir, tag): a run's checkpoint dir means its latest
+    complete tag; a tag dir inside one (``.../checkpoints/epoch3``) means that tag."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, COMPLETE)):
+        return os.path.dirname(path), os.path.basename(path)
+    tag = latest_tag(path)
+    if tag is None:
+        raise CheckpointError(f"checkpoint.init_from={path}: no complete checkpoint there "
+                              f"(give a run's checkpoints dir or a tag dir holding {COMPLETE})")
+    return path, tag
+
+
+def load_base_weights(base, decoder, init_from: str) -> str:
+    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint,
+    consolidated by DeepSpeed's own ``zero_to_fp32``. The decoder takes the checkpoint's step
+    decoder when it has one (continuing a SIM-CoT run), else the base weights (SIM-CoT starts its
+    decoder as a copy of the base). Works across method changes (e.g. Coconut -> Coconut+SIM-CoT,
+    where the module and its ZeRO partitions differ) and under ZeRO-3 (rank 0 writes, then
+    broadcast). Returns ``dir/tag``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise CheckpointError(f"checkpoint.init_from={ckpt_dir}: no complete checkpoint there")
+    ckpt_dir, tag = init_source(init_from)
     problems = verify(ckpt_dir, tag)
     if problems:
         raise CheckpointError("; ".join(problems))
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    base = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+    weights = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+               for prefix in ("base.", "step_decoder.")}
+    _load_gathered(base, weights["base."], f"{ckpt_dir}/{tag}")
+    if decoder is not None:
+        _load_gathered(decoder, weights["step_decoder."] or weights["base."], f"{ckpt_dir}/{tag}")
+    return f"{ckpt_dir}/{tag}"
+
+
+def _load_gathered(module, weights: dict, where: str) -> None:
+    import deepspeed
+
     rank = dist.get_rank() if dist.is_initialized() else 0
-    for module in modules:
-        if module is None:
-            continue
-        tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if rank == 0:
-                missing, unexpected = module.load_state_dict(base, strict=False)
-                if set(missing) - tied or unexpected:
-                    raise CheckpointError(f"{ckpt_dir}/{tag}: base weights do not fit this model "
-                                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
-    return tag
+    tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        if rank == 0:
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+            if set(missing) - tied or unexpected:
+                raise CheckpointError(f"{where}: its weights do not fit this model "
+                                      f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")

@@ -77,6 +77,8 @@ class CurriculumSettings:
 class TrainSettings:
     epochs: int = 1
     max_steps: int = 0                  # 0: no cap; else stop after this many optimizer steps
+    steps_per_epoch: int = 0            # 0: every record once; else at most this many steps of a fresh
+                                        # shuffle per epoch (Coconut stage lengths in steps, not data size)
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
@@ -98,7 +100,7 @@ class CheckpointSettings:
     every_steps: int = 0                # 0: once per epoch
     keep_last: int = 2
     checksums: bool = True
-    init_from: str = ""                 # an earlier run's checkpoint dir (continue SIM-CoT from Coconut)
+    init_from: str = ""                 # an earlier run's checkpoint dir (its latest) or one tag dir in it
 
 
 @dataclass
@@ -199,6 +201,7 @@ def validate(config: RunConfig) -> None:
         (t.schedule in ("constant", "cosine"), "train.schedule: constant or cosine"),
         (t.micro_batch_size > 0 and t.grad_accum > 0, "train.micro_batch_size and train.grad_accum must be > 0"),
         (c.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0"),
+        (t.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0: every record once per epoch)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -31,8 +31,9 @@ class BatchPlan:
     seed: int
 
 
-def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool) -> list[list[int]]:
-    """Record indices of each of this rank's micro-batches (a multiple of the accumulation steps)."""
+def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool, max_steps: int = 0) -> list[list[int]]:
+    """Record indices of each of this rank's micro-batches (a multiple of the accumulation steps);
+    ``max_steps`` > 0 keeps the first that many optimizer steps of the epoch's order."""
     if shuffle:
         generator = torch.Generator().manual_seed(plan.seed * 100_003 + epoch)
         order = torch.randperm(n_records, generator=generator).tolist()
@@ -42,6 +43,8 @@ def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool) -> 
     mine = order[plan.rank::plan.world][:per_rank]
     n_batches = per_rank // plan.micro_batch_size
     n_batches -= n_batches % plan.grad_accum
+    if max_steps:
+        n_batches = min(n_batches, max_steps * plan.grad_accum)
     return [mine[i * plan.micro_batch_size:(i + 1) * plan.micro_batch_size] for i in range(n_batches)]
 
 

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from data_prep import load_shards
 
-from .generate import latent_generate, left_pad_prompts, prefill
+from .generate import generate_with_latents, left_pad_prompts, prefill
+from .geometry import per_problem, summarise, vocab_centre
 from .merge import LATENT_CONFIG
 from .metrics import hash_match, number_match
 from .report import write_report
@@ -70,17 +71,22 @@ def _rank_slice(n: int) -> tuple[range, int]:
 def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_new: int) -> dict:
     sp = latent["special_tokens"]
     mine, per_rank = _rank_slice(len(records))
+    centre, embedding_to_centre = vocab_centre(model.get_input_embeddings().weight)
     rows, start = [], time.perf_counter()
     for offset in range(0, per_rank, batch_size):
         chunk = [records[i] for i in mine[offset:offset + batch_size]]
         real = len(chunk)
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
-        outputs = latent_generate(model, [prompt_for(r, latent) for r in chunk], sp["latent"], sp["eos"], max_new,
-                                  pad_id=sp["pad"], project=projection, sync_ranks=True)
-        for record, new in list(zip(chunk, outputs))[:real]:
+        outputs, latents = generate_with_latents(model, [prompt_for(r, latent) for r in chunk], sp["latent"],
+                                                 sp["eos"], max_new, pad_id=sp["pad"], project=projection,
+                                                 sync_ranks=True)
+        geometry = per_problem(latents, centre) if latents is not None else None
+        for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
             rows.append({"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
                          "hash": hash_match(text, record["answer"]), "number": number_match(text, record["answer"])})
+            if geometry is not None:
+                rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
     elapsed = time.perf_counter() - start
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -92,7 +98,7 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
             "accuracy_number": sum(r["number"] for r in rows) / max(1, n),
             "mean_tokens": latent["n_latents"] + sum(r["tokens"] for r in rows) / max(1, n),
             "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
-            "examples": rows[:5]}
+            "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5]}
 
 
 @torch.no_grad()

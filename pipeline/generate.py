@@ -44,15 +44,21 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int, projec
     return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents
 
 
-@torch.no_grad()
 def latent_generate(model, prompts: list[list[int]], latent_id: int, eos_id: int, max_new_tokens: int,
                     pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False) -> list[list[int]]:
     """Greedy new tokens for each prompt (without the EOS). ``sync_ranks``: keep decoding until
     every rank is done, so data-parallel ranks make the same number of forward calls."""
+    return generate_with_latents(model, prompts, latent_id, eos_id, max_new_tokens, pad_id, project, sync_ranks)[0]
+
+
+@torch.no_grad()
+def generate_with_latents(model, prompts: list[list[int]], latent_id: int, eos_id: int, max_new_tokens: int,
+                          pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False):
+    """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without)."""
     device = model.get_input_embeddings().weight.device
     ids, mask = left_pad_prompts(prompts, latent_id, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    logits, chunks, _ = prefill(model, ids, mask, latent_id, project)
+    logits, chunks, latents = prefill(model, ids, mask, latent_id, project)
     body = model.get_decoder()
     cache = DynamicCache()            # decoding appends one column per step: an ordinary cache
     for layer in range(body.config.num_hidden_layers):
@@ -75,7 +81,7 @@ def latent_generate(model, prompts: list[list[int]], latent_id: int, eos_id: int
         hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
                       use_cache=True).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, -1])
-    return out
+    return out, latents
 
 
 def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:

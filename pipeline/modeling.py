@@ -76,9 +76,9 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
     if run.checkpoint.init_from:
         from .checkpoint import load_base_weights
 
-        tag = load_base_weights([base, decoder], run.checkpoint.init_from)
+        source = load_base_weights(base, decoder, run.checkpoint.init_from)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"initialised base weights from {run.checkpoint.init_from}/{tag}", flush=True)
+            print(f"initialised weights from {source}", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
     model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)

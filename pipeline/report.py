@@ -32,6 +32,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['n']} | {100 * r['accuracy_hash']:.1f}% | {100 * r['accuracy_number']:.1f}% | "
                      f"{r['mean_tokens']:.1f} | {1000 * r['latency_s']:.1f} ms | {r['problems_per_s']:.1f} |")
     lines += ["", "![accuracy](accuracy.png)", ""]
+    geometry = {name: r["latent_geometry"] for name, r in report["sets"].items() if r.get("latent_geometry")}
+    if geometry:
+        lines += ["## Latent geometry (collapse diagnostics, SIM-CoT App. H)", "",
+                  "| set | mean pairwise L2 between latents | mean L2 to vocabulary centre | embedding rows to centre |",
+                  "|---|---|---|---|"]
+        for name, g in geometry.items():
+            inter = "n/a (one latent)" if g["inter_latent_l2"] is None else f"{g['inter_latent_l2']:.2f}"
+            lines.append(f"| {name} | {inter} | {g['to_vocab_centre_l2']:.2f} | {g['embedding_to_centre_l2']:.2f} |")
+        lines.append("")
     if report["latents"]:
         lines += ["## Decoded latents", "", "![latent similarity](latent_similarity.png)", ""]
         for item in report["latents"]:

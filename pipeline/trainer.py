@@ -146,7 +146,8 @@ class Trainer:
         return BatchPlan(t.micro_batch_size, t.grad_accum, self.rank, self.world, t.seed)
 
     def _indices(self, epoch: int) -> list[list[int]]:
-        return rank_indices(len(self.train_records), self._plan(), epoch, shuffle=self.run.train.shuffle)
+        t = self.run.train
+        return rank_indices(len(self.train_records), self._plan(), epoch, t.shuffle, t.steps_per_epoch)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.distributed.conftest import losses_by_step, torchrun
 
@@ -81,10 +82,34 @@ def test_simcot_continues_from_an_earlier_runs_checkpoint(tiny_shards, tmp_path)
     code, out = torchrun(_args(tiny_shards, tmp_path, "simcot", "method.name=coconut", "method.simcot=true",
                                "curriculum.start_stage=1", "train.max_steps=2", "train.validate=false",
                                f"checkpoint.init_from={tmp_path / 'cot' / 'checkpoints'}"))
-    assert code == 0 and "initialised base weights from" in out, out[-3000:]
+    assert code == 0 and "initialised weights from" in out, out[-3000:]
     cot_final = losses_by_step(tmp_path / "cot", "loss/answer_ce")[6]
     fresh_start = 6.0      # ln(517) = 6.25: an untrained model's loss on this tokenizer
     assert losses_by_step(tmp_path / "simcot", "loss/answer_ce")[1] < min(fresh_start, cot_final + 2.0)
+
+
+def test_stages_of_n_steps_and_a_branch_from_one_stage_keeps_the_step_decoder(tiny_shards, tmp_path):
+    """The sweep's chain (a curriculum stage every 2 steps, every stage kept) and its branch:
+    ``init_from`` a tag dir loads that stage's base and its trained step decoder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    simcot = ["method.name=coconut", "method.simcot=true", "method.max_latent_stage=2", "train.validate=false"]
+    code, out = torchrun(_args(tiny_shards, tmp_path, "chain", *simcot, "curriculum.start_stage=1",
+                               "train.steps_per_epoch=2", "train.epochs=10", "train.max_steps=4",
+                               "checkpoint.keep_last=0"))
+    assert code == 0, out[-3000:]
+    stages = {m["step"]: m["stage"] for m in map(json.loads, open(tmp_path / "chain" / "metrics.jsonl"))
+              if "stage" in m}
+    assert stages == {1: 1, 2: 1, 3: 2, 4: 2}
+    stage1 = tmp_path / "chain" / "checkpoints" / "epoch0"
+    assert stage1.is_dir() and (stage1.parent / "epoch1").is_dir()
+    code, out = torchrun(_args(tiny_shards, tmp_path, "branch", *simcot, "curriculum.start_stage=3",
+                               "train.max_steps=1", "train.lr=0", f"checkpoint.init_from={stage1}"))
+    assert code == 0 and f"initialised weights from {stage1}" in out, out[-3000:]
+    before = get_fp32_state_dict_from_zero_checkpoint(str(stage1.parent), tag="epoch0")
+    after = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "branch" / "checkpoints"))
+    decoder = [k for k in before if k.startswith("step_decoder.")]
+    assert decoder and all(torch.equal(before[k], after[k]) for k in before)     # lr 0: unchanged
+    assert any(not torch.equal(before[k], before["base." + k[len("step_decoder."):]]) for k in decoder)
 
 
 def test_a_corrupted_checkpoint_stops_the_resume_with_the_file_named(tiny_shards, tmp_path):

@@ -17,7 +17,7 @@ def test_demo_runs_every_stage_and_reports_measured_numbers(tmp_path):
     out = result.stdout
     for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in out
-    assert "initialised base weights from" in out
+    assert "initialised weights from" in out
     table = [line for line in out.splitlines() if line.startswith("| cot |") or line.startswith("| coconut-simcot |")]
     assert len(table) == 2 and "| 6 |" in table[0] and "| 3 |" in table[1] and "% of 8 |" in table[1]
     assert (tmp_path / "data" / "shards" / "manifest.json").exists()

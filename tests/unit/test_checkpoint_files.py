@@ -41,3 +41,15 @@ def test_rotation_keeps_the_last_n_and_the_best(tmp_path):
         _tag(tmp_path, f"step{step}", step)
     removed = checkpoint.rotate(str(tmp_path), keep_last=2, keep={"step1"})
     assert removed == ["step2"] and checkpoint.complete_tags(str(tmp_path)) == ["step1", "step3", "step4"]
+
+
+def test_init_from_takes_a_run_s_latest_or_one_named_tag(tmp_path):
+    _tag(tmp_path, "epoch0", 200)
+    _tag(tmp_path, "epoch1", 400)
+    assert checkpoint.init_source(str(tmp_path)) == (str(tmp_path), "epoch1")
+    assert checkpoint.init_source(str(tmp_path / "epoch0") + "/") == (str(tmp_path), "epoch0")
+    _tag(tmp_path, "epoch2", 600, complete=False)
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint there"):
+        checkpoint.init_source(str(tmp_path / "epoch2"))     # an unfinished tag is not a source
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint there"):
+        checkpoint.init_source(str(tmp_path / "nowhere"))

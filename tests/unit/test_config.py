@@ -86,6 +86,11 @@ def test_launch_renders_hostfile_and_no_ssh(tmp_path):
     assert "--master_addr 10.0.0.1" in out and "--no_ssh --node_rank 1 --module pipeline.train" in out
 
 
+def test_launch_passes_every_sweep_option_through_quoted():
+    out = _launch("sweep", "--out", "runs/my sweep", "--nproc", "2", "--points", "1,2")
+    assert out.strip().endswith("-m pipeline.sweep --out runs/my\\ sweep --nproc 2 --points 1\\,2")
+
+
 def test_launch_renders_a_slurm_script():
     out = _launch("slurm", "train", "--config", "configs/tiny-cpu.yaml", "--nodes", "2", "--gpus-per-node", "8",
                   "--partition", "gpu", "--time", "2:00:00", "train.lr=1e-4")
