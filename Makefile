@@ -1,5 +1,5 @@
 # Quick start:  make demo   (the embedded default end to end on this CPU)
-#               make sweep  (toy latent-scaling reproduction, ~40 min on 2 cores; SWEEP_ARGS=...)
+#               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README)
 # Every target sets itself up first; `make setup` is idempotent.
 PYTHON ?= python3
