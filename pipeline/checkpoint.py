@@ -153,20 +153,34 @@ def init_source(path: str) -> tuple[str, str]:
     return path, tag
 
 
-def load_base_weights(base, decoder, init_from: str) -> str:
-    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint,
-    consolidated by DeepSpeed's own ``zero_to_fp32``. The decoder takes the checkpoint's step
-    decoder when it has one (continuing a SIM-CoT run), else the base weights (SIM-CoT starts its
-    decoder as a copy of the base). Works across method changes (e.g. Coconut -> Coconut+SIM-CoT,
-    where the module and its ZeRO partitions differ) and under ZeRO-3 (rank 0 writes, then
-    broadcast). Returns ``dir/tag``."""
+def consolidated(ckpt_dir: str, tag: str) -> dict:
+    """The fp32 state dict of a tag whose files match ``COMPLETE.json``, consolidated across
+    ranks by DeepSpeed's own ``zero_to_fp32`` (any ZeRO stage, any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt_dir, tag = init_source(init_from)
     problems = verify(ckpt_dir, tag)
     if problems:
         raise CheckpointError("; ".join(problems))
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+def load_exact(module, weights: dict, where: str) -> None:
+    """Every model key filled (a tied LM head may be absent) and no weight left over."""
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{where}: its weights do not fit this model "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+
+
+def load_base_weights(base, decoder, init_from: str) -> str:
+    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint. The
+    decoder takes the checkpoint's step decoder when it has one (continuing a SIM-CoT run), else
+    the base weights (SIM-CoT starts its decoder as a copy of the base). Works across method
+    changes (e.g. Coconut -> Coconut+SIM-CoT, where the module and its ZeRO partitions differ) and
+    under ZeRO-3 (rank 0 writes, then broadcast). Returns ``dir/tag``."""
+    ckpt_dir, tag = init_source(init_from)
+    state = consolidated(ckpt_dir, tag)
     weights = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                for prefix in ("base.", "step_decoder.")}
     _load_gathered(base, weights["base."], f"{ckpt_dir}/{tag}")
@@ -179,10 +193,6 @@ def _load_gathered(module, weights: dict, where: str) -> None:
     import deepspeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
         if rank == 0:
-            missing, unexpected = module.load_state_dict(weights, strict=False)
-            if set(missing) - tied or unexpected:
-                raise CheckpointError(f"{where}: its weights do not fit this model "
-                                      f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+            load_exact(module, weights, where)

@@ -42,10 +42,22 @@ def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig = SynthCon
     return shards
 
 
+def train_command(config: str, shards: str, runs_dir: str, name: str, nproc: int, overrides: list[str]) -> list[str]:
+    """``pipeline.train`` on ``nproc`` local ranks (torchrun), as the demo and the sweep run it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "pipeline.train", "--config", config, f"data={shards}", f"runs_dir={runs_dir}", f"name={name}",
+            *overrides]
+
+
+def merge_eval_commands(run_dir: str, eval_set: str, limit: int, max_new_tokens: int = 80) -> list[list[str]]:
+    """Merge a run's latest checkpoint, then evaluate the merged model on ``eval_set`` (NAME=DIR)."""
+    return [[sys.executable, "-m", "pipeline.merge", "--run", run_dir],
+            [sys.executable, "-m", "pipeline.evaluate", "--model", os.path.join(run_dir, "merged"), "--set", eval_set,
+             "--split", "test", "--max-new-tokens", str(max_new_tokens), "--limit", str(limit)]]
+
+
 def train(out: str, shards: str, name: str, overrides: list[str], nproc: int) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "pipeline.train", "--config", os.path.join(REPO, "configs", "tiny-cpu.yaml"),
-               f"data={shards}", f"runs_dir={out}", f"name={name}", *overrides]
+    command = train_command(os.path.join(REPO, "configs", "tiny-cpu.yaml"), shards, out, name, nproc, overrides)
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(command, env=env, cwd=REPO)
     if result.returncode:
@@ -54,12 +66,10 @@ def train(out: str, shards: str, name: str, overrides: list[str], nproc: int) ->
 
 
 def merge_and_evaluate(run_dir: str, shards: str, limit: int) -> None:
-    for command in (["pipeline.merge", "--run", run_dir],
-                    ["pipeline.evaluate", "--model", os.path.join(run_dir, "merged"), "--set", f"synth={shards}",
-                     "--split", "test", "--max-new-tokens", "80", "--limit", str(limit)]):
-        result = subprocess.run([sys.executable, "-m", *command], cwd=REPO)
+    for command in merge_eval_commands(run_dir, f"synth={shards}", limit):
+        result = subprocess.run(command, cwd=REPO)
         if result.returncode:
-            raise SystemExit(f"{command[0]} failed for {run_dir} (exit {result.returncode})")
+            raise SystemExit(f"{command[2]} failed for {run_dir} (exit {result.returncode})")
 
 
 def summary(runs: dict[str, str]) -> str:

@@ -37,27 +37,20 @@ def _take(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
 
 
-def _load_exact(module, weights: dict, what: str) -> None:
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise MergeError(f"{what}: missing keys {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-
-
 def rebuild(run, state: dict, vocab_size: int):
     """Base LM (LoRA merged), step decoder, projection weights from a consolidated state dict."""
     state = dict(state)
     base = build_lm(run.model, vocab_size, "sdpa")
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
-        _load_exact(base, _take(state, "base."), "base (LoRA)")
+        checkpoint.load_exact(base, _take(state, "base."), "base (LoRA)")
         base = base.merge_and_unload()
     else:
-        _load_exact(base, _take(state, "base."), "base")
+        checkpoint.load_exact(base, _take(state, "base."), "base")
     decoder = None
     if run.method.simcot:
         decoder = build_lm(run.model, vocab_size, "sdpa")
-        _load_exact(decoder, _take(state, "step_decoder."), "step_decoder")
+        checkpoint.load_exact(decoder, _take(state, "step_decoder."), "step_decoder")
     projection = _take(state, "projection.")
     if state:
         raise MergeError(f"checkpoint keys that belong nowhere: {sorted(state)[:5]}")
@@ -75,14 +68,9 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:
         raise MergeError(f"{ckpt_dir}: no complete checkpoint")
-    problems = checkpoint.verify(ckpt_dir, tag)
-    if problems:
-        raise MergeError("; ".join(problems))
+    state = checkpoint.consolidated(ckpt_dir, tag)
     with open(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE), encoding="utf-8") as handle:
         client = json.load(handle)["client_state"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     shards = load_shards(run.data)
     base, decoder, projection = rebuild(run, state, len(shards.tokenizer))
     out = out or os.path.join(run_dir, "merged")

@@ -7,6 +7,17 @@ import os
 import torch
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on training or CI machines);
+    imported when a plot is drawn, never at start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_report(report: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     plots = {"accuracy": plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))}
@@ -53,11 +64,7 @@ def markdown(report: dict) -> str:
 
 
 def plot_accuracy(report: dict, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(report["sets"])
     lc = report["latent_config"]
     label = f"{lc['method']}{'+SIM-CoT' if lc.get('simcot') else ''}"
@@ -79,11 +86,7 @@ def plot_accuracy(report: dict, path: str) -> str:
 
 def plot_latent_similarity(latents: list[dict], path: str) -> str:
     """Mean pairwise cosine similarity between latent positions over the decoded problems."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sims = []
     for item in latents:
         z = torch.nn.functional.normalize(torch.tensor(item["latents"]), dim=-1)

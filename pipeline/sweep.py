@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .demo import merge_eval_commands, prepare_data, train_command
 from .jobs import Job, run_jobs
 from .sweep_report import EVAL_SET, write_results
 
@@ -67,22 +67,16 @@ class SweepPlan:
         return os.path.join(self.out, name)
 
 
-def train_command(plan: SweepPlan, shards: str, name: str, overrides: list[str]) -> list[str]:
+def run_command(plan: SweepPlan, shards: str, name: str, overrides: list[str]) -> list[str]:
     # model.init_seed 0 is the default; naming it only when it differs keeps the commands of
     # sweeps made before it was passed equal, so their finished jobs still count (pipeline.jobs).
     seeds = [f"train.seed={plan.seed}"] + ([f"model.init_seed={plan.seed}"] if plan.seed else [])
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.nproc),
-            "-m", "pipeline.train", "--config", plan.config, f"data={shards}", f"runs_dir={plan.out}",
-            f"name={name}", f"train.micro_batch_size={plan.batch // plan.nproc}", *seeds, "train.epochs=1000",
-            *overrides]
+    return train_command(plan.config, shards, plan.out, name, plan.nproc,
+                         [f"train.micro_batch_size={plan.batch // plan.nproc}", *seeds, "train.epochs=1000", *overrides])
 
 
 def eval_commands(plan: SweepPlan, shards: str, name: str) -> list[list[str]]:
-    run = plan.run_dir(name)
-    return [[sys.executable, "-m", "pipeline.merge", "--run", run],
-            [sys.executable, "-m", "pipeline.evaluate", "--model", os.path.join(run, "merged"),
-             "--set", f"{EVAL_SET}={shards}", "--split", "test", "--max-new-tokens", str(plan.max_new_tokens),
-             "--limit", str(plan.eval_limit)]]
+    return merge_eval_commands(plan.run_dir(name), f"{EVAL_SET}={shards}", plan.eval_limit, plan.max_new_tokens)
 
 
 def final_runs(plan: SweepPlan) -> dict[str, tuple[str, int, int]]:
@@ -107,7 +101,7 @@ def jobs_for(plan: SweepPlan, shards: str) -> list[Job]:
     cot_ckpt = os.path.join(plan.run_dir("cot"), "checkpoints")
 
     def train(name: str, overrides: list[str], after: list[str]) -> Job:
-        return Job(f"train-{name}", [train_command(plan, shards, name, overrides)], after, [plan.run_dir(name)])
+        return Job(f"train-{name}", [run_command(plan, shards, name, overrides)], after, [plan.run_dir(name)])
 
     jobs = [train(ref, [f"method.name={ref}", f"train.max_steps={plan.cot_steps}"], []) for ref in ("cot", "nocot")]
     top = max(plan.points)
@@ -213,8 +207,6 @@ def prepare(out: str, n_train: int, max_steps: int, seed: int) -> str:
     """Synthetic data, tokenizer and shards (reused when a verified set is already there)."""
     from data_prep.summary import verify_shards
     from data_prep.synth import SynthConfig
-
-    from .demo import prepare_data
 
     shards = os.path.join(out, "data", "shards")
     if os.path.isfile(os.path.join(shards, "manifest.json")) and not verify_shards(shards):

@@ -10,6 +10,7 @@ import json
 import os
 
 from .jobs import done_record
+from .report import pyplot
 
 EVAL_SET = "test"           # the name of the evaluated set in each run's report
 
@@ -118,11 +119,7 @@ def _curves(results: dict):
 
 
 def plot(results: dict, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = {"coconut": "tab:blue", "simcot": "tab:orange"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for suffix, style, rows_by_method in _curves(results):

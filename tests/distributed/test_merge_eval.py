@@ -1,5 +1,6 @@
 """2-rank ZeRO-3 checkpoint -> merged HF model (same logits as the engine) -> evaluation report."""
 import json
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def trained(tiny_shards, tmp_path_factory):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tests.distributed.engine_logits", str(logits), "--config", "configs/tiny-cpu.yaml", *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return runs / "codi", torch.load(logits, weights_only=True)
 
@@ -79,7 +80,7 @@ def test_evaluation_split_across_two_ranks_counts_every_problem_once(trained, ti
                              "--split", "valid", "--limit", "11", "--batch-size", "4", "--max-new-tokens", "6",
                              "--decode-latents", "0", "--out", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                            env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     ids = [e["id"] for e in report["sets"]["synth"]["examples"]]
