@@ -78,7 +78,7 @@ def test_preemption_signal_checkpoints_requeues_and_finishes_like_an_uninterrupt
     slurm.run("scancel", "--signal=USR1", job, check=True)         # what --signal=USR1@120 sends
     info = slurm.wait(job, 500, final={"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
     log = log_of(runs, "preempted", job)
-    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}\n{slurm.daemon_errors()}"
     assert int(info.get("Restarts", "0")) >= 1
     assert re.search(r"stopped by signal \d+ at step \d+; checkpoint saved", log)
     assert "requeueing job" in log and "resumed from" in log
