@@ -7,10 +7,10 @@ Each job is a list of commands run one after another; its output goes to ``out/l
 A finished job leaves ``out/done/NAME.json`` (commands, seconds). On the next call it is skipped
 if it would run the same commands and every job it comes after was skipped too; any other job
 first deletes its ``clean`` paths and runs from scratch. So an interrupted sweep resumes where it
-stopped, and a sweep re-run with other settings redoes exactly the jobs they change. On a shared 2-core box, lanes of one thread
-each beat one lane of two threads (TOY_TASK.md §4.1: OpenMP threads wait on each other), so each
-job gets ``OMP_NUM_THREADS=threads``. The first failure stops new jobs, waits for the running
-ones, and raises naming the job and its log.
+stopped, and a sweep re-run with other settings redoes exactly the jobs they change. On a shared
+2-core box, lanes of one thread each beat one lane of two threads (TOY_TASK.md §4.1: OpenMP
+threads wait on each other), so each job gets ``OMP_NUM_THREADS=threads``. The first failure
+stops new jobs, waits for the running ones, and raises naming the job and its log.
 """
 from __future__ import annotations
 
@@ -34,8 +34,16 @@ class JobFailed(RuntimeError):
     pass
 
 
+def record_path(out: str, name: str) -> str:
+    return os.path.join(out, "done", f"{name}.json")
+
+
+def log_path(out: str, name: str) -> str:
+    return os.path.join(out, "logs", f"{name}.log")
+
+
 def done_record(out: str, name: str) -> dict | None:
-    path = os.path.join(out, "done", f"{name}.json")
+    path = record_path(out, name)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as handle:
@@ -60,7 +68,7 @@ class _Running:
     def __init__(self, job: Job, out: str, env: dict, cwd: str):
         self.job, self.out, self.env, self.cwd = job, out, env, cwd
         self.start = time.perf_counter()
-        self.log = open(os.path.join(out, "logs", f"{job.name}.log"), "w", encoding="utf-8")
+        self.log = open(log_path(out, job.name), "w", encoding="utf-8")
         self.remaining = list(job.commands)
         self.process = self._next()
 
@@ -81,7 +89,7 @@ class _Running:
         self.log.close()
         if code == 0:
             seconds = time.perf_counter() - self.start
-            with open(os.path.join(self.out, "done", f"{self.job.name}.json"), "w", encoding="utf-8") as handle:
+            with open(record_path(self.out, self.job.name), "w", encoding="utf-8") as handle:
                 json.dump({"seconds": seconds, "commands": self.job.commands}, handle, indent=1)
         return code
 
@@ -90,7 +98,7 @@ def _forget(job: Job, out: str) -> None:
     """A job about to run starts from scratch: its ``clean`` paths and any stale record go."""
     for path in job.clean:
         shutil.rmtree(path, ignore_errors=True)
-    record = os.path.join(out, "done", f"{job.name}.json")
+    record = record_path(out, job.name)
     if os.path.exists(record):
         os.remove(record)
 
@@ -115,7 +123,7 @@ def run_jobs(jobs: list[Job], out: str, lanes: int, threads: int, cwd: str, say=
         while ready and len(running) < lanes:
             job = ready.pop(0)
             pending.remove(job)
-            say(f"[{len(finished) + len(running) + 1}/{len(jobs)}] {job.name} (log: {out}/logs/{job.name}.log)")
+            say(f"[{len(finished) + len(running) + 1}/{len(jobs)}] {job.name} (log: {log_path(out, job.name)})")
             running.append(_Running(job, out, env, cwd))
         time.sleep(0.5)
         for item in list(running):
@@ -124,7 +132,7 @@ def run_jobs(jobs: list[Job], out: str, lanes: int, threads: int, cwd: str, say=
                 continue
             running.remove(item)
             if code:
-                failure = failure or f"job {item.job.name} failed (exit {code}); see {out}/logs/{item.job.name}.log"
+                failure = failure or f"job {item.job.name} failed (exit {code}); see {log_path(out, item.job.name)}"
             else:
                 finished.add(item.job.name)
                 say(f"    {item.job.name} done in {time.perf_counter() - item.start:.0f}s")

@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                      args.latent_lr, os.path.abspath(args.config), args.nproc, args.batch, args.eval_limit,
                      args.max_new_tokens, args.seed, args.equal_budget)
     start = time.perf_counter()
-    check_settings(out, {"train": args.train, "max_steps": args.max_steps, "seed": args.seed,
-                         "shards": args.shards and os.path.abspath(args.shards)})
-    shards = os.path.abspath(args.shards) if args.shards else prepare(out, args.train, args.max_steps, args.seed)
+    given_shards = args.shards and os.path.abspath(args.shards)
+    check_settings(out, {"train": args.train, "max_steps": args.max_steps, "seed": args.seed, "shards": given_shards})
+    shards = given_shards or prepare(out, args.train, args.max_steps, args.seed)
     # DeepSpeed picks CUDA where it exists; on a CPU box it must be told (shared/docs/DEEPSPEED_CPU.md)
     env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"}
     run_jobs(jobs_for(plan, shards), out, args.lanes, args.threads, cwd=REPO, env=env)
