@@ -159,20 +159,22 @@ class Trainer:
         if self._done():
             self.say(f"nothing to do: already at train.max_steps={run.train.max_steps}")
             return 0
-        for epoch in range(p.epoch, run.train.epochs):
-            stage = stage_for_epoch(epoch, run.curriculum, run.method.name)
-            if epoch != p.epoch or p.micro_in_epoch == 0:
-                self._maybe_reset_optimizer(epoch, stage)
-            p.epoch, p.stage = epoch, stage
-            code = self._train_epoch(epoch, stage)
-            if code is not None:
-                return code
-            p.epoch, p.micro_in_epoch = epoch + 1, 0
-            valid = self.validate(stage) if run.train.validate and self.valid_records else None
-            self._save(f"epoch{epoch}", valid)
-            if self._done():
-                break
-        self.log.close()
+        try:            # the metrics are closed on every way out: pipeline.train exits without finalizers
+            for epoch in range(p.epoch, run.train.epochs):
+                stage = stage_for_epoch(epoch, run.curriculum, run.method.name)
+                if epoch != p.epoch or p.micro_in_epoch == 0:
+                    self._maybe_reset_optimizer(epoch, stage)
+                p.epoch, p.stage = epoch, stage
+                code = self._train_epoch(epoch, stage)
+                if code is not None:
+                    return code
+                p.epoch, p.micro_in_epoch = epoch + 1, 0
+                valid = self.validate(stage) if run.train.validate and self.valid_records else None
+                self._save(f"epoch{epoch}", valid)
+                if self._done():
+                    break
+        finally:
+            self.log.close()
         self.say(f"finished: {p.global_step} steps; checkpoints in {self.ckpt_dir}")
         return 0
 
