@@ -1,6 +1,6 @@
 # Quick start:  make demo   (the embedded default end to end on this CPU)
 #               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
-#               make test   (the test suite; tiers by marker, see README)
+#               make test   (the test suite; tiers by marker, see README); make lint (ruff)
 # Every target sets itself up first; `make setup` is idempotent.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ SWEEP_DIR ?= runs/sweep
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo sweep bench clean
+.PHONY: setup test test-fast lint demo sweep bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "unit or fidelity" $(PYTEST_ARGS)
 
+lint: setup
+	$(PY) -m ruff check .
+
 demo: setup
 	$(PY) -m pipeline.demo --out $(DEMO_DIR)
 
@@ -35,12 +38,13 @@ demo: setup
 sweep: setup
 	$(PY) -m pipeline.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
 
-# Benchmarks P1-P5, P7 on this machine (several minutes); P6 needs a GPU: python -m pipeline.bench gpu
+# Benchmarks P1-P5, P7, P8 on this machine (several minutes); P6 needs a GPU: python -m pipeline.bench gpu
 bench: setup
 	$(PY) -m data_prep.bench
 	$(PY) -m pipeline.bench latent
 	$(PY) -m pipeline.bench generate
 	$(PY) -m pipeline.bench zero
+	$(PY) -m pipeline.bench overhead
 
 clean:
 	rm -rf runs/demo .pytest_cache

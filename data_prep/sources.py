@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from .arithmetic import NUMBER, STEP, check_steps, format_number, normalise_answer
 
@@ -62,7 +62,8 @@ def parse_source_spec(spec: str) -> SourceSpec:
     if not split:
         split = _split_from_name(path, default="test" if kind in ANSWER_ONLY else None)
     if split not in SPLIT_ALIASES.values():
-        raise ValueError(f"--source {spec!r}: split {split!r} is not train, valid or test (add @train, @valid or @test)")
+        raise ValueError(f"--source {spec!r}: split {split!r} is not train, valid or test "
+                         "(add @train, @valid or @test)")
     return SourceSpec(kind, path, split)
 
 

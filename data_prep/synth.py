@@ -143,7 +143,7 @@ def generate_splits(sizes: dict[str, int], seed: int, cfg: SynthConfig) -> dict[
     train set never changes the test set."""
     used: set[str] = set()
     splits: dict[str, list[str]] = {}
-    for offset, split in enumerate(["test", "valid", "train"]):
+    for split in ["test", "valid", "train"]:
         rng = random.Random(f"{seed}/{split}")
         lines: list[str] = []
         misses = 0  # consecutive repeats: the knobs allow no more distinct problems

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 LATENT_TOKENS = {"start_latent": "<|start-latent|>", "latent": "<|latent|>", "end_latent": "<|end-latent|>",
                  "bot": "<bot>", "eot": "<eot>"}

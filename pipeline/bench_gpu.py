@@ -10,7 +10,6 @@ the teacher, every decoder token and the LM heads where labels exist (pipeline/t
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -19,10 +18,10 @@ from .bench_latent import PREFIX, SPECIAL, synthetic_records
 from .collate import collate_aligned
 from .config import load_config
 from .ds_config import resolve_ds_config
+from .gather_policy import GATHERED, apply_gather_policy, step_gather
 from .layouts import layout
 from .modeling import build_reasoner, layout_config
 from .telemetry import FlopModel, body_params, peak_flops, step_flops
-from .zero_gather import whole_model_gathered
 
 SHAPES = {
     "1b": ["model.tiny.hidden_size=2048", "model.tiny.num_layers=16", "model.tiny.num_heads=32",
@@ -42,6 +41,7 @@ def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: b
     model, attention, _keep = build_reasoner(run, VOCAB, SPECIAL["eos"], ds, on_cuda)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
+    apply_gather_policy(engine, GATHERED)
     cfg = layout_config(run)
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
@@ -59,7 +59,7 @@ def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: b
         if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with whole_model_gathered(engine):
+        with step_gather(engine, GATHERED):
             losses = engine(b)
             engine.backward(losses["total"])
         engine.step()

@@ -60,8 +60,9 @@ def straightforward_codi_step(model: LatentReasoner, batch: dict) -> torch.Tenso
     latents = []
     for i in range(n):
         latents.append(z)
-        out = base(inputs_embeds=z, attention_mask=mask[:, :first + i + 1], position_ids=pos[:, first + i:first + i + 1],
-                   cache=out.cache, use_cache=True, output_hidden_states=True)
+        out = base(inputs_embeds=z, attention_mask=mask[:, :first + i + 1],
+                   position_ids=pos[:, first + i:first + i + 1], cache=out.cache, use_cache=True,
+                   output_hidden_states=True)
         z = model.projection(out.hidden_states[-1])
     latents.append(z)
     tail = first + n
@@ -139,7 +140,7 @@ def bench_p4(n_latents: int = 16) -> dict:
     for use in (False, True):
         model = LatentReasoner(bench_model(4096), ReasonerConfig(layout=cfg, gradient_checkpointing=use))
 
-        def step():
+        def step(model=model):
             model(batch)["total"].backward()
 
         step()

@@ -61,8 +61,8 @@ def _engine(method: str, k: int):
     from .bench_latent import bench_model
     from .config import load_config
     from .ds_config import resolve_ds_config
-    from .model import LatentReasoner, ReasonerConfig
     from .layouts import LayoutConfig
+    from .model import LatentReasoner, ReasonerConfig
 
     run = load_config(None, ["train.micro_batch_size=4", "train.lr=1e-4"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,16 +88,17 @@ def worker(spec: dict) -> dict:
     import torch.distributed as dist
 
     from .distributed import init_distributed
-    from .zero_gather import whole_model_gathered
+    from .gather_policy import apply_gather_policy, step_gather
 
     rank, _, _ = init_distributed()
     counter = GatherCounter()
     engine, layout = _engine(spec["method"], max(spec["stages"]))
+    apply_gather_policy(engine, spec.get("policy", "gathered"))
     per_step, times = [], []
     for stage in spec["stages"]:
         batch = _batch(layout, stage, rank)
         before, start = counter.bytes, time.perf_counter()
-        with whole_model_gathered(engine, spec.get("pin", True)):
+        with step_gather(engine, spec.get("policy", "gathered")):
             engine.backward(engine(batch)["total"])
         engine.step()
         per_step.append(counter.bytes - before)
@@ -128,15 +129,16 @@ def main() -> None:
     plain = _spawn({"method": "cot", "stages": [0] * 5}, 2)
     print(f"  plain forward+backward: {mib(steady(plain))} per step")
     for k in (0, 2, 6, 10, 16):
-        pinned = _spawn({"method": "coconut", "stages": [k] * 5}, 2)
-        loose = _spawn({"method": "coconut", "stages": [k] * 5, "pin": False}, 2)
-        print(f"  K={k:2d}: pinned {mib(steady(pinned))} = {steady(pinned) / steady(plain):.2f}x "
-              f"(step 0: {pinned['bytes'][0] / steady(plain):.2f}x) | trace only {mib(steady(loose))} = "
+        gathered = _spawn({"method": "coconut", "stages": [k] * 5}, 2)
+        loose = _spawn({"method": "coconut", "stages": [k] * 5, "policy": "streamed"}, 2)
+        print(f"  K={k:2d}: gathered {mib(steady(gathered))} = {steady(gathered) / steady(plain):.2f}x "
+              f"(step 0: {gathered['bytes'][0] / steady(plain):.2f}x) | trace only {mib(steady(loose))} = "
               f"{steady(loose) / steady(plain):.2f}x (step 0: {loose['bytes'][0] / steady(plain):.2f}x)")
     for pin in (True, False):
-        change = _spawn({"method": "coconut", "stages": [2, 2, 2, 4, 4, 4, 6, 6, 6], "pin": pin}, 2)
+        change = _spawn({"method": "coconut", "stages": [2, 2, 2, 4, 4, 4, 6, 6, 6],
+                         "policy": "gathered" if pin else "streamed"}, 2)
         mean = statistics.mean(change["bytes"])
-        print(f"  curriculum 2->4->6 latents (3 steps each), {'pinned' if pin else 'trace only'}: mean "
+        print(f"  curriculum 2->4->6 latents (3 steps each), {'gathered' if pin else 'trace only'}: mean "
               f"{mib(mean)} per step = {mean / steady(plain):.2f}x plain; "
               f"step time {statistics.median(change['times'][1:]):.2f}s")
     one, two = _spawn({"method": "coconut", "stages": [6] * 4}, 1), _spawn({"method": "coconut", "stages": [6] * 4}, 2)

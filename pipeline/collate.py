@@ -8,8 +8,8 @@ from .layouts import IGNORE, Example
 
 
 def _pad_rows(rows: list[list[int]], left: list[int], fill: int) -> torch.Tensor:
-    width = max(l + len(r) for l, r in zip(left, rows))
-    return torch.tensor([[fill] * l + r + [fill] * (width - l - len(r)) for l, r in zip(left, rows)])
+    width = max(pad + len(r) for pad, r in zip(left, rows))
+    return torch.tensor([[fill] * pad + r + [fill] * (width - pad - len(r)) for pad, r in zip(left, rows)])
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 
@@ -91,7 +90,8 @@ class TrainSettings:
     shuffle: bool = True
     log_every: int = 10
     validate: bool = True
-    pin_zero3_params: bool = True       # ZeRO-3: gather the model once per step (pipeline/zero_gather.py)
+    zero3_gather: str = "auto"          # auto (the memory plan picks) | gathered | streamed (pipeline/gather_policy.py)
+    memory_plan: str = "enforce"        # enforce: a plan that does not fit stops the run (exit 3) | warn
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
 
 
@@ -146,7 +146,8 @@ def _coerce(value, kind, where: str):
             return float(value)         # YAML reads "3e-3" (no dot) as a string
         except ValueError:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
-    if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+    wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    if kind in (int, float, str, bool) and wrong_type:
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
     return value
 
@@ -194,7 +195,8 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 def validate(config: RunConfig) -> None:
     m, c, t = config.method, config.curriculum, config.train
     checks = [
-        (m.name in ("cot", "nocot", "coconut", "codi"), f"method.name {m.name!r}: expected cot, nocot, coconut or codi"),
+        (m.name in ("cot", "nocot", "coconut", "codi"),
+         f"method.name {m.name!r}: expected cot, nocot, coconut or codi"),
         (not (m.simcot and m.name not in ("coconut", "codi")), "method.simcot needs method.name coconut or codi"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
         (c.reset_optimizer in ("never", "stage", "epoch"), "curriculum.reset_optimizer: never, stage or epoch"),
@@ -202,6 +204,8 @@ def validate(config: RunConfig) -> None:
         (t.micro_batch_size > 0 and t.grad_accum > 0, "train.micro_batch_size and train.grad_accum must be > 0"),
         (c.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0"),
         (t.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0: every record once per epoch)"),
+        (t.zero3_gather in ("auto", "gathered", "streamed"), "train.zero3_gather: auto, gathered or streamed"),
+        (t.memory_plan in ("enforce", "warn"), "train.memory_plan: enforce or warn"),
     ]
     for ok, message in checks:
         if not ok:

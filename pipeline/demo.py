@@ -25,10 +25,10 @@ from data_prep.tokenizer import build_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig = SynthConfig()) -> str:
+def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None) -> str:
     data = os.path.join(out, "data")
     print(f"[1/5] synthetic problems -> {data}/synth", flush=True)
-    splits = generate_splits({"train": n_train, "valid": 200, "test": 500}, seed, task)
+    splits = generate_splits({"train": n_train, "valid": 200, "test": 500}, seed, task or SynthConfig())
     paths = write_splits(os.path.join(data, "synth"), splits)
     print(f"[2/5] SentencePiece tokenizer + shards -> {data}/shards", flush=True)
     build_tokenizer([paths["train"]], 512, None, os.path.join(data, "tokenizer"))

@@ -39,13 +39,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     # DeepSpeed 0.19.8 calls the c10d *_tensor collectives that torch 2.13 deprecates, once per call.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
+                            category=FutureWarning)
     environment_from_slurm()
     env = os.environ
     if "RANK" not in env:
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        # DeepSpeed 0.19.8's CPU accelerator answers device_count() by running `numactl --hardware`
+        # in a subprocess unless LOCAL_SIZE is set, and ZeRO-3 asks once per gradient bucket: 20 %
+        # of a small model's step (profiled, README P8). The ranks on this node is the right answer.
+        env.setdefault("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     local = int(env.get("LOCAL_RANK", "0"))

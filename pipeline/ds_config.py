@@ -1,7 +1,8 @@
 """Resolve a DeepSpeed JSON template against the run: no "auto" survives to ``deepspeed.initialize``.
 
 Batch sizes come from the run config and the world size; bucket sizes from the model's hidden
-size (the formulas HF's integration uses); the optimizer from the run's lr/betas/weight decay.
+size (the formulas HF's integration uses) and its trainable parameters; the optimizer from the
+run's lr/betas/weight decay.
 The resolved JSON is saved in the run directory, and the effective global batch is printed.
 """
 from __future__ import annotations
@@ -16,8 +17,14 @@ class DeepSpeedConfigError(ValueError):
     pass
 
 
+# Gradient buckets: one reduce for a small model (a bucket of hidden^2 elements meant one
+# collective per parameter: 74 reduce-scatters per step for the 8-layer P8 model), at most
+# 5e7 elements (200 MB of fp32 gradients) for a large one.
+MAX_REDUCE_BUCKET = 5 * 10**7
+
+
 def resolve_ds_config(template: dict | str, run: RunConfig, world_size: int, hidden_size: int,
-                      on_cuda: bool, bf16: bool) -> dict:
+                      on_cuda: bool, bf16: bool, trainable_params: int = 0) -> dict:
     if isinstance(template, str):
         with open(template, encoding="utf-8") as handle:
             template = json.load(handle)
@@ -32,7 +39,8 @@ def resolve_ds_config(template: dict | str, run: RunConfig, world_size: int, hid
     for key, value in values.items():
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
-    if cfg["train_batch_size"] != cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size:
+    per_step = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size
+    if cfg["train_batch_size"] != per_step:
         raise DeepSpeedConfigError("train_batch_size != micro batch x grad accum x world size in the DeepSpeed JSON")
     if "bf16" in cfg and cfg["bf16"].get("enabled") == "auto":
         cfg["bf16"]["enabled"] = bf16
@@ -44,7 +52,7 @@ def resolve_ds_config(template: dict | str, run: RunConfig, world_size: int, hid
         if params.get(key) == "auto":
             params[key] = value
     zero = cfg.get("zero_optimization", {})
-    for key, value in {"reduce_bucket_size": hidden_size * hidden_size,
+    for key, value in {"reduce_bucket_size": max(hidden_size * hidden_size, min(trainable_params, MAX_REDUCE_BUCKET)),
                        "allgather_bucket_size": max(hidden_size * hidden_size, 5 * 10**7),
                        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
                        "stage3_param_persistence_threshold": 10 * hidden_size}.items():
@@ -54,6 +62,14 @@ def resolve_ds_config(template: dict | str, run: RunConfig, world_size: int, hid
     if leftover:
         raise DeepSpeedConfigError(f"cannot resolve 'auto' for {', '.join(leftover)}; set a value in the JSON")
     return cfg
+
+
+def streamed_zero_settings(layer_params: int, largest_module_params: int) -> dict[str, int]:
+    """ZeRO-3 keys that bound the live parameters to about two layers (the one in use and the one
+    prefetched) plus the largest module, for the ``streamed`` gather policy."""
+    return {"stage3_max_live_parameters": 2 * layer_params + largest_module_params,
+            "stage3_prefetch_bucket_size": layer_params,
+            "stage3_max_reuse_distance": layer_params}
 
 
 def _walk(node, path=""):

@@ -11,7 +11,7 @@ prompt alone (tested).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

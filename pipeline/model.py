@@ -98,7 +98,7 @@ class LatentReasoner(nn.Module):
             return hidden, None
         passes = fill_latents(self.body, embeds, batch["attention_mask"], batch["position_ids"],
                               int(batch["first_latent"]), n,
-                              project=self.projection, keep_layers_at=batch["distill_index"] if "distill_index" in batch else None)
+                              project=self.projection, keep_layers_at=batch.get("distill_index"))
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward

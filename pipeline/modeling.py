@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelSettings, RunConfig
+from .config import ConfigError, ModelSettings, RunConfig
 from .layouts import LayoutConfig
 from .model import LatentReasoner, ReasonerConfig
 
 
 def pick_attention(requested: str, on_cuda: bool) -> str:
-    """flash_attention_2 where flash-attn imports and CUDA is there, else sdpa (printed once by the caller)."""
-    if requested != "auto":
-        return requested
-    from transformers.utils import is_flash_attn_2_available
+    """``auto``: FlashAttention-4 on Hopper or newer GPUs where ``flash-attn-4`` imports, else
+    FlashAttention-2 where ``flash-attn`` imports, else SDPA (the caller prints which, once).
+    An explicit choice that cannot run is refused with the package to install."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
-    return "flash_attention_2" if on_cuda and is_flash_attn_2_available() else "sdpa"
+    available = {"flash_attention_4": on_cuda and is_flash_attn_4_available()
+                 and torch.cuda.get_device_capability()[0] >= 9,
+                 "flash_attention_2": on_cuda and is_flash_attn_2_available()}
+    if requested == "auto":
+        return next((name for name, ok in available.items() if ok), "sdpa")
+    if requested in available and not available[requested]:
+        raise ConfigError(f"model.attn_implementation={requested} cannot run here (needs CUDA and "
+                         f"`pip install -r requirements-gpu.txt`); use auto or sdpa")
+    return requested
 
 
 def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
@@ -99,14 +107,3 @@ def count_params(module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
-
-
-def memory_estimate(trainable: int, total: int, world: int, stage: int, bf16: bool) -> dict[str, float]:
-    """Per-rank GiB for params, grads and optimizer states as ZeRO partitions them (mixed
-    precision: 2-byte params/grads + fp32 master + two fp32 Adam moments; fp32: 4+4+8)."""
-    p_bytes, g_bytes, o_bytes = (2, 2, 12) if bf16 else (4, 4, 8)
-    shard = lambda n, on: n / world if on else n  # noqa: E731
-    gib = 2 ** 30
-    return {"params": shard(total, stage >= 3) * p_bytes / gib,
-            "grads": shard(trainable, stage >= 2) * g_bytes / gib,
-            "optimizer": shard(trainable, stage >= 1) * o_bytes / gib}

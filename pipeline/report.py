@@ -37,7 +37,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['model']}`", "",
              f"method **{lc['method']}**{' + SIM-CoT' if lc.get('simcot') else ''}, {lc['n_latents']} latents, "
              f"split `{report['split']}`, model sha256 `{report['model_fingerprint'][:16]}`", "",
-             "| set | problems | accuracy (after '#') | accuracy (last number) | tokens generated | latency/problem | problems/s |",
+             "| set | problems | accuracy (after '#') | accuracy (last number) | tokens generated | latency/problem "
+             "| problems/s |",
              "|---|---|---|---|---|---|---|"]
     for name, r in report["sets"].items():
         lines.append(f"| {name} | {r['n']} | {100 * r['accuracy_hash']:.1f}% | {100 * r['accuracy_number']:.1f}% | "
@@ -46,7 +47,8 @@ def markdown(report: dict) -> str:
     geometry = {name: r["latent_geometry"] for name, r in report["sets"].items() if r.get("latent_geometry")}
     if geometry:
         lines += ["## Latent geometry (collapse diagnostics, SIM-CoT App. H)", "",
-                  "| set | mean pairwise L2 between latents | mean L2 to vocabulary centre | embedding rows to centre |",
+                  "| set | mean pairwise L2 between latents | mean L2 to vocabulary centre "
+                  "| embedding rows to centre |",
                   "|---|---|---|---|"]
         for name, g in geometry.items():
             inter = "n/a (one latent)" if g["inter_latent_l2"] is None else f"{g['inter_latent_l2']:.2f}"

@@ -71,8 +71,9 @@ def run_command(plan: SweepPlan, shards: str, name: str, overrides: list[str]) -
     # model.init_seed 0 is the default; naming it only when it differs keeps the commands of
     # sweeps made before it was passed equal, so their finished jobs still count (pipeline.jobs).
     seeds = [f"train.seed={plan.seed}"] + ([f"model.init_seed={plan.seed}"] if plan.seed else [])
+    batch = f"train.micro_batch_size={plan.batch // plan.nproc}"
     return train_command(plan.config, shards, plan.out, name, plan.nproc,
-                         [f"train.micro_batch_size={plan.batch // plan.nproc}", *seeds, "train.epochs=1000", *overrides])
+                         [batch, *seeds, "train.epochs=1000", *overrides])
 
 
 def eval_commands(plan: SweepPlan, shards: str, name: str) -> list[list[str]]:

@@ -87,8 +87,9 @@ def markdown(plan, results: dict, seconds: float) -> str:
     ref = results["references"]
     lines = [f"# Latent scaling at toy scale ({len(plan.points)} points, c = {plan.c_thought}, seed {plan.seed})", "",
              f"CoT {100 * ref['cot']['accuracy']:.1f}% / No-CoT {100 * ref['nocot']['accuracy']:.1f}% on "
-             f"{ref['cot']['n']} test problems ({plan.cot_steps} steps each). Latent runs: {plan.stage_steps} steps per "
-             f"curriculum stage, then {plan.final_steps} steps of the final (all-latent) stage, lr {plan.latent_lr}.",
+             f"{ref['cot']['n']} test problems ({plan.cot_steps} steps each). Latent runs: {plan.stage_steps} steps "
+             f"per curriculum stage, then {plan.final_steps} steps of the final (all-latent) stage, "
+             f"lr {plan.latent_lr}.",
              f"Whole sweep: {seconds / 60:.1f} min wall-clock (this call; resumed jobs not counted).", "",
              *HEADER, *_point_rows(results["points"])]
     for name in ("cot", "nocot"):
@@ -105,7 +106,8 @@ def markdown(plan, results: dict, seconds: float) -> str:
               "| stage | latents | " + " | ".join(LABELS[m] for m in results["chains"]) + " |",
               "|---|---|" + "---|" * len(results["chains"])]
     for i, row in enumerate(results["chains"]["coconut"]):
-        values = [_fmt(curve[i]["answer_ce"], ".3f") if i < len(curve) else "n/a" for curve in results["chains"].values()]
+        values = [_fmt(curve[i]["answer_ce"], ".3f") if i < len(curve) else "n/a"
+                  for curve in results["chains"].values()]
         lines.append(f"| {row['stage']} | {row['n_latents']} | " + " | ".join(values) + " |")
     lines += ["", "![accuracy vs latents](accuracy_vs_latents.png)", "", "![geometry](geometry_vs_latents.png)", ""]
     return "\n".join(lines)

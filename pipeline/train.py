@@ -6,13 +6,16 @@
 A run directory ``runs/<name>/`` gets the resolved config, the resolved DeepSpeed JSON,
 checkpoints, TensorBoard events (``tb/``) and ``metrics.jsonl``. Re-running the same command
 resumes from the last complete checkpoint. On SIGTERM/SIGUSR1 the step finishes, a checkpoint is
-written and the process exits 75 (the Slurm script requeues the job).
+written and the process exits 75 (the Slurm script requeues the job). The memory plan
+(``python -m pipeline.plan``) is printed at start-up; a run that does not fit exits 3.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+PLAN_DOES_NOT_FIT = 3     # as `python -m pipeline.plan` exits for a run that does not fit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +36,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .distributed import teardown
-    from .trainer import Trainer
+    from .trainer import PlanError, Trainer
 
     try:
         code = Trainer(run).fit()
     except (ShardError, CheckpointError) as err:    # corrupted data or checkpoint: say which file
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:                      # a setting this machine cannot run (e.g. flash attention)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except PlanError as err:                        # the memory plan (printed above) does not fit
+        print(f"error: does not fit: {err}", file=sys.stderr, flush=True)
+        return PLAN_DOES_NOT_FIT
     teardown()
     return code
 

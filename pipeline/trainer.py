@@ -22,10 +22,16 @@ from . import checkpoint
 from .config import RunConfig, save_config
 from .data import BatchPlan, iter_batches, rank_indices, stage_for_epoch
 from .distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
-from .ds_config import resolve_ds_config, zero_stage
-from .modeling import build_reasoner, count_params, layout_config, memory_estimate
+from .ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
+from .gather_policy import REPLICATED, STREAMED, apply_gather_policy, step_gather
+from .memory_plan import local_hardware, make_plan
+from .model_shapes import model_sizes
+from .modeling import build_reasoner, count_params, layout_config
 from .telemetry import FlopModel, MetricsLog, body_params, peak_flops, step_flops
-from .zero_gather import whole_model_gathered
+
+
+class PlanError(RuntimeError):
+    """The memory plan says this run does not fit its hardware."""
 
 
 @dataclass
@@ -59,7 +65,8 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.on_cuda = self.device.type == "cuda"
         self.run_dir = os.path.join(run.runs_dir, run.name)
-        print(f"rank {self.rank}/{self.world} on {socket.gethostname()} ({self.device})", flush=True)
+        print(f"rank {self.rank}/{self.world} on {socket.gethostname()} ({self.device}, "
+              f"{torch.get_num_threads()} threads, {len(os.sched_getaffinity(0))} cpus)", flush=True)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.shards = load_shards(run.data)
         tok = self.shards.tokenizer
@@ -80,20 +87,37 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
-    def _hidden_size(self) -> int:
-        if not self.run.model.name_or_path:
-            return self.run.model.tiny.hidden_size
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(self.run.model.name_or_path,
-                                          trust_remote_code=self.run.model.trust_remote_code).hidden_size
+    def _plan_memory(self, vocab_size: int, bf16: bool) -> None:
+        """Size the model on the meta device, resolve the DeepSpeed JSON, run the memory plan
+        (printed) and take its gather policy; a plan that does not fit stops here (exit 3).
+        Rank 0's plan decides for every rank: ranks that chose differently would not meet in
+        the same collectives."""
+        run = self.run
+        sizes = model_sizes(run, vocab_size)
+        self.ds_config = resolve_ds_config(run.deepspeed, run, self.world, sizes.hidden, self.on_cuda, bf16,
+                                           sizes.trainable)
+        plan = make_plan(run, sizes, self.ds_config, local_hardware(self.world, self.device))
+        self.say(plan.render())
+        decision = [plan.fits, plan.policy, f"{plan.reason}; {'; '.join(plan.advice)}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        fits, policy, why = decision
+        if not fits and run.train.memory_plan == "enforce":
+            raise PlanError(f"{why} (or train.memory_plan=warn to try anyway)")
+        stage = zero_stage(self.ds_config)
+        self.gather_policy = REPLICATED if stage < 3 else (
+            policy if run.train.zero3_gather == "auto" else run.train.zero3_gather)
+        if self.gather_policy == STREAMED:
+            self.ds_config["zero_optimization"].update(streamed_zero_settings(sizes.layer, sizes.largest_module))
+        self.say(f"ZeRO-{stage} parameters: {self.gather_policy}"
+                 f"{' (train.zero3_gather)' if run.train.zero3_gather != 'auto' else ' (memory plan)'}")
 
     def _build_engine(self, vocab_size: int) -> None:
         import deepspeed
 
         run = self.run
         bf16 = run.model.dtype == "bf16" or (run.model.dtype == "auto" and self.on_cuda)
-        self.ds_config = resolve_ds_config(run.deepspeed, run, self.world, self._hidden_size(), self.on_cuda, bf16)
+        self._plan_memory(vocab_size, bf16)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(run, os.path.join(self.run_dir, "config.yaml"))
@@ -102,11 +126,9 @@ class Trainer:
         model, attention, self._hf_ds_keepalive = build_reasoner(run, vocab_size, self.special["eos"],
                                                                  self.ds_config, self.on_cuda)
         total, trainable = count_params(model)
-        stage = zero_stage(self.ds_config)
-        mem = memory_estimate(trainable, total, self.world, stage, bf16)
-        self.say(f"attention: {attention} | ZeRO-{stage} | {'bf16 (fp32 master)' if bf16 else 'fp32'} | "
+        self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "
+                 f"{'bf16 (fp32 master)' if bf16 else 'fp32'} | "
                  f"params {total / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable)")
-        self.say("per-rank model states (estimate): " + ", ".join(f"{k} {v:.3f} GiB" for k, v in mem.items()))
         self.say(f"global batch = {self.ds_config['train_batch_size']} "
                  f"(micro {run.train.micro_batch_size} x accum {run.train.grad_accum} x {self.world} ranks)")
         self.steps_per_epoch = len(self._indices(0)) // run.train.grad_accum
@@ -114,6 +136,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=self._scheduler)
+        apply_gather_policy(self.engine, self.gather_policy)
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
@@ -200,7 +223,7 @@ class Trainer:
         sums: dict[str, float] = {}
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:
-            with whole_model_gathered(self.engine, t.pin_zero3_params):
+            with step_gather(self.engine, self.gather_policy):
                 losses = self.engine(self._to_device(batch))
                 self.engine.backward(losses["total"])
             self.engine.step()
@@ -285,7 +308,7 @@ class Trainer:
         indices = rank_indices(len(self.valid_records), plan, 0, shuffle=False)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in iter_batches(self.valid_records, indices, self.special, self.layout, stage, self.prefix_ids):
-            with whole_model_gathered(self.engine, self.run.train.pin_zero3_params):
+            with step_gather(self.engine, self.gather_policy):
                 losses = self.engine(self._to_device(batch))
             total += torch.tensor([float(losses["total"]), 1.0], dtype=torch.float64, device=self.device)
         if dist.is_initialized():

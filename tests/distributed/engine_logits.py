@@ -6,8 +6,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.distributed import teardown
+from pipeline.gather_policy import step_gather
 from pipeline.trainer import Trainer
-from pipeline.zero_gather import whole_model_gathered
 
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]
@@ -15,7 +15,7 @@ if __name__ == "__main__":
     trainer.fit()
     ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45], [2, 50, 51, 52, 53, 54, 55]])
     trainer.engine.eval()
-    with torch.no_grad(), whole_model_gathered(trainer.engine):
+    with torch.no_grad(), step_gather(trainer.engine, trainer.gather_policy):
         logits = trainer.engine.module.base(input_ids=ids).logits
     if trainer.rank == 0:
         torch.save({"ids": ids, "logits": logits}, out)

@@ -16,6 +16,15 @@ def _args(tiny_shards, runs, name, *extra):
             *COMMON, *extra]
 
 
+def _trainable(run_dir) -> int:
+    from data_prep import load_shards
+    from pipeline.config import load_config
+    from pipeline.model_shapes import model_sizes
+
+    run = load_config(str(run_dir / "config.yaml"))
+    return model_sizes(run, len(load_shards(run.data).tokenizer)).trainable
+
+
 def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_path):
     code, out = torchrun(_args(tiny_shards, tmp_path, "coco", "method.name=coconut", "method.simcot=true",
                                "curriculum.start_stage=1", "train.max_steps=14"))
@@ -28,11 +37,14 @@ def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_pat
     assert steps[14] < steps[1]                                               # the decoder learns too
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    # one gradient bucket holds every trainable parameter of a model this small: one reduce per step
+    assert ds["zero_optimization"]["reduce_bucket_size"] == _trainable(run)
     assert "auto" not in json.dumps(ds)
     assert (run / "checkpoints" / "latest").read_text() == "epoch0"
     assert (run / "checkpoints" / "epoch0" / "COMPLETE.json").exists()
     assert "global batch = 16 (micro 8 x accum 1 x 2 ranks)" in out
+    assert "memory plan: 2 rank(s), ZeRO-3, fp32, global batch 16" in out and "-> fits" in out
+    assert "ZeRO-3 parameters: gathered (memory plan)" in out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tb")).Reload()
     for tag in ("loss/answer_ce", "loss/step_ce", "loss/total", "lr", "grad_norm", "mfu",

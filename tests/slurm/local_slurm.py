@@ -8,6 +8,7 @@ this cluster's ``SLURM_CONF`` (strays from jobs).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -60,7 +61,7 @@ class LocalSlurm:
         self.cpus = cpus_per_node
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 30) -> "LocalSlurm":
+    def start(self, timeout: float = 30) -> LocalSlurm:
         for sub in ("state", "log", "run", "jobs", *[f"spool/{n}" for n in self.nodes]):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         ports = [_free_port() for _ in range(len(self.nodes) + 1)]
@@ -95,7 +96,7 @@ class LocalSlurm:
     def _config(self, ports: list[int]) -> str:
         r = self.root
         lines = [
-            "ClusterName=testcluster", f"SlurmctldHost=localhost(127.0.0.1)", f"SlurmctldPort={ports[0]}",
+            "ClusterName=testcluster", "SlurmctldHost=localhost(127.0.0.1)", f"SlurmctldPort={ports[0]}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/none", "CredType=cred/none",
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny", f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool/%n", f"SlurmctldPidFile={r}/run/slurmctld.pid",
@@ -191,7 +192,5 @@ class LocalSlurm:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -20,7 +20,11 @@ SMALL = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train
 
 
 def submit(slurm, *args) -> str:
-    result = subprocess.run(["bash", str(REPO / "launch.sh"), "slurm", *args], cwd=REPO, env=slurm.env,
+    # The two emulated nodes share this machine's 2 cores: one thread per rank, as on a real node
+    # with one core per rank. With 2 threads each, oversubscribed MKL picked its thread split at run
+    # time and two identical jobs drifted apart at fp32 rounding (seen: 2 of 4 preemption runs).
+    env = {**slurm.env, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(REPO / "launch.sh"), "slurm", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return re.search(r"submitted job (\d+)", result.stdout).group(1)

@@ -100,7 +100,8 @@ def test_launch_renders_a_slurm_script():
                  'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
                  "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))", 'scontrol requeue "$SLURM_JOB_ID"'):
         assert line in out, line
-    assert "--nnodes 2 --nproc_per_node 8" in out and "-m pipeline.train --config configs/tiny-cpu.yaml train.lr=1e-4" in out
+    assert "--nnodes 2 --nproc_per_node 8" in out
+    assert "-m pipeline.train --config configs/tiny-cpu.yaml train.lr=1e-4" in out
     assert "srun --kill-on-bad-exit=1" in out
 
 

@@ -115,7 +115,7 @@ def test_checkpointing_really_replays_layers_in_backward():
     for use in (False, True):
         model = _model(cfg, gradient_checkpointing=use)
         calls = []
-        model.base.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        model.base.model.layers[0].self_attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         model(batch)["total"].backward()
         counts.append(len(calls))
     assert counts[1] == 2 * counts[0]          # every pass's layer ran again during backward

@@ -65,7 +65,7 @@ def test_each_malformed_record_is_rejected_with_line_and_reason(tmp_path, malfor
     got = sorted((r["source"], r["line"], r["reason"]) for r in rejects)
     assert len(got) == len(expected) >= 12
     for source, line, fragment in expected:
-        assert any(s == source and l == line and fragment in reason for s, l, reason in got), (source, line, fragment)
+        assert any(s == source and n == line and fragment in reason for s, n, reason in got), (source, line, fragment)
     counts = manifest["counts"]
     assert counts == {"read": 4 + len(expected), "accepted": 4, "rejected": len(expected), "flagged": 1}
     assert manifest["flagged_by_reason"] == {"step_result_wrong": 1}

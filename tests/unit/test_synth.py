@@ -47,9 +47,9 @@ def test_every_chain_is_exact_and_reaches_the_answer(cfg):
 
 def test_text_has_natural_language_variety():
     lines = generate_splits({"train": 2000, "valid": 0, "test": 0}, 0, SynthConfig())["train"]
-    first_sentences = Counter(re.sub(r"\d+|^\w+|\b(he|she)\b", "#", l.split(". ")[0]) for l in lines)
+    first_sentences = Counter(re.sub(r"\d+|^\w+|\b(he|she)\b", "#", text.split(". ")[0]) for text in lines)
     assert len(first_sentences) >= 20
-    answers = Counter(l.rsplit("#### ", 1)[1] for l in lines)
+    answers = Counter(text.rsplit("#### ", 1)[1] for text in lines)
     assert answers.most_common(1)[0][1] / len(lines) < 0.1           # no answer dominates
 
 

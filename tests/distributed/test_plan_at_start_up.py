@@ -1,0 +1,39 @@
+"""The trainer runs the memory plan at start-up: it picks the gather policy, and a run that does
+not fit stops before any weight is allocated."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.distributed.conftest import losses_by_step, torchrun
+
+pytestmark = pytest.mark.distributed
+COMMON = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "train.micro_batch_size=8",
+          "train.log_every=1", "train.validate=false"]
+
+
+def test_a_run_that_does_not_fit_exits_3_with_the_plan_and_what_to_change(tiny_shards, tmp_path):
+    # 16k hidden x 64 layers: about 206B parameters, sized on the meta device only
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml",
+                           f"data={tiny_shards}", f"runs_dir={tmp_path}", "name=huge", "model.tiny.hidden_size=16384",
+                           "model.tiny.num_layers=64", "model.tiny.intermediate_size=65536"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "DOES NOT FIT" in done.stdout and "error: does not fit:" in done.stderr
+    assert "train.memory_plan=warn" in done.stderr
+    assert not (tmp_path / "huge" / "checkpoints").exists()
+
+
+def test_a_streamed_run_bounds_zero3_live_parameters_and_trains(tiny_shards, tmp_path):
+    code, out = torchrun(["--config", "configs/tiny-cpu.yaml", f"data={tiny_shards}", f"runs_dir={tmp_path}",
+                          "name=streamed", *COMMON, "train.max_steps=3", "train.zero3_gather=streamed"])
+    assert code == 0, out[-3000:]
+    assert "ZeRO-3 parameters: streamed (train.zero3_gather)" in out
+    zero = json.loads((tmp_path / "streamed" / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] < 10**9 and zero["stage3_max_reuse_distance"] < 10**9
+    assert sorted(losses_by_step(tmp_path / "streamed")) == [1, 2, 3]
+
