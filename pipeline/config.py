@@ -80,11 +80,15 @@ class TrainSettings:
                                         # shuffle per epoch (Coconut stage lengths in steps, not data size)
     micro_batch_size: int = 8
     grad_accum: int = 1
+    global_batch_size: int = 0          # > 0: samples per optimizer step whatever the world size; the
+                                        # accumulation is derived (global / (micro x ranks), must divide)
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"          # constant | cosine
+    schedule: str = "constant"          # constant | cosine (pipeline/schedule.py)
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0           # > 0: warm-up = this fraction of the optimizer steps (HF's warmup_ratio)
+    min_lr_ratio: float = 0.1           # cosine ends at this fraction of the peak (0: HF's cosine)
     max_grad_norm: float = 0.0          # 0: no clipping
     seed: int = 0
     shuffle: bool = True
@@ -205,11 +209,29 @@ def validate(config: RunConfig) -> None:
         (c.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0"),
         (t.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0: every record once per epoch)"),
         (t.zero3_gather in ("auto", "gathered", "streamed"), "train.zero3_gather: auto, gathered or streamed"),
+        (0 <= t.warmup_ratio < 1 and 0 <= t.min_lr_ratio <= 1,
+         "train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]"),
+        (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: micro x grad_accum x ranks)"),
         (t.memory_plan in ("enforce", "warn"), "train.memory_plan: enforce or warn"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def for_world(config: RunConfig, world: int) -> RunConfig:
+    """The run as it executes on ``world`` ranks: with ``train.global_batch_size`` set, the
+    gradient accumulation that keeps that many samples per optimizer step on this many ranks."""
+    t = config.train
+    if not t.global_batch_size:
+        return config
+    per_pass = t.micro_batch_size * world
+    if t.global_batch_size % per_pass:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size} x {world} ranks; pick a micro batch that "
+                          f"divides {t.global_batch_size // world if t.global_batch_size >= world else 1}")
+    accum = t.global_batch_size // per_pass
+    return dataclasses.replace(config, train=dataclasses.replace(t, grad_accum=accum))
 
 
 def to_dict(config) -> dict:

@@ -21,14 +21,14 @@ DOES_NOT_FIT = 3
 def plan_for(config_path: str | None, overrides: list[str], nodes: int, gpus_per_node: int, gpu_mem_gib: float,
              cpu_mem_gib: float, seq=None):
     """-> the MemoryPlan of a recipe on that hardware (bf16 on GPUs, as the trainer runs there)."""
-    from .config import load_config
+    from .config import for_world, load_config
     from .ds_config import resolve_ds_config
     from .memory_plan import Hardware, SequenceShape, make_plan
     from .model_shapes import model_sizes
 
-    run = load_config(config_path, overrides)
-    sizes = model_sizes(run)
     hardware = Hardware(nodes, gpus_per_node, gpu_mem_gib, cpu_mem_gib)
+    run = for_world(load_config(config_path, overrides), hardware.world)
+    sizes = model_sizes(run)
     bf16 = run.model.dtype in ("auto", "bf16")
     ds = resolve_ds_config(run.deepspeed, run, hardware.world, sizes.hidden, on_cuda=True, bf16=bf16,
                            trainable_params=sizes.trainable)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_prep import load_shards
 
 from . import checkpoint
-from .config import RunConfig, save_config
+from .config import RunConfig, for_world, save_config
 from .data import BatchPlan, iter_batches, rank_indices, stage_for_epoch
 from .distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
 from .ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
@@ -27,6 +27,7 @@ from .gather_policy import REPLICATED, STREAMED, apply_gather_policy, step_gathe
 from .memory_plan import local_hardware, make_plan
 from .model_shapes import model_sizes
 from .modeling import build_reasoner, count_params, layout_config
+from .schedule import lr_factor
 from .telemetry import FlopModel, MetricsLog, body_params, peak_flops, step_flops
 
 
@@ -61,8 +62,8 @@ class StepClock:
 
 class Trainer:
     def __init__(self, run: RunConfig):
-        self.run = run
         self.rank, self.world, self.device = init_distributed()
+        self.run = run = for_world(run, self.world)
         self.on_cuda = self.device.type == "cuda"
         self.run_dir = os.path.join(run.runs_dir, run.name)
         print(f"rank {self.rank}/{self.world} on {socket.gethostname()} ({self.device}, "
@@ -126,8 +127,9 @@ class Trainer:
         model, attention, self._hf_ds_keepalive = build_reasoner(run, vocab_size, self.special["eos"],
                                                                  self.ds_config, self.on_cuda)
         total, trainable = count_params(model)
+        picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
         self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "
-                 f"{'bf16 (fp32 master)' if bf16 else 'fp32'} | "
+                 f"{'bf16 (fp32 master)' if bf16 else 'fp32'}{picked} | "
                  f"params {total / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable)")
         self.say(f"global batch = {self.ds_config['train_batch_size']} "
                  f"(micro {run.train.micro_batch_size} x accum {run.train.grad_accum} x {self.world} ranks)")
@@ -143,17 +145,8 @@ class Trainer:
                                     run.method.c_thought if run.method.name == "coconut" else 1)
 
     def _scheduler(self, optimizer):
-        t = self.run.train
-
-        def factor(step: int) -> float:
-            if t.warmup_steps and step < t.warmup_steps:
-                return (step + 1) / t.warmup_steps
-            if t.schedule == "constant":
-                return 1.0
-            done = (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))   # cosine to 10 %
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,
+                                                                                   self.run.train))
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_dir)

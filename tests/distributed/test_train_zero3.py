@@ -134,3 +134,13 @@ def test_a_corrupted_checkpoint_stops_the_resume_with_the_file_named(tiny_shards
     shard.write_bytes(bytes(data))
     code, out = torchrun(args + ["train.max_steps=4"])
     assert code != 0 and f"error: {shard}: differs from COMPLETE.json" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("nproc,accum", [(1, 4), (2, 2)])
+def test_a_global_batch_is_the_same_on_one_and_two_ranks(tiny_shards, tmp_path, nproc, accum):
+    code, out = torchrun(_args(tiny_shards, tmp_path, "global", "train.micro_batch_size=4",
+                               "train.global_batch_size=16", "train.max_steps=1", "train.validate=false"), nproc=nproc)
+    assert code == 0, out[-3000:]
+    assert f"global batch = 16 (micro 4 x accum {accum} x {nproc} ranks)" in out
+    ds = json.loads((tmp_path / "global" / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == accum

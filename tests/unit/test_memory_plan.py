@@ -79,8 +79,9 @@ def test_every_recipe_builds_resolves_and_plans_on_its_hardware(recipe):
 
 
 def test_a_latent_method_that_cannot_hold_the_gathered_model_does_not_fit_whatever_the_gpu_count():
-    for nodes in (1, 4, 16):
-        plan, _ = plan_for(str(REPO / "configs" / "llama3.1-8b-codi-simcot.yaml"), [], nodes, 8, 24.0, 1024.0)
+    for nodes in (1, 2, 8):
+        plan, _ = plan_for(str(REPO / "configs" / "llama3.1-8b-codi-simcot.yaml"), ["train.micro_batch_size=1"],
+                           nodes, 8, 24.0, 1024.0)
         assert not plan.fits and plan.policy == GATHERED
         assert any("more GPUs do not shrink it" in line for line in plan.advice)
 
@@ -97,7 +98,7 @@ def test_a_single_pass_method_streams_when_the_gathered_model_does_not_fit():
 
 def test_checkpointing_shrinks_the_planned_activations_and_the_advice_says_so():
     plan, _ = plan_for(str(REPO / "configs" / "llama3.2-1b-codi-simcot.yaml"),
-                       ["model.gradient_checkpointing=false"], 1, 8, 40.0, 1024.0)
+                       ["model.gradient_checkpointing=false"], 1, 8, 16.0, 1024.0)
     assert plan.activations["checkpointed"] < plan.activations["full"] / 5
     assert not plan.fits and plan.advice[0].startswith("model.gradient_checkpointing=true")
 
@@ -111,7 +112,7 @@ def test_plan_cli_exits_0_when_it_fits_3_when_not_and_2_for_a_bad_config(tmp_pat
     fits = _plan_cli("--config", "configs/llama3.1-8b-codi-simcot.yaml", "--nodes", "1", "--gpus-per-node", "8",
                      "--gpu-mem-gib", "80")
     assert fits.returncode == 0 and "policy gathered" in fits.stdout and "-> fits" in fits.stdout, fits.stderr
-    assert "global batch 1024" in fits.stdout
+    assert "global batch 128" in fits.stdout          # the recipe's, whatever the number of GPUs
     tight = _plan_cli("--config", "configs/llama3.1-8b-codi-simcot.yaml", "--gpu-mem-gib", "24")
     assert tight.returncode == 3 and "DOES NOT FIT" in tight.stdout
     assert "  why: " in tight.stdout and "  change: " in tight.stdout
