@@ -19,6 +19,10 @@ fi
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch.sh: $*" >&2; exit 2; }
+positive() {  # positive NAME VALUE [0]: a count option must be a positive integer (or 0 when allowed)
+  [[ "$2" =~ ^[1-9][0-9]*$ || ( "${3:-}" = 0 && "$2" = 0 ) ]] || die "$1 '$2': expected a positive integer"
+  echo "$2"
+}
 quoted() { local out="" a; for a in "$@"; do out+=" $(printf '%q' "$a")"; done; echo "${out# }"; }
 
 module_for() {
@@ -45,7 +49,7 @@ local_stage() {
   local args=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --nproc) nproc="$2"; shift 2 ;;
+      --nproc) nproc="$(positive --nproc "${2:-}")" || exit 2; shift 2 ;;
       --hostfile) hostfile="$2"; shift 2 ;;
       --no-ssh) no_ssh=1; shift ;;
       --node-rank) node_rank="$2"; shift 2 ;;
@@ -98,9 +102,9 @@ slurm_stage() {
   local nodes=1 gpus=0 cpus="" partition="" time="" signal_secs=120 account="" name="" args=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --nodes) nodes="$2"; shift 2 ;;
-      --gpus-per-node) gpus="$2"; shift 2 ;;
-      --cpus-per-node) cpus="$2"; shift 2 ;;
+      --nodes) nodes="$(positive --nodes "${2:-}")" || exit 2; shift 2 ;;
+      --gpus-per-node) gpus="$(positive --gpus-per-node "${2:-}" 0)" || exit 2; shift 2 ;;
+      --cpus-per-node) cpus="$(positive --cpus-per-node "${2:-}")" || exit 2; shift 2 ;;
       --partition) partition="$2"; shift 2 ;;
       --account) account="$2"; shift 2 ;;
       --time) time="$2"; shift 2 ;;

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_errors import run_cli
+
 EXAMPLES = """examples:
   python -m data_prep synth --out data/synth --train 20000 --valid 500 --test 500 --seed 0
   python -m data_prep tokenizer --corpus data/synth/train.txt --vocab-size 512 --out data/tok
@@ -19,6 +21,14 @@ hub:DATASET_ID[:SPLIT]. SPLIT is train, valid or test; by default it comes from 
 (answer-only sets default to test)."""
 
 
+def count(text: str) -> int:
+    """A non-negative integer argument (problems per split)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write synthetic GSM-style problems (train/valid/test.txt)")
     p.add_argument("--out", required=True, help="output directory")
     for split, default in (("train", 20000), ("valid", 500), ("test", 500)):
-        p.add_argument(f"--{split}", type=int, default=default, help=f"{split} problems (default {default})")
+        p.add_argument(f"--{split}", type=count, default=default, help=f"{split} problems (default {default})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-steps", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=4)
@@ -69,6 +79,10 @@ def _unescape(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "synth":
         from .synth import SynthConfig, generate_splits, write_splits
@@ -98,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         from .summary import inspect_shards
         print(inspect_shards(args.dir, args.examples))
     elif args.command == "verify":
+        from .manifest import read_manifest
         from .summary import verify_shards
+        read_manifest(args.dir)             # no shard directory there: a mistake (exit 2), not a mismatch
         problems = verify_shards(args.dir)
         for problem in problems:
             print(f"MISMATCH {problem}", file=sys.stderr)

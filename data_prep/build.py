@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .cli_errors import UserError
 from .manifest import MANIFEST, REJECTS, SCHEMA_VERSION, TOKENIZER_DIR, sha256_file
 from .sources import SourceSpec, parse_source_spec, read_source
 from .templates import Templates, tokenize_problems
@@ -202,7 +203,9 @@ def _adds_bos(tok) -> bool:
 def main_build(opts: BuildOptions) -> int:
     try:
         run_build(opts)
-    except (StrictRejectError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except StrictRejectError as err:           # the data, not the command: exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (FileExistsError, ValueError) as err:
+        raise UserError(str(err)) from None
     return 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from .manifest import ShardError, read_manifest, shard_problems
+from .manifest import ShardError, ShardsNotFound, read_manifest, shard_problems
 
 FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -44,7 +44,7 @@ class ShardSet:
 
     def split(self, name: str) -> datasets.Dataset:
         if name not in self.manifest["splits"]:
-            raise ShardError(f"{self.path}: no {name!r} split (has {', '.join(self.splits)})")
+            raise ShardsNotFound(f"{self.path}: no {name!r} split (it has {', '.join(self.splits)})")
         files = [os.path.join(self.path, s["file"]) for s in self.manifest["splits"][name]["shards"]]
         parts = [datasets.Dataset.from_file(f) for f in files]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 
+from .cli_errors import UserError
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -16,6 +18,10 @@ TOKENIZER_DIR = "tokenizer"
 
 class ShardError(RuntimeError):
     """A shard directory that does not match its manifest."""
+
+
+class ShardsNotFound(ShardError, UserError):
+    """No shard directory where one was given (a user's mistake: exit 2 on the command lines)."""
 
 
 def sha256_file(path: str) -> str:
@@ -29,7 +35,8 @@ def sha256_file(path: str) -> str:
 def read_manifest(shard_dir: str) -> dict:
     path = os.path.join(shard_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ShardError(f"{path}: missing; build shards with `python -m data_prep build ... --out {shard_dir}`")
+        raise ShardsNotFound(f"{path}: missing, so {shard_dir} is not a shard directory; build one with "
+                             f"`python -m data_prep build ... --out {shard_dir}`")
     with open(path, encoding="utf-8") as handle:
         manifest = json.load(handle)
     if manifest.get("schema_version") != SCHEMA_VERSION:

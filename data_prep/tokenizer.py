@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
+
+from .cli_errors import UserError
 
 LATENT_TOKENS = {"start_latent": "<|start-latent|>", "latent": "<|latent|>", "end_latent": "<|end-latent|>",
                  "bot": "<bot>", "eot": "<eot>"}
@@ -38,7 +41,7 @@ def corpus_texts(paths: Iterable[str]) -> list[str]:
                 if line.strip():
                     texts.append(line)
     if not texts:
-        raise ValueError(f"--corpus {', '.join(paths)}: no text found")
+        raise UserError(f"--corpus {', '.join(paths)}: no text found; give a file with the training text")
     return texts
 
 
@@ -49,15 +52,18 @@ def train_sentencepiece(texts: list[str], vocab_size: int, work_dir: str):
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     if vocab_size < 300:
-        raise ValueError("--vocab-size must be at least 300 (256 byte-fallback pieces are reserved)")
+        raise UserError("--vocab-size must be at least 300 (256 byte-fallback pieces are reserved)")
     prefix = os.path.join(work_dir, "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, split_digits=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=ATOMIC_PIECES,
-        # identity + no dummy prefix: text round-trips byte for byte, newlines included.
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        hard_vocab_limit=False, num_threads=2, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, split_digits=True,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=ATOMIC_PIECES,
+            # identity + no dummy prefix: text round-trips byte for byte, newlines included.
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            hard_vocab_limit=False, num_threads=2, minloglevel=2)
+    except RuntimeError as err:
+        raise UserError(_vocab_size_advice(vocab_size, str(err))) from None
     model_dir = os.path.join(work_dir, "spm_hf")
     os.makedirs(model_dir)
     shutil.copy(f"{prefix}.model", os.path.join(model_dir, "tokenizer.model"))
@@ -71,10 +77,24 @@ def train_sentencepiece(texts: list[str], vocab_size: int, work_dir: str):
                                    unk_token="<unk>", pad_token="<pad>")
 
 
+def _vocab_size_advice(vocab_size: int, spm_error: str) -> str:
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", spm_error)
+    if needed:
+        return (f"--vocab-size {vocab_size} is below the {needed.group(1)} pieces this corpus needs (every distinct "
+                f"character plus the special pieces); use --vocab-size {needed.group(1)} or more")
+    return f"--vocab-size {vocab_size}: SentencePiece refused it for this corpus ({' '.join(spm_error.split())})"
+
+
 def load_pretrained(name_or_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    if not os.path.isdir(name_or_dir) and (os.path.isabs(name_or_dir) or name_or_dir.startswith(".")):
+        raise UserError(f"{name_or_dir}: no such tokenizer directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    except OSError as err:          # no such directory, and not a hub id this machine can reach
+        raise UserError(f"{name_or_dir}: not a tokenizer directory (and no hub tokenizer of that name here): "
+                        f"{' '.join(str(err).split())[:200]}") from None
     if not tok.is_fast:
         raise ValueError(f"{name_or_dir}: a fast (tokenizers-backed) tokenizer is required")
     return tok

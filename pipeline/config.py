@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from data_prep.cli_errors import UserError
+
 
 @dataclass
 class TinyModel:
@@ -120,8 +122,8 @@ class RunConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
 
 
-class ConfigError(ValueError):
-    """A config key or value that does not fit the schema."""
+class ConfigError(UserError):
+    """A config key or value that does not fit the schema (a user's mistake: exit 2)."""
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -180,14 +182,23 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     tree: dict = {}
     if path:
         with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle) or {}
+            try:
+                tree = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"line {mark.line + 1}" if mark else "?"
+                raise ConfigError(f"{path}: not valid YAML at {where} ({getattr(err, 'problem', err)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (quote it)") from None
+        _set_dotted(tree, key.strip(), value)
     try:
         config = _build(RunConfig, tree)
     except ConfigError as err:

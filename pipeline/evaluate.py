@@ -22,7 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from data_prep import load_shards
+from data_prep import UserError, load_shards, run_cli
+from data_prep.manifest import read_manifest
 
 from .generate import generate_with_latents, left_pad_prompts, prefill
 from .geometry import per_problem, summarise, vocab_centre
@@ -34,6 +35,9 @@ from .report import write_report
 def load_merged(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not os.path.isfile(os.path.join(model_dir, LATENT_CONFIG)):
+        raise UserError(f"--model {model_dir}: not a merged model (no {LATENT_CONFIG}); make one with "
+                        "python -m pipeline.merge --run runs/NAME")
     with open(os.path.join(model_dir, LATENT_CONFIG), encoding="utf-8") as handle:
         latent = json.load(handle)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -145,7 +149,23 @@ def _fingerprint(model_dir: str) -> str:
     return digest.hexdigest()
 
 
+def eval_sets(specs: list[str]) -> list[tuple[str, str]]:
+    """``--set NAME=DIR`` arguments -> (name, shard dir), checked before the model is loaded."""
+    sets = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--set {spec!r}: expected NAME=DIR, e.g. --set gsm8k=data/gsm8k-test")
+        read_manifest(path)
+        sets.append((name, path))
+    return sets
+
+
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="merged model directory (python -m pipeline.merge)")
@@ -160,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ:
         from .distributed import init_distributed
         init_distributed()
+    sets = eval_sets(args.set)
     model, tok, latent, projection, decoder = load_merged(args.model)
     report = {"model": os.path.abspath(args.model), "model_fingerprint": _fingerprint(args.model),
               "latent_config": {k: v for k, v in latent.items() if k != "special_tokens"}, "split": args.split,
               "sets": {}, "latents": []}
-    for spec in args.set:
-        name, _, path = spec.partition("=")
+    for name, path in sets:
         shards = load_shards(path)
         records = shards.split(args.split).to_list()[:args.limit or None]
         result = evaluate_set(model, tok, latent, projection, records, args.batch_size, args.max_new_tokens)

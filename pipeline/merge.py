@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from data_prep import load_shards
+from data_prep import UserError, load_shards, run_cli
 
 from . import checkpoint
 from .config import load_config
@@ -63,11 +63,17 @@ def latent_count(run, stage: int) -> int:
 
 
 def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | None = None) -> str:
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise UserError(f"--run {run_dir}: not a run directory (no config.yaml); give the runs/NAME that "
+                        "python -m pipeline.train wrote")
     run = load_config(os.path.join(run_dir, "config.yaml"))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:
-        raise MergeError(f"{ckpt_dir}: no complete checkpoint")
+        raise UserError(f"--run {run_dir}: no complete checkpoint in {ckpt_dir} yet; train (or resume) it first")
+    if not os.path.isfile(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE)):
+        raise UserError(f"--tag {tag}: no complete checkpoint {ckpt_dir}/{tag} (complete: "
+                        f"{', '.join(checkpoint.complete_tags(ckpt_dir)) or 'none'})")
     state = checkpoint.consolidated(ckpt_dir, tag)
     with open(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE), encoding="utf-8") as handle:
         client = json.load(handle)["client_state"]
@@ -116,6 +122,10 @@ def check_logits(reference, merged_dir: str, shards, tolerance: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (runs/NAME)")
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = merge(args.run, args.tag, args.dtype, args.out)
-    except (MergeError, checkpoint.CheckpointError, FileNotFoundError) as err:
+    except (MergeError, checkpoint.CheckpointError) as err:      # corrupted or inconsistent checkpoint files
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"merged {args.run} -> {out} (logits of the reloaded model checked)")

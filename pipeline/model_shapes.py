@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 
 # Published shapes (config.json of each hub model): hidden, intermediate, layers, heads, kv heads, tied.
 _LLAMA3 = {"vocab_size": 128_256, "rope_theta": 500_000.0, "max_position_embeddings": 131_072}
@@ -70,7 +70,7 @@ def lm_config(run: RunConfig, vocab_size: int | None = None):
                                          local_files_only=m.name_or_path in KNOWN_SHAPES)
     except OSError:
         if m.name_or_path not in KNOWN_SHAPES:
-            raise ValueError(f"model.name_or_path={m.name_or_path}: no config.json there or in the HF cache, and "
+            raise ConfigError(f"model.name_or_path={m.name_or_path}: no config.json there or in the HF cache, and "
                              f"not a known shape ({', '.join(KNOWN_SHAPES)})") from None
         shape = dict(KNOWN_SHAPES[m.name_or_path])
         cfg = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape)

@@ -36,6 +36,12 @@ def plan_for(config_path: str | None, overrides: list[str], nodes: int, gpus_per
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from .memory_plan import SequenceShape
 
     defaults = SequenceShape()
@@ -52,17 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-tokens", type=int, default=defaults.answer)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
     args = parser.parse_args(argv)
-    from .config import ConfigError
-
     if min(args.nodes, args.gpus_per_node) < 1 or args.gpu_mem_gib <= 0:
         parser.error("--nodes and --gpus-per-node must be >= 1 and --gpu-mem-gib > 0")
     seq = SequenceShape(args.question_tokens, args.steps, args.step_tokens, args.answer_tokens)
-    try:
-        plan, sizes = plan_for(args.config, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gib,
-                               args.cpu_mem_gib, seq)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    plan, sizes = plan_for(args.config, args.overrides, args.nodes, args.gpus_per_node, args.gpu_mem_gib,
+                           args.cpu_mem_gib, seq)
     print(f"{args.config}: {sizes.total / 1e9:.2f}B parameters ({sizes.trainable / 1e9:.2f}B trainable; step "
           f"decoder {sizes.decoder / 1e9:.2f}B) on {args.nodes} node(s) x {args.gpus_per_node} GPU(s) x "
           f"{args.gpu_mem_gib:g} GiB")

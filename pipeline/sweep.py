@@ -159,6 +159,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     points = tuple(sorted({int(p) for p in args.points.split(",") if p.strip()}))
@@ -174,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                      args.max_new_tokens, args.seed, args.equal_budget)
     start = time.perf_counter()
     given_shards = args.shards and os.path.abspath(args.shards)
+    if given_shards:
+        from data_prep.manifest import read_manifest
+
+        read_manifest(given_shards)                      # not a shard directory: say so before any job runs
+    if not os.path.isfile(args.config):
+        raise FileNotFoundError(2, "no such recipe", args.config)
     check_settings(out, {"train": args.train, "max_steps": args.max_steps, "seed": args.seed, "shards": given_shards})
     shards = given_shards or prepare(out, args.train, args.max_steps, args.seed)
     # DeepSpeed picks CUDA where it exists; on a CPU box it must be told (shared/docs/DEEPSPEED_CPU.md)

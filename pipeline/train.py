@@ -19,33 +19,33 @@ PLAN_DOES_NOT_FIT = 3     # as `python -m pipeline.plan` exits for a run that do
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_prep import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher adds it
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.simcot=true")
     args = parser.parse_args(argv)
-    from .config import ConfigError, load_config
-
-    try:
-        run = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from data_prep import ShardError
+    from data_prep import ShardError, UserError
 
     from .checkpoint import CheckpointError
+    from .config import load_config
     from .distributed import teardown
     from .trainer import PlanError, Trainer
 
+    run = load_config(args.config, args.overrides)      # a mistake there: one line, exit 2 (run_cli)
     try:
         code = Trainer(run).fit()
+    except UserError:                               # missing shards, a setting this machine cannot run
+        raise
     except (ShardError, CheckpointError) as err:    # corrupted data or checkpoint: say which file
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    except ConfigError as err:                      # a setting this machine cannot run (e.g. flash attention)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
     except PlanError as err:                        # the memory plan (printed above) does not fit
         print(f"error: does not fit: {err}", file=sys.stderr, flush=True)
         return PLAN_DOES_NOT_FIT
