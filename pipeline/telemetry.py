@@ -82,6 +82,73 @@ def body_params(lm) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters() if id(p) not in skip)
 
 
+class StepMeter:
+    """One optimizer step's metrics with a single host sync: losses are summed on the device as
+    the micro-batches come (no ``.item()`` per loss), token and FLOP counts come from the batch
+    while it is still on the CPU, and :meth:`finish` all-reduces everything in one tensor and
+    reads it back once. The first ``warmup`` steps of a process are left out of the step time
+    behind the ETA (start-up, allocator growth)."""
+
+    def __init__(self, flop_model: FlopModel, peak: float, world: int, device: torch.device, warmup: int = 3):
+        self.flop_model, self.peak, self.world, self.device, self.warmup = flop_model, peak, world, device, warmup
+        self.timed: list[float] = []
+        self.seen = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = [0.0, 0.0, 0.0]           # tokens, samples, FLOPs
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], cpu_batch: dict) -> None:
+        for key, value in losses.items():
+            total = value.detach().double()
+            self.sums[key] = self.sums[key] + total if key in self.sums else total
+        self.counts[0] += int(cpu_batch["attention_mask"].sum())
+        self.counts[1] += cpu_batch["input_ids"].size(0)
+        self.counts[2] += step_flops(cpu_batch, self.flop_model)
+
+    def finish(self, micro_batches: int, steps_left: int) -> dict[str, float]:
+        """Means over micro-batches and ranks, throughput, MFU (%), step time, ETA, memory."""
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        packed = torch.cat([torch.stack([self.sums[k] for k in keys]),
+                            torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(packed)             # same cadence on every rank: no hang
+        values = packed.tolist()                # the step's one device-to-host sync
+        elapsed = time.perf_counter() - self.start
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.timed.append(elapsed)
+        n = len(keys)
+        metrics = {(f"latent/{k}" if "latent" in k else f"loss/{k}"): values[i] / (micro_batches * self.world)
+                   for i, k in enumerate(keys)}
+        step_time = sum(self.timed) / len(self.timed) if self.timed else elapsed
+        metrics.update({"throughput/tokens_per_s": values[n] / elapsed,
+                        "throughput/samples_per_s": values[n + 1] / elapsed,
+                        "mfu(%)": 100 * values[n + 2] / elapsed / (self.peak * self.world),
+                        "time/step_s": elapsed, "time/eta_s": step_time * steps_left, **memory_gib(self.device)})
+        self._reset()
+        return metrics
+
+
+def format_eta(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak memory of this rank: the CUDA caching allocator's maxima on a GPU, peak RSS on a CPU."""
+    if device.type == "cuda":
+        return {"memory/max_allocated(GiB)": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/max_reserved(GiB)": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"memory/max_rss(GiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}   # ru_maxrss: KiB
+
+
 class MetricsLog:
     """Rank 0 writes; other ranks hold a no-op log."""
 

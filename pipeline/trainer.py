@@ -10,8 +10,7 @@ import math
 import os
 import socket
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ from .memory_plan import local_hardware, make_plan
 from .model_shapes import model_sizes
 from .modeling import build_reasoner, count_params, layout_config
 from .schedule import lr_factor
-from .telemetry import FlopModel, MetricsLog, body_params, peak_flops, step_flops
+from .telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 
 
 class PlanError(RuntimeError):
@@ -47,17 +46,6 @@ class Progress:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@dataclass
-class StepClock:
-    start: float = field(default_factory=time.perf_counter)
-    tokens: int = 0
-    samples: int = 0
-    flops: float = 0.0
-
-    def reset(self) -> None:
-        self.__init__()
 
 
 class Trainer:
@@ -81,6 +69,7 @@ class Trainer:
         self.progress = Progress(stage=stage_for_epoch(0, run.curriculum, run.method.name))
         self.stop = StopFlag()
         self.peak, self.peak_name = peak_flops(self.on_cuda)
+        self.meter = StepMeter(self.flop_model, self.peak, self.world, self.device)
         self._resume()
 
     # ---------------------------------------------------------------- setup
@@ -212,8 +201,6 @@ class Trainer:
         batches = iter_batches(self.train_records, indices[p.micro_in_epoch:], self.special, self.layout, stage,
                                self.prefix_ids)
         self.engine.train()
-        clock = StepClock()
-        sums: dict[str, float] = {}
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:
             with step_gather(self.engine, self.gather_policy):
@@ -221,12 +208,11 @@ class Trainer:
                 self.engine.backward(losses["total"])
             self.engine.step()
             p.micro_in_epoch += 1
-            self._accumulate(sums, losses, clock, batch)
+            self.meter.add(losses, batch)
             if p.micro_in_epoch % t.grad_accum:
                 continue
             p.global_step += 1
-            self._log_step(sums, clock, stage)
-            sums.clear()
+            self._log_step(stage)
             if bar:
                 bar.update(1)
             if self.stop.agreed(self.device) or p.global_step == t.stop_at_step:
@@ -260,29 +246,11 @@ class Trainer:
         return tqdm(total=total, initial=self.progress.micro_in_epoch // self.run.train.grad_accum,
                     desc=f"epoch {epoch} stage {stage}", dynamic_ncols=True)
 
-    def _accumulate(self, sums: dict, losses: dict, clock: StepClock, batch: dict) -> None:
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-        clock.tokens += int(batch["attention_mask"].sum())
-        clock.samples += batch["input_ids"].size(0)
-        clock.flops += step_flops(batch, self.flop_model)
-
-    def _log_step(self, sums: dict, clock: StepClock, stage: int) -> None:
+    def _log_step(self, stage: int) -> None:
         p, t = self.progress, self.run.train
-        keys = sorted(sums)
-        values = torch.tensor([sums[k] / t.grad_accum for k in keys] +
-                              [clock.tokens, clock.samples, clock.flops], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(values)           # same cadence on every rank: no hang
-        n = len(keys)
-        elapsed = time.perf_counter() - clock.start
-        metrics = {f"loss/{k}" if "latent" not in k else f"latent/{k}": float(values[i]) / self.world
-                   for i, k in enumerate(keys)}
+        metrics = self.meter.finish(t.grad_accum, max(0, self.total_steps - p.global_step))
         grad_norm = self.engine.get_global_grad_norm()
-        metrics.update({"lr": self.engine.get_lr()[0], "stage": stage,
-                        "throughput/tokens_per_s": float(values[n]) / elapsed,
-                        "throughput/samples_per_s": float(values[n + 1]) / elapsed,
-                        "mfu": float(values[n + 2]) / elapsed / (self.peak * self.world)})
+        metrics.update({"lr": self.engine.get_lr()[0], "stage": stage})
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self.log.log(p.global_step, metrics)
@@ -290,8 +258,8 @@ class Trainer:
             self.say(f"step {p.global_step}/{self.total_steps} epoch {p.epoch} stage {stage} "
                      f"loss {metrics['loss/total']:.4f} answer {metrics['loss/answer_ce']:.4f} "
                      f"step_ce {metrics['loss/step_ce']:.4f} lr {metrics['lr']:.2e} "
-                     f"tok/s {metrics['throughput/tokens_per_s']:.0f} mfu {100 * metrics['mfu']:.1f}%")
-        clock.reset()
+                     f"tok/s {metrics['throughput/tokens_per_s']:.0f} mfu {metrics['mfu(%)']:.1f}% "
+                     f"{1000 * metrics['time/step_s']:.0f} ms/step eta {format_eta(metrics['time/eta_s'])}")
 
     @torch.no_grad()
     def validate(self, stage: int) -> float:

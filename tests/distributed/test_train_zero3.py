@@ -47,7 +47,8 @@ def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_pat
     assert "ZeRO-3 parameters: gathered (memory plan)" in out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tb")).Reload()
-    for tag in ("loss/answer_ce", "loss/step_ce", "loss/total", "lr", "grad_norm", "mfu",
+    for tag in ("loss/answer_ce", "loss/step_ce", "loss/total", "lr", "grad_norm", "mfu(%)", "time/step_s",
+                "time/eta_s", "memory/max_rss(GiB)",
                 "throughput/tokens_per_s", "latent/latent_cosine", "latent/latent_norm_ratio", "valid/total"):
         assert tag in events.Tags()["scalars"], tag
 
