@@ -4,8 +4,10 @@
         --set gsm-hard=data/gsm-hard --split test [--batch-size 64] [--max-new-tokens 64]
 
 Each ``--set NAME=DIR`` is a shard directory from ``python -m data_prep build`` (answer-only
-evaluation sets included). Writes ``eval/report.json``, ``eval/report.md`` and PNG plots next
-to the model (``runs/NAME/eval``): accuracy by both published metrics, mean tokens generated
+evaluation sets included), made with the model's tokenizer and templates (checked). The model
+runs on this rank's GPU in bf16 where CUDA is, else on the CPU in fp32 (``--device``, ``--dtype``).
+Writes ``eval/report.json``, ``eval/report.md`` and PNG plots next to the model
+(``runs/NAME/eval``): accuracy by both published metrics, mean tokens generated
 (latents + answer), latency per problem and problems/s, model and data fingerprints, and for a
 few problems each latent decoded by the step decoder plus its logit-lens top-5. Run under
 ``torchrun`` to split the sets across ranks (no problem counted twice).
@@ -32,7 +34,35 @@ from .metrics import hash_match, number_match
 from .report import write_report
 
 
-def load_merged(model_dir: str):
+def eval_device(requested: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``auto``: this rank's GPU in bf16 where CUDA is, else the CPU in fp32 (as training runs)."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device here; use --device cpu (or auto)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
+def check_set_matches_model(latent: dict, shards, path: str) -> None:
+    """Shards made with another tokenizer or other templates would be read with the wrong ids."""
+    theirs, ours = shards.manifest["tokenizer"]["fingerprint"], latent.get("tokenizer_fingerprint")
+    if ours and theirs != ours:
+        raise UserError(f"--set {path}: built with tokenizer {theirs[:12]}, but the model was trained with "
+                        f"{ours[:12]}; rebuild the set with the model's tokenizer (python -m data_prep build "
+                        f"--tokenizer MODEL_DIR ...)")
+    if shards.manifest["templates"] != latent["templates"]:
+        raise UserError(f"--set {path}: templates {shards.manifest['templates']} differ from the model's "
+                        f"{latent['templates']}; rebuild the set with the same --question-suffix/--step-separator/"
+                        "--answer-prefix as the training shards")
+
+
+def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isfile(os.path.join(model_dir, LATENT_CONFIG)):
@@ -40,7 +70,8 @@ def load_merged(model_dir: str):
                         "python -m pipeline.merge --run runs/NAME")
     with open(os.path.join(model_dir, LATENT_CONFIG), encoding="utf-8") as handle:
         latent = json.load(handle)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = device or torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     projection = None
     if latent.get("projection"):
         from safetensors.torch import load_file
@@ -49,9 +80,10 @@ def load_merged(model_dir: str):
 
         projection = Projection(model.config.hidden_size)
         projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
-        projection.eval()
+        projection.to(device, dtype).eval()
     decoder_dir = os.path.join(model_dir, "step_decoder")
-    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir).eval() if os.path.isdir(decoder_dir) else None
+    decoder = (AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(device).eval()
+               if os.path.isdir(decoder_dir) else None)
     return model, AutoTokenizer.from_pretrained(model_dir), latent, projection, decoder
 
 
@@ -114,7 +146,8 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
         return []
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
     ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
-    _, _, latents = prefill(model, ids, mask, sp["latent"], projection)
+    device = model.get_input_embeddings().weight.device
+    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = latent["c_thought"] if latent["method"] == "coconut" else 1
     out = []
@@ -125,7 +158,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
             steps.append(_greedy_step(decoder, embed, latents[row, group * c:(group + 1) * c], sp["eos"], max_len, tok)
                          if decoder is not None else None)
         out.append({"id": record["id"], "question": record["question"], "gold_steps": record["steps"],
-                    "decoded_steps": steps, "logit_lens_top5": lens, "latents": latents[row].tolist()})
+                    "decoded_steps": steps, "logit_lens_top5": lens, "latents": latents[row].float().tolist()})
     return out
 
 
@@ -136,7 +169,7 @@ def _greedy_step(decoder, embed, prefix: torch.Tensor, eos: int, max_len: int, t
         if token == eos:
             break
         tokens.append(token)
-        inputs = torch.cat([inputs, embed(torch.tensor([[token]]))], dim=1)
+        inputs = torch.cat([inputs, embed(torch.tensor([[token]], device=inputs.device))], dim=1)
     return tok.decode(tokens, skip_special_tokens=True)
 
 
@@ -176,17 +209,22 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N problems per set (0: all)")
     parser.add_argument("--decode-latents", type=int, default=3, help="problems whose latents are decoded")
     parser.add_argument("--out", help="report directory (default: MODEL/../eval)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: this rank's GPU where CUDA is, else the CPU")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 on a GPU, fp32 on the CPU (as training runs)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:
         from .distributed import init_distributed
         init_distributed()
     sets = eval_sets(args.set)
-    model, tok, latent, projection, decoder = load_merged(args.model)
+    model, tok, latent, projection, decoder = load_merged(args.model, *eval_device(args.device, args.dtype))
     report = {"model": os.path.abspath(args.model), "model_fingerprint": _fingerprint(args.model),
               "latent_config": {k: v for k, v in latent.items() if k != "special_tokens"}, "split": args.split,
               "sets": {}, "latents": []}
     for name, path in sets:
         shards = load_shards(path)
+        check_set_matches_model(latent, shards, path)
         records = shards.split(args.split).to_list()[:args.limit or None]
         result = evaluate_set(model, tok, latent, projection, records, args.batch_size, args.max_new_tokens)
         result["data_fingerprint"] = shards.manifest["tokenizer"]["fingerprint"]

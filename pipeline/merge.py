@@ -94,6 +94,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
               "c_thought": run.method.c_thought, "stage": client["stage"], "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
+              "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"],
               "source": {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}}
     with open(os.path.join(tmp, LATENT_CONFIG), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)

@@ -85,3 +85,20 @@ def test_evaluation_split_across_two_ranks_counts_every_problem_once(trained, ti
     report = json.loads((out / "report.json").read_text())
     ids = [e["id"] for e in report["sets"]["synth"]["examples"]]
     assert report["sets"]["synth"]["n"] == 11 and len(set(ids)) == len(ids)
+
+
+def test_evaluation_refuses_a_set_built_with_another_tokenizer(trained, synth_dir, tmp_path):
+    from data_prep.build import BuildOptions, run_build
+    from data_prep.tokenizer import build_tokenizer
+
+    run, _ = trained
+    if not (run / "merged").exists():
+        _run("pipeline.merge", "--run", str(run))
+    other_tok = tmp_path / "tok400"
+    build_tokenizer([str(synth_dir / "train.txt")], 400, None, str(other_tok))
+    other = tmp_path / "other"
+    run_build(BuildOptions([f"gsm8k-aug:{synth_dir / 'valid.txt'}"], str(other_tok), str(other)), log=lambda *_: None)
+    result = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--model", str(run / "merged"),
+                             "--set", f"synth={other}", "--split", "valid", "--limit", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "but the model was trained with" in result.stderr, result.stderr[-2000:]
