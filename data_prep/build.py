@@ -51,7 +51,7 @@ class Collected:
     per_source: list[dict] = field(default_factory=list)
 
 
-def collect(specs: list[SourceSpec], strict: bool, log=print) -> Collected:
+def collect(specs: list[SourceSpec], strict: bool) -> Collected:
     got = Collected()
     for source_index, spec in enumerate(specs):
         read = rejected = 0
@@ -71,7 +71,6 @@ def collect(specs: list[SourceSpec], strict: bool, log=print) -> Collected:
         digest = sha256_file(spec.path) if spec.kind != "hub" else None
         got.per_source.append({"source": spec.name, "split": spec.split, "sha256": digest,
                                "read": read, "accepted": read - rejected, "rejected": rejected})
-        log(f"  {spec.name} -> {spec.split}: {read} read, {read - rejected} accepted, {rejected} rejected")
     return got
 
 
@@ -113,8 +112,10 @@ def run_build(opts: BuildOptions, log=print) -> dict:
     tok = load_pretrained(opts.tokenizer)
     special = add_latent_tokens(tok)
     log(f"reading {len(specs)} source(s)")
-    got = collect(specs, opts.strict, log)
+    got = collect(specs, opts.strict)
     tokenize_rows(got, tok, opts)
+    for c in got.per_source:            # after the length check, whose rejects count too
+        log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, {c['rejected']} rejected")
     parent = os.path.dirname(os.path.abspath(opts.out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.out)}.building-", dir=parent)

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 import warnings
 
 import torch
 import torch.distributed as dist
 
 REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "checkpointed on a signal, run me again" (the sbatch script requeues)
+# DeepSpeed JIT-builds its shm collective op on every CPU init (43 s cold on 2 cores, DEEPSPEED_CPU.md);
+# a lock older than this was left by a build that was killed, never by one still running.
+STALE_BUILD_LOCK_S = 600
 
 
 def free_port() -> int:
@@ -32,6 +36,26 @@ def environment_from_slurm() -> None:
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def clear_stale_build_lock(op: str = "deepspeed_shm_comm", max_age_s: float = STALE_BUILD_LOCK_S) -> str | None:
+    """Remove torch's JIT build lock for ``op`` when a killed build left it behind.
+
+    torch waits on that lock forever (no timeout, no message): one Ctrl-C during the first run's
+    compile made every later run on the machine hang silently in ``init_distributed``."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(op, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+        if age < max_age_s:
+            return None
+        os.remove(lock)
+    except FileNotFoundError:           # no lock, or another rank removed it first
+        return None
+    warnings.warn(f"removed {lock}: a build of {op} was killed {age / 60:.0f} min ago and its lock would have "
+                  "hung this run", stacklevel=2)
+    return lock
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -52,6 +76,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # in a subprocess unless LOCAL_SIZE is set, and ZeRO-3 asks once per gradient bucket: 20 %
         # of a small model's step (profiled, README P8). The ranks on this node is the right answer.
         env.setdefault("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))
+        clear_stale_build_lock()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
     local = int(env.get("LOCAL_RANK", "0"))

@@ -18,6 +18,9 @@ from .config import ConfigError, RunConfig
 
 # Published shapes (config.json of each hub model): hidden, intermediate, layers, heads, kv heads, tied.
 _LLAMA3 = {"vocab_size": 128_256, "rope_theta": 500_000.0, "max_position_embeddings": 131_072}
+_SMOLLM2 = {"vocab_size": 49_152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,
+            "max_position_embeddings": 8192, "rope_theta": 100_000.0}
 KNOWN_SHAPES = {
     "meta-llama/Llama-3.2-1B-Instruct": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192,
                                          "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -31,6 +34,8 @@ KNOWN_SHAPES = {
     "meta-llama/Llama-3.1-70B-Instruct": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672,
                                           "num_hidden_layers": 80, "num_attention_heads": 64,
                                           "num_key_value_heads": 8, "tie_word_embeddings": False},
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
+    "models/smollm2-135m": _SMOLLM2,            # what `make smollm2` writes (the same model, from its GGUF)
     "openai-community/gpt2": {"model_type": "gpt2", "vocab_size": 50_257, "n_embd": 768, "n_layer": 12,
                               "n_head": 12, "n_positions": 1024},
 }

@@ -5,6 +5,8 @@ creates them inside ``deepspeed.zero.Init`` and an 8B model is never materialise
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import ConfigError, ModelSettings, RunConfig
@@ -30,7 +32,9 @@ def pick_attention(requested: str, on_cuda: bool) -> str:
 
 
 def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
-    """One causal LM: the same call twice gives the same weights (decoder = copy of the base)."""
+    """One causal LM: the same call twice gives the same weights (decoder = copy of the base).
+    A pretrained model is resized to the tokenizer (the latent tokens are new); the new rows get
+    transformers' mean-resizing (CODI's), Coconut's are then overwritten (``seed_new_rows``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(settings.init_seed)
@@ -38,7 +42,8 @@ def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
         model = AutoModelForCausalLM.from_pretrained(settings.name_or_path, attn_implementation=attention,
                                                      trust_remote_code=settings.trust_remote_code,
                                                      dtype=torch.float32)
-        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+        weight = model.get_input_embeddings().weight
+        if getattr(weight, "ds_shape", weight.shape)[0] < vocab_size:      # ZeRO-3: the full, not the local, size
             model.resize_token_embeddings(vocab_size)
         return model
     t = settings.tiny
@@ -48,6 +53,55 @@ def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
                       max_position_embeddings=2048)
     cfg._attn_implementation = attention
     return LlamaForCausalLM._from_config(cfg, attn_implementation=attention, dtype=torch.float32)
+
+
+def new_rows_like(tokenizer, method: str) -> int | None:
+    """Coconut (only) starts the added tokens from the token ``<<`` as the reference does; None
+    (transformers' mean-resizing) for the other methods or a tokenizer with no single ``<<`` token."""
+    ids = tokenizer("<<", add_special_tokens=False)["input_ids"]
+    return ids[0] if method == "coconut" and len(ids) == 1 else None
+
+
+def seed_new_rows(run: RunConfig, vocab_size: int, like: int | None, lms: list) -> range | None:
+    """Copy token ``like``'s rows into the rows the pretrained model did not have. Skipped when
+    ``checkpoint.init_from`` is a latent run's: its rows for the latent tokens are trained, while a
+    CoT run never feeds them (the reference resizes only when Coconut starts)."""
+    from transformers import AutoConfig
+
+    if like is None or not run.model.name_or_path:
+        return None
+    if run.checkpoint.init_from and init_run_method(run.checkpoint.init_from) in ("coconut", "codi"):
+        return None
+    pretrained = AutoConfig.from_pretrained(run.model.name_or_path,
+                                            trust_remote_code=run.model.trust_remote_code).vocab_size
+    rows = range(pretrained, vocab_size)
+    for lm in lms:
+        copy_rows(lm, rows, like)
+    return rows
+
+
+def init_run_method(init_from: str) -> str | None:
+    """The method of the run that wrote ``checkpoint.init_from`` (None: no config.yaml beside it)."""
+    from .checkpoint import init_source
+    from .config import load_config
+
+    ckpt_dir, _tag = init_source(init_from)
+    config = os.path.join(os.path.dirname(ckpt_dir), "config.yaml")
+    return load_config(config).method.name if os.path.isfile(config) else None
+
+
+def copy_rows(model, rows: range, source: int) -> None:
+    """Coconut's initialisation of the added tokens: the input-embedding row and the LM-head row of
+    ``source`` (the reference uses ``<<``) copied into ``rows``. Under ZeRO-3 rank 0 writes the
+    gathered tables and DeepSpeed re-partitions them to every rank."""
+    import deepspeed
+
+    tables = {id(t): t for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with deepspeed.zero.GatheredParameters(list(tables.values()), modifier_rank=0), torch.no_grad():
+        if rank == 0:
+            for table in tables.values():           # one table when the embeddings are tied
+                table[rows.start:rows.stop] = table[source]
 
 
 def apply_lora(model, lora):
@@ -70,8 +124,10 @@ def reasoner_config(run: RunConfig) -> ReasonerConfig:
                           m.distill_div_std, m.teacher_loss_weight, run.model.gradient_checkpointing)
 
 
-def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool):
-    """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig)."""
+def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,
+                   new_rows_like: int | None = None):
+    """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig). ``new_rows_like``:
+    the token whose embedding the added tokens start from (Coconut's ``<<``; None: mean-resizing)."""
     keep_alive = None
     if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -87,6 +143,9 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
         source = load_base_weights(base, decoder, run.checkpoint.init_from)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"initialised weights from {source}", flush=True)
+    seeded = seed_new_rows(run, vocab_size, new_rows_like, [lm for lm in (base, decoder) if lm is not None])
+    if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"token rows {seeded.start}..{seeded.stop - 1} start as token {new_rows_like}'s (Coconut)", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
     model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)

@@ -21,7 +21,7 @@ def pyplot():
 def write_report(report: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     plots = {"accuracy": plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))}
-    if report["latents"]:
+    if report["latents"] and len(report["latents"][0]["latents"]) >= 2:     # one latent: no pairs to compare
         plots["latent_similarity"] = plot_latent_similarity(report["latents"], os.path.join(out_dir,
                                                                                              "latent_similarity.png"))
     report["plots"] = plots
@@ -55,7 +55,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {inter} | {g['to_vocab_centre_l2']:.2f} | {g['embedding_to_centre_l2']:.2f} |")
         lines.append("")
     if report["latents"]:
-        lines += ["## Decoded latents", "", "![latent similarity](latent_similarity.png)", ""]
+        picture = ("![latent similarity](latent_similarity.png)" if "latent_similarity" in report.get("plots", {})
+                   else "(one latent per problem: no similarity between latents to plot)")
+        lines += ["## Decoded latents", "", picture, ""]
         for item in report["latents"]:
             lines.append(f"**{item['id']}** {item['question']}  ")
             lines.append(f"gold steps: {' '.join(item['gold_steps']) or '(none)'}  ")
@@ -94,11 +96,20 @@ def plot_latent_similarity(latents: list[dict], path: str) -> str:
         z = torch.nn.functional.normalize(torch.tensor(item["latents"]), dim=-1)
         sims.append(z @ z.T)
     mean = torch.stack(sims).mean(0).numpy()
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    k = mean.shape[0]
+    side = min(8.0, 2.4 + 0.35 * k)
+    fig, ax = plt.subplots(figsize=(side + 0.8, side))
     image = ax.imshow(mean, vmin=-1, vmax=1, cmap="coolwarm")
+    ticks = list(range(0, k, max(1, k // 8)))           # integer latent numbers, at most ~8 labels
+    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    if k <= 8:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{mean[i, j]:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xlabel("latent")
     ax.set_ylabel("latent")
-    ax.set_title("mean cosine similarity")
+    ax.set_title(f"mean cosine similarity ({len(latents)} problems)", fontsize=9)
     fig.colorbar(image)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

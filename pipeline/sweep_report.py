@@ -120,6 +120,11 @@ def _curves(results: dict):
         yield ", equal budget", "--", results["equal_budget"]
 
 
+def _latent_counts(results: dict) -> list[int]:
+    """The points' latent counts: the x ticks (integers, never fractions of a latent)."""
+    return sorted({r["n_latents"] for _, _, by_method in _curves(results) for rows in by_method.values() for r in rows})
+
+
 def plot(results: dict, out: str) -> None:
     plt = pyplot()
     colors = {"coconut": "tab:blue", "simcot": "tab:orange"}
@@ -132,6 +137,7 @@ def plot(results: dict, out: str) -> None:
         ax.axhline(100 * results["references"][name]["accuracy"], linestyle=style, color="gray", label=LABELS[name])
     ax.set(xlabel="latents (c x max stage)", ylabel="test accuracy (%)", ylim=(0, 100),
            title="Accuracy vs number of latents (toy task)")
+    ax.set_xticks(_latent_counts(results))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_latents.png"), dpi=110)
@@ -146,6 +152,7 @@ def plot(results: dict, out: str) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=colors[method],
                         label=LABELS[method] + suffix)
         ax.set(xlabel="latents", title=title)
+        ax.set_xticks(_latent_counts(results))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "geometry_vs_latents.png"), dpi=110)

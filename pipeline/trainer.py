@@ -25,7 +25,7 @@ from .ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
 from .gather_policy import REPLICATED, STREAMED, apply_gather_policy, step_gather
 from .memory_plan import local_hardware, make_plan
 from .model_shapes import model_sizes
-from .modeling import build_reasoner, count_params, layout_config
+from .modeling import build_reasoner, count_params, layout_config, new_rows_like
 from .schedule import lr_factor
 from .telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 
@@ -114,7 +114,8 @@ class Trainer:
             with open(os.path.join(self.run_dir, "ds_config.json"), "w", encoding="utf-8") as handle:
                 json.dump(self.ds_config, handle, indent=2)
         model, attention, self._hf_ds_keepalive = build_reasoner(run, vocab_size, self.special["eos"],
-                                                                 self.ds_config, self.on_cuda)
+                                                                 self.ds_config, self.on_cuda,
+                                                                 new_rows_like(self.shards.tokenizer, run.method.name))
         total, trainable = count_params(model)
         picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
         self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "

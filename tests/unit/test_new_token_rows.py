@@ -1,0 +1,59 @@
+"""The rows a pretrained model gains for the latent tokens: mean-resizing, or Coconut's copy of `<<`."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.checkpoint import COMPLETE
+from pipeline.config import load_config, save_config
+from pipeline.modeling import build_lm, new_rows_like, seed_new_rows
+
+pytestmark = pytest.mark.unit
+OLD, NEW, LIKE = 300, 305, 7
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A saved 'pretrained' LLaMA with untied embeddings, so both tables are checked."""
+    cfg = LlamaConfig(vocab_size=OLD, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("pretrained")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _run(pretrained, *overrides):
+    return load_config(None, [f"model.name_or_path={pretrained}", "method.name=coconut", *overrides])
+
+
+def _tables(lm):
+    return lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+
+
+def test_coconut_rows_start_as_the_source_tokens_in_both_tables(pretrained):
+    run = _run(pretrained)
+    lm = build_lm(run.model, NEW, "sdpa")
+    before = [t[:OLD].clone() for t in _tables(lm)]
+    assert seed_new_rows(run, NEW, LIKE, [lm]) == range(OLD, NEW)
+    for table, old in zip(_tables(lm), before):
+        assert torch.equal(table[OLD:], table[LIKE].expand(NEW - OLD, -1))
+        assert torch.equal(table[:OLD], old)                             # the pretrained rows untouched
+
+
+def test_other_methods_and_latent_sources_keep_mean_resizing(pretrained, tmp_path):
+    class Tok:
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [LIKE] if text == "<<" else [1, 2]}
+
+    assert new_rows_like(Tok(), "coconut") == LIKE and new_rows_like(Tok(), "codi") is None
+    # init_from a Coconut run: its latent rows were trained, so they are not overwritten
+    tag = tmp_path / "coco" / "checkpoints" / "epoch0"
+    tag.mkdir(parents=True)
+    (tag / COMPLETE).write_text("{}")
+    save_config(_run(pretrained), str(tmp_path / "coco" / "config.yaml"))
+    run = _run(pretrained, f"checkpoint.init_from={tag}")
+    lm = build_lm(run.model, NEW, "sdpa")
+    rows = _tables(lm)[0][OLD:].clone()
+    assert seed_new_rows(run, NEW, LIKE, [lm]) is None and torch.equal(_tables(lm)[0][OLD:], rows)
+    # ... while a CoT run never fed them: they start from `<<` as the reference's Coconut stage does
+    save_config(_run(pretrained, "method.name=cot"), str(tmp_path / "coco" / "config.yaml"))
+    assert seed_new_rows(run, NEW, LIKE, [lm]) == range(OLD, NEW)
