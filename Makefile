@@ -1,8 +1,8 @@
 # Quick start:  make demo   (the embedded default end to end on this CPU)
 #               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README); make lint (ruff)
-#               make smollm2 (real pretrained weights offline: models/smollm2-135m; README "Real weights")
-#               make real-model (the first real-model result on GSM8K, ~1 h on 2 cores; REAL_ARGS=...)
+#               make smollm2 (real pretrained weights offline: models/smollm2-135m; README "Real pretrained weights")
+#               make real-model (the first real-model result on GSM8K, ~1.3 h on 2 cores; REAL_ARGS=...)
 # Every target sets itself up first; `make setup` is idempotent.
 PYTHON ?= python3
 VENV := .venv
