@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output shard directory (written atomically)")
     p.add_argument("--shards", type=int, default=1, help="shards per split (default 1)")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    p.add_argument("--max-length", type=int, default=1024, help="reject records longer than this (tokens)")
+    p.add_argument("--max-length", type=int, default=1024, help="reject train/valid records longer than this (tokens); "
+                   "test records are never cut")
     p.add_argument("--question-suffix", default="\n", help=r"text after the question (default '\n')")
     p.add_argument("--step-separator", default="\n", help=r"text after each step (default '\n'; CODI: ' ')")
     p.add_argument("--answer-prefix", default="### ", help="text before the answer ('### ' Coconut, "

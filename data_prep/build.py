@@ -75,7 +75,9 @@ def collect(specs: list[SourceSpec], strict: bool) -> Collected:
 
 
 def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
-    """Add token ids to every row; rows over ``max_length`` move to the rejects."""
+    """Add token ids to every row; train and valid rows over ``max_length`` move to the rejects.
+    Test rows are never cut: an evaluation set that loses its longest problems scores too high,
+    and generation reads only the question anyway."""
     for split in SPLITS:
         rows = got.rows[split]
         if not rows:
@@ -85,7 +87,7 @@ def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
         kept = []
         for row, q_ids, s_ids, a_ids in zip(rows, q, s, a):
             length = len(q_ids) + sum(map(len, s_ids)) + len(a_ids) + 1  # + EOS
-            if length > opts.max_length:
+            if length > opts.max_length and split != "test":
                 reason = f"too long: {length} tokens > --max-length {opts.max_length}"
                 if opts.strict:
                     raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")

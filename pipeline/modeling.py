@@ -34,7 +34,7 @@ def pick_attention(requested: str, on_cuda: bool) -> str:
 def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
     """One causal LM: the same call twice gives the same weights (decoder = copy of the base).
     A pretrained model is resized to the tokenizer (the latent tokens are new); the new rows get
-    transformers' mean-resizing (CODI's), Coconut's are then overwritten (``seed_new_rows``)."""
+    transformers' mean-resizing (CODI's); Coconut's latent rows are then overwritten (``seed_new_rows``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(settings.init_seed)
@@ -62,19 +62,15 @@ def new_rows_like(tokenizer, method: str) -> int | None:
     return ids[0] if method == "coconut" and len(ids) == 1 else None
 
 
-def seed_new_rows(run: RunConfig, vocab_size: int, like: int | None, lms: list) -> range | None:
-    """Copy token ``like``'s rows into the rows the pretrained model did not have. Skipped when
-    ``checkpoint.init_from`` is a latent run's: its rows for the latent tokens are trained, while a
-    CoT run never feeds them (the reference resizes only when Coconut starts)."""
-    from transformers import AutoConfig
-
-    if like is None or not run.model.name_or_path:
-        return None
+def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) -> list[int]:
+    """Copy token ``like``'s rows into the latent tokens' ``rows`` (the ids data_prep added, beyond
+    the pretrained table or inside a padded one). Skipped when ``checkpoint.init_from`` is a latent
+    run's: its latent rows are trained, while a CoT run never feeds them (the reference resizes
+    only when Coconut starts). Returns the rows written."""
+    if like is None or not run.model.name_or_path or not rows:
+        return []
     if run.checkpoint.init_from and init_run_method(run.checkpoint.init_from) in ("coconut", "codi"):
-        return None
-    pretrained = AutoConfig.from_pretrained(run.model.name_or_path,
-                                            trust_remote_code=run.model.trust_remote_code).vocab_size
-    rows = range(pretrained, vocab_size)
+        return []
     for lm in lms:
         copy_rows(lm, rows, like)
     return rows
@@ -90,7 +86,7 @@ def init_run_method(init_from: str) -> str | None:
     return load_config(config).method.name if os.path.isfile(config) else None
 
 
-def copy_rows(model, rows: range, source: int) -> None:
+def copy_rows(model, rows: list[int], source: int) -> None:
     """Coconut's initialisation of the added tokens: the input-embedding row and the LM-head row of
     ``source`` (the reference uses ``<<``) copied into ``rows``. Under ZeRO-3 rank 0 writes the
     gathered tables and DeepSpeed re-partitions them to every rank."""
@@ -101,7 +97,7 @@ def copy_rows(model, rows: range, source: int) -> None:
     with deepspeed.zero.GatheredParameters(list(tables.values()), modifier_rank=0), torch.no_grad():
         if rank == 0:
             for table in tables.values():           # one table when the embeddings are tied
-                table[rows.start:rows.stop] = table[source]
+                table[rows] = table[source].clone()
 
 
 def apply_lora(model, lora):
@@ -125,9 +121,10 @@ def reasoner_config(run: RunConfig) -> ReasonerConfig:
 
 
 def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,
-                   new_rows_like: int | None = None):
+                   new_rows_like: int | None = None, latent_rows: tuple[int, ...] = ()):
     """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig). ``new_rows_like``:
-    the token whose embedding the added tokens start from (Coconut's ``<<``; None: mean-resizing)."""
+    the token whose rows the latent tokens' ``latent_rows`` start from (Coconut's ``<<``; None:
+    transformers' mean-resizing)."""
     keep_alive = None
     if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -143,9 +140,9 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
         source = load_base_weights(base, decoder, run.checkpoint.init_from)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"initialised weights from {source}", flush=True)
-    seeded = seed_new_rows(run, vocab_size, new_rows_like, [lm for lm in (base, decoder) if lm is not None])
+    seeded = seed_new_rows(run, list(latent_rows), new_rows_like, [lm for lm in (base, decoder) if lm is not None])
     if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        print(f"token rows {seeded.start}..{seeded.stop - 1} start as token {new_rows_like}'s (Coconut)", flush=True)
+        print(f"token rows {seeded} start as token {new_rows_like}'s (Coconut)", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
     model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import load_shards
+from data_prep.tokenizer import LATENT_TOKENS
 
 from . import checkpoint
 from .config import RunConfig, for_world, save_config
@@ -115,7 +116,8 @@ class Trainer:
                 json.dump(self.ds_config, handle, indent=2)
         model, attention, self._hf_ds_keepalive = build_reasoner(run, vocab_size, self.special["eos"],
                                                                  self.ds_config, self.on_cuda,
-                                                                 new_rows_like(self.shards.tokenizer, run.method.name))
+                                                                 new_rows_like(self.shards.tokenizer, run.method.name),
+                                                                 tuple(self.special[k] for k in LATENT_TOKENS))
         total, trainable = count_params(model)
         picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
         self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "

@@ -64,7 +64,7 @@ def test_a_killed_build_leaves_no_output_and_the_old_one_intact(synth_dir, spm_t
     args = [sys.executable, "-m", "data_prep", "build", "--tokenizer", str(spm_tokenizer_dir), "--out", str(out),
             "--source", f"gsm8k-aug:{synth_dir / 'train.txt'}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
-    for line in proc.stdout:                     # killed after reading, while tokenizing/writing
+    for line in proc.stdout:                     # killed after tokenizing, while writing
         if "accepted" in line:
             proc.send_signal(signal.SIGKILL)
             break
@@ -81,6 +81,26 @@ def test_a_killed_build_leaves_no_output_and_the_old_one_intact(synth_dir, spm_t
     proc.wait()
     assert sha256_file(out / "manifest.json") == before
     assert main(["verify", str(out)]) == 0
+
+
+def _lengths(split) -> list[int]:
+    return [len(q) + sum(map(len, st)) + len(a) + 1
+            for q, st, a in zip(split["question_ids"], split["step_ids"], split["answer_ids"])]
+
+
+def test_max_length_cuts_train_and_valid_but_never_the_test_split(synth_dir, spm_tokenizer_dir, tmp_path):
+    run_build(_opts(synth_dir, spm_tokenizer_dir, tmp_path / "full"), log=lambda *_: None)
+    full = load_shards(str(tmp_path / "full"))
+    cut = sorted(_lengths(full.split("train")))[1500]          # the median: about half the train split goes
+    lines = []
+    run_build(_opts(synth_dir, spm_tokenizer_dir, tmp_path / "cut", max_length=cut), log=lines.append)
+    data = load_shards(str(tmp_path / "cut"))
+    assert max(_lengths(data.split("train"))) <= cut and max(_lengths(data.split("valid"))) <= cut
+    assert len(data.split("test")) == len(full.split("test")) == 50
+    assert max(_lengths(data.split("test"))) > cut                  # the long test problems are kept
+    dropped = 3000 - len(data.split("train"))
+    assert dropped > 0 and any(line.endswith(f"-> train: 3000 read, {3000 - dropped} accepted, {dropped} rejected")
+                               for line in lines)                     # counted after the length check
 
 
 def test_verify_and_load_detect_a_corrupted_shard(built, tmp_path, capsys):

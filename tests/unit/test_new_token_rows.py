@@ -9,6 +9,7 @@ from pipeline.modeling import build_lm, new_rows_like, seed_new_rows
 
 pytestmark = pytest.mark.unit
 OLD, NEW, LIKE = 300, 305, 7
+ROWS = list(range(OLD, NEW))                # the latent tokens' ids: the rows the resize added
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,20 @@ def test_coconut_rows_start_as_the_source_tokens_in_both_tables(pretrained):
     run = _run(pretrained)
     lm = build_lm(run.model, NEW, "sdpa")
     before = [t[:OLD].clone() for t in _tables(lm)]
-    assert seed_new_rows(run, NEW, LIKE, [lm]) == range(OLD, NEW)
+    assert seed_new_rows(run, ROWS, LIKE, [lm]) == ROWS
     for table, old in zip(_tables(lm), before):
         assert torch.equal(table[OLD:], table[LIKE].expand(NEW - OLD, -1))
         assert torch.equal(table[:OLD], old)                             # the pretrained rows untouched
+
+
+def test_latent_tokens_inside_a_padded_table_are_seeded_too(pretrained):
+    """A pretrained table larger than its tokenizer (Qwen-style padding) gets no new rows: the
+    latent tokens take padding ids, which are the rows to seed."""
+    run = _run(pretrained)
+    lm = build_lm(run.model, OLD - 10, "sdpa")                       # no resize: the tokenizer is smaller
+    padded = [OLD - 12, OLD - 11]
+    assert seed_new_rows(run, padded, LIKE, [lm]) == padded
+    assert all(torch.equal(t[padded], t[LIKE].expand(2, -1)) for t in _tables(lm))
 
 
 def test_other_methods_and_latent_sources_keep_mean_resizing(pretrained, tmp_path):
@@ -53,7 +64,7 @@ def test_other_methods_and_latent_sources_keep_mean_resizing(pretrained, tmp_pat
     run = _run(pretrained, f"checkpoint.init_from={tag}")
     lm = build_lm(run.model, NEW, "sdpa")
     rows = _tables(lm)[0][OLD:].clone()
-    assert seed_new_rows(run, NEW, LIKE, [lm]) is None and torch.equal(_tables(lm)[0][OLD:], rows)
+    assert seed_new_rows(run, ROWS, LIKE, [lm]) == [] and torch.equal(_tables(lm)[0][OLD:], rows)
     # ... while a CoT run never fed them: they start from `<<` as the reference's Coconut stage does
     save_config(_run(pretrained, "method.name=cot"), str(tmp_path / "coco" / "config.yaml"))
-    assert seed_new_rows(run, NEW, LIKE, [lm]) == range(OLD, NEW)
+    assert seed_new_rows(run, ROWS, LIKE, [lm]) == ROWS
