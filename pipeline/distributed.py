@@ -6,6 +6,7 @@ are mapped here. A plain ``python -m pipeline.train`` is world size 1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,6 +59,22 @@ def clear_stale_build_lock(op: str = "deepspeed_shm_comm", max_age_s: float = ST
     return lock
 
 
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shm all-reduce buffer once every rank has mapped it.
+
+    With ``LOCAL_SIZE`` = the ranks on the node (set above), DeepSpeed's CPU shm op creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MB) per rank and never
+    removes it: RAM lost until reboot, 12 GB after a day of runs on this machine, then the OOM
+    killer. Every rank opens every peer's buffer inside ``init_distributed``; after the barrier the
+    names can go, the mappings live on until the processes exit (crash included)."""
+    env = os.environ
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_"
+            f"{env.get('MASTER_PORT')}_{dist.get_rank()}")
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):     # the shm op is off (ranks on several nodes) or not built
+        os.remove(name)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """-> (rank, world size, device). Uses NCCL on CUDA and gloo on CPU."""
     import deepspeed
@@ -79,6 +96,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         clear_stale_build_lock()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        if not on_cuda:
+            release_shm_buffer()
     local = int(env.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if on_cuda else torch.device("cpu")
     if on_cuda:

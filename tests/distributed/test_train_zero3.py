@@ -1,4 +1,5 @@
 """2-rank DeepSpeed ZeRO-3 training on CPU (gloo), through the real ``pipeline.train`` CLI."""
+import glob
 import json
 
 import pytest
@@ -25,7 +26,12 @@ def _trainable(run_dir) -> int:
     return model_sizes(run, len(load_shards(run.data).tokenizer)).trainable
 
 
+def _shm_buffers() -> set[str]:
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_path):
+    shm_before = _shm_buffers()
     code, out = torchrun(_args(tiny_shards, tmp_path, "coco", "method.name=coconut", "method.simcot=true",
                                "curriculum.start_stage=1", "train.max_steps=14"))
     assert code == 0, out[-3000:]
@@ -33,6 +39,7 @@ def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_pat
     losses = losses_by_step(run)
     assert sorted(losses) == list(range(1, 15))
     assert sum(list(losses.values())[-3:]) / 3 < 0.8 * losses[1]            # it learns
+    assert _shm_buffers() <= shm_before          # DeepSpeed's shm all-reduce buffers (66 MB each) do not leak
     steps = losses_by_step(run, "loss/step_ce")
     assert steps[14] < steps[1]                                               # the decoder learns too
     ds = json.loads((run / "ds_config.json").read_text())
