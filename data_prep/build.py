@@ -74,6 +74,12 @@ def collect(specs: list[SourceSpec], strict: bool) -> Collected:
     return got
 
 
+def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids: list[int]) -> int:
+    """A record's explicit-CoT length, the one ``--max-length`` is compared with: question, steps,
+    answer and the EOS the layouts append."""
+    return len(question_ids) + sum(map(len, step_ids)) + len(answer_ids) + 1
+
+
 def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
     """Add token ids to every row; train and valid rows over ``max_length`` move to the rejects.
     Test rows are never cut: an evaluation set that loses its longest problems scores too high,
@@ -86,7 +92,7 @@ def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
                                     [r["steps"] for r in rows], [r["answer"] for r in rows])
         kept = []
         for row, q_ids, s_ids, a_ids in zip(rows, q, s, a):
-            length = len(q_ids) + sum(map(len, s_ids)) + len(a_ids) + 1  # + EOS
+            length = record_tokens(q_ids, s_ids, a_ids)
             if length > opts.max_length and split != "test":
                 reason = f"too long: {length} tokens > --max-length {opts.max_length}"
                 if opts.strict:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from data_prep import run_cli
-from data_prep.build import BuildOptions, run_build
+from data_prep.build import BuildOptions, record_tokens, run_build
 from data_prep.summary import verify_shards
 from data_prep.templates import Templates
 from data_prep.tokenizer import build_tokenizer
@@ -82,8 +82,7 @@ def length_percentile(shards: str, percentile: float) -> int:
     from data_prep import load_shards
 
     train = load_shards(shards).split("train")
-    lengths = [len(q) + sum(map(len, s)) + len(a) + 1
-               for q, s, a in zip(train["question_ids"], train["step_ids"], train["answer_ids"])]
+    lengths = [record_tokens(q, s, a) for q, s, a in zip(train["question_ids"], train["step_ids"], train["answer_ids"])]
     return int(np.percentile(lengths, percentile))
 
 

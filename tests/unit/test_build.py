@@ -8,7 +8,7 @@ import pytest
 
 from data_prep import ShardError, load_shards
 from data_prep.__main__ import main
-from data_prep.build import BuildOptions, run_build
+from data_prep.build import BuildOptions, record_tokens, run_build
 from data_prep.manifest import sha256_file
 
 pytestmark = pytest.mark.unit
@@ -84,8 +84,7 @@ def test_a_killed_build_leaves_no_output_and_the_old_one_intact(synth_dir, spm_t
 
 
 def _lengths(split) -> list[int]:
-    return [len(q) + sum(map(len, st)) + len(a) + 1
-            for q, st, a in zip(split["question_ids"], split["step_ids"], split["answer_ids"])]
+    return [record_tokens(q, st, a) for q, st, a in zip(split["question_ids"], split["step_ids"], split["answer_ids"])]
 
 
 def test_max_length_cuts_train_and_valid_but_never_the_test_split(synth_dir, spm_tokenizer_dir, tmp_path):
