@@ -19,8 +19,8 @@ from .collate import collate_aligned
 from .config import load_config
 from .ds_config import resolve_ds_config
 from .gather_policy import GATHERED, apply_gather_policy, step_gather
-from .layouts import layout
-from .modeling import build_reasoner, layout_config
+from .methods import layout
+from .modeling import build_reasoner
 from .telemetry import FlopModel, body_params, peak_flops, step_flops
 
 SHAPES = {
@@ -42,7 +42,7 @@ def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: b
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     apply_gather_policy(engine, GATHERED)
-    cfg = layout_config(run)
+    cfg = run.method.layout()
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
     device = engine.device

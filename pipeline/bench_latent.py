@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from .collate import collate_aligned
-from .layouts import LayoutConfig, layout
+from .methods import LayoutConfig, layout
 from .model import LatentReasoner, ReasonerConfig
 
 SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 3, "latent": 4, "end_latent": 5, "bot": 6, "eot": 7}

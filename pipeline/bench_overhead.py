@@ -21,7 +21,7 @@ import torch
 
 from .bench_latent import PREFIX, SPECIAL, bench_model, synthetic_records
 from .collate import collate_aligned
-from .layouts import LayoutConfig, layout
+from .methods import LayoutConfig, layout
 from .model import LatentReasoner, ReasonerConfig
 
 VOCAB, HIDDEN, BATCH = 512, 64, 4

@@ -61,7 +61,7 @@ def _engine(method: str, k: int):
     from .bench_latent import bench_model
     from .config import load_config
     from .ds_config import resolve_ds_config
-    from .layouts import LayoutConfig
+    from .methods import LayoutConfig
     from .model import LatentReasoner, ReasonerConfig
 
     run = load_config(None, ["train.micro_batch_size=4", "train.lr=1e-4"])
@@ -78,7 +78,7 @@ def _engine(method: str, k: int):
 def _batch(layout, stage: int, rank: int):
     from .bench_latent import synthetic_records
     from .collate import collate_aligned
-    from .layouts import layout as lay
+    from .methods import layout as lay
 
     records = synthetic_records(4, 1000, seed=rank)
     return collate_aligned([lay(r, SPECIAL, layout, stage) for r in records], SPECIAL["latent"], 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layouts import IGNORE, Example
+from .methods import IGNORE, Example
 
 
 def _pad_rows(rows: list[list[int]], left: list[int], fill: int) -> torch.Tensor:

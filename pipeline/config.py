@@ -16,6 +16,8 @@ import yaml
 
 from data_prep.cli_errors import UserError
 
+from .methods import LayoutConfig, get_method, method_names
+
 
 @dataclass
 class TinyModel:
@@ -52,8 +54,8 @@ class ModelSettings:
 
 @dataclass
 class MethodSettings:
-    """The method and its losses (see pipeline.layouts.LayoutConfig and model.ReasonerConfig)."""
-    name: str = "cot"                   # cot | nocot | coconut | codi
+    """The method and its losses (see pipeline.methods.LayoutConfig and model.ReasonerConfig)."""
+    name: str = "cot"                   # cot | nocot | coconut | codi (pipeline/methods/)
     simcot: bool = False
     c_thought: int = 2
     max_latent_stage: int = 3
@@ -65,6 +67,12 @@ class MethodSettings:
     distill_factor: float = 1.0
     distill_div_std: bool = True
     teacher_loss_weight: float = 1.0
+
+    def layout(self) -> LayoutConfig:
+        """The options that shape the examples, for ``pipeline.methods``."""
+        return LayoutConfig(method=self.name, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
+                            pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
+                            include_last_step=self.include_last_step, simcot=self.simcot)
 
 
 @dataclass
@@ -209,10 +217,12 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 
 def validate(config: RunConfig) -> None:
     m, c, t = config.method, config.curriculum, config.train
+    if m.name not in method_names():
+        raise ConfigError(f"method.name {m.name!r}: expected one of {', '.join(method_names())}")
+    with_slots = [name for name in method_names() if get_method(name).supports_simcot]
     checks = [
-        (m.name in ("cot", "nocot", "coconut", "codi"),
-         f"method.name {m.name!r}: expected cot, nocot, coconut or codi"),
-        (not (m.simcot and m.name not in ("coconut", "codi")), "method.simcot needs method.name coconut or codi"),
+        (not (m.simcot and not get_method(m.name).supports_simcot),
+         f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
         (c.reset_optimizer in ("never", "stage", "epoch"), "curriculum.reset_optimizer: never, stage or epoch"),
         (t.schedule in ("constant", "cosine"), "train.schedule: constant or cosine"),

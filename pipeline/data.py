@@ -12,14 +12,12 @@ import torch
 
 from .collate import collate_aligned
 from .config import CurriculumSettings
-from .layouts import LayoutConfig, layout
+from .methods import LayoutConfig, get_method, layout
 
 
 def stage_for_epoch(epoch: int, curriculum: CurriculumSettings, method: str) -> int:
-    """Coconut: ``start_stage + epoch // epochs_per_stage``; the other methods have one stage."""
-    if method != "coconut":
-        return 0
-    return curriculum.start_stage + epoch // curriculum.epochs_per_stage
+    """The method's curriculum stage at ``epoch`` (Coconut: ``start_stage + epoch // epochs_per_stage``)."""
+    return get_method(method).stage_for_epoch(epoch, curriculum.start_stage, curriculum.epochs_per_stage)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from data_prep.manifest import read_manifest
 from .generate import generate_with_latents, left_pad_prompts, prefill
 from .geometry import per_problem, summarise, vocab_centre
 from .merge import LATENT_CONFIG
+from .methods import LayoutConfig, get_method
 from .metrics import hash_match, number_match
 from .report import write_report
 
@@ -87,14 +88,21 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
     return model, AutoTokenizer.from_pretrained(model_dir), latent, projection, decoder
 
 
+def merged_layout(latent: dict) -> LayoutConfig:
+    """The layout a merged model was trained with, from its latent_config.json."""
+    return LayoutConfig(method=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
+                        simcot=latent["simcot"])
+
+
 def prompt_for(record: dict, latent: dict) -> list[int]:
-    """The question, then the latent block the model was trained with (count from latent_config)."""
-    sp, n = latent["special_tokens"], latent["n_latents"]
-    if latent["method"] == "coconut":
-        return record["question_ids"] + [sp["start_latent"]] + [sp["latent"]] * n + [sp["end_latent"]]
-    if latent["method"] == "codi":
-        return record["question_ids"] + [sp["bot"]] + [sp["latent"]] * n + [sp["eot"]]
-    return list(record["question_ids"])
+    """The question, then the latent block the model was trained with: the training layout's own
+    ``prompt`` (count from latent_config)."""
+    return get_method(latent["method"]).prompt(record["question_ids"], latent["special_tokens"], latent["n_latents"])
+
+
+def filled_latent_id(latent: dict) -> int | None:
+    """The placeholder generation fills pass by pass (None: the method runs one pass, e.g. pause)."""
+    return latent["special_tokens"]["latent"] if get_method(latent["method"]).fills_latents else None
 
 
 def _rank_slice(n: int) -> tuple[range, int]:
@@ -113,9 +121,9 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         chunk = [records[i] for i in mine[offset:offset + batch_size]]
         real = len(chunk)
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
-        outputs, latents = generate_with_latents(model, [prompt_for(r, latent) for r in chunk], sp["latent"],
-                                                 sp["eos"], max_new, pad_id=sp["pad"], project=projection,
-                                                 sync_ranks=True)
+        prompts = [prompt_for(r, latent) for r in chunk]
+        outputs, latents = generate_with_latents(model, prompts, filled_latent_id(latent), sp["eos"], max_new,
+                                                 pad_id=sp["pad"], project=projection, sync_ranks=True)
         geometry = per_problem(latents, centre) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
@@ -141,15 +149,15 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
 def decode_latents(model, tok, decoder, latent, projection, records, n_problems: int = 3, max_len: int = 24) -> list:
     """Each latent (Coconut: each group of c) decoded greedily by the step decoder, and the
     logit-lens top-5 tokens of each latent through the base LM head."""
-    sp = latent["special_tokens"]
-    if latent["n_latents"] == 0 or n_problems <= 0:
+    sp, layout = latent["special_tokens"], merged_layout(latent)
+    if latent["n_latents"] == 0 or not layout.spec.fills_latents or n_problems <= 0:
         return []
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
     ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
     device = model.get_input_embeddings().weight.device
     _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    c = latent["c_thought"] if latent["method"] == "coconut" else 1
+    c = layout.slot_width()
     groups = latents.size(1) // c
     steps = [None] * (len(prompts) * groups)
     if decoder is not None:     # every group of every problem at once: [problems x groups, c, d]

@@ -22,7 +22,8 @@ from .latent import PassCache, fill_latents, latent_columns
 
 
 def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
-    """Align the first latent column (or the last token when there are none) -> (ids, mask)."""
+    """Align the first latent column (or the last token when there are none, or ``latent_id`` is
+    None) -> (ids, mask)."""
     anchors = [p.index(latent_id) if latent_id in p else len(p) for p in prompts]
     ids, mask, _ = align_rows(prompts, anchors, pad_id)
     return ids, mask
@@ -30,11 +31,12 @@ def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int, project: Callable | None):
-    """Run the prompt (filling latents); -> (next-token logits [B, V], cache chunks, latents or None)."""
+    """Run the prompt (filling the ``latent_id`` columns; None: one pass) -> (next-token logits
+    [B, V], cache chunks, latents or None)."""
     positions = positions_from_mask(mask)
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(ids)
-    first, n = latent_columns(ids, latent_id)
+    first, n = latent_columns(ids, latent_id) if latent_id is not None else (0, 0)
     if n == 0:
         cache = PassCache([], body.config.num_hidden_layers)
         hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,

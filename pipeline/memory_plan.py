@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .config import RunConfig
 from .gather_policy import GATHERED, REPLICATED, STREAMED
+from .methods import SequenceShape
 from .model_shapes import ModelSizes
 
 GIB = 2 ** 30
@@ -43,16 +44,6 @@ class Hardware:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
-
-
-@dataclass(frozen=True)
-class SequenceShape:
-    """Token counts of one problem the activations are planned for (GSM8k-Aug with a LLaMA-3
-    tokenizer, cut at about its 95th percentile; set them from your shards' length histogram)."""
-    question: int = 96
-    steps: int = 6
-    step: int = 16
-    answer: int = 8
 
 
 @dataclass
@@ -119,19 +110,13 @@ def model_states(sizes: ModelSizes, stage: int, world: int, dtype_bytes: int, gr
 
 def _pass_tokens(run: RunConfig, seq: SequenceShape) -> dict[str, int]:
     """Tokens per problem seen by each LM, for the longest stage of the method."""
-    m = run.method
-    cot = seq.question + seq.steps * seq.step + seq.answer + 1
-    latents = {"coconut": m.c_thought * m.max_latent_stage, "codi": m.num_latent}.get(m.name, 0)
-    slots = {"coconut": m.max_latent_stage, "codi": m.num_latent + 1}.get(m.name, 0) if m.simcot else 0
-    merged = max(1, seq.steps - slots + 1) if slots else 0
-    prefix = m.c_thought if m.name == "coconut" else 1
-    base = cot + latents + 2 if m.name == "coconut" else (seq.question + latents + 2 + seq.answer + 1
-                                                          if m.name == "codi" else cot)
-    answer = seq.answer + 1
-    labelled = answer + (cot - seq.question if m.name == "codi" else seq.steps * seq.step)   # CODI: + teacher
-    return {"base": base, "teacher": cot if m.name == "codi" else 0,
-            "decoder": slots * (merged * seq.step + prefix + 1),
-            "labelled": labelled + slots * (merged * seq.step + 1)}
+    layout = run.method.layout()
+    method = layout.spec
+    slots = method.decoder_slots(layout) if layout.simcot else 0
+    merged = max(1, seq.steps - slots + 1) if slots else 0      # steps per slot, the overflow in the last
+    return {"base": method.base_tokens(layout, seq), "teacher": method.teacher_tokens(layout, seq),
+            "decoder": slots * (merged * seq.step + layout.slot_width() + 1),
+            "labelled": method.labelled_tokens(layout, seq) + slots * (merged * seq.step + 1)}
 
 
 def activation_gib(run: RunConfig, sizes: ModelSizes, seq: SequenceShape, dtype_bytes: int) -> dict[str, float]:
@@ -155,7 +140,8 @@ def _streamed_window(sizes: ModelSizes, dtype_bytes: int) -> float:
 
 
 def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hardware,
-              seq: SequenceShape = SequenceShape()) -> MemoryPlan:
+              seq: SequenceShape | None = None) -> MemoryPlan:
+    seq = seq or SequenceShape()
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     dtype_bytes = 2 if ds_config.get("bf16", {}).get("enabled") is True else 4
@@ -187,7 +173,7 @@ def _device_total(plan: MemoryPlan, policy: str) -> float:
 
 def decide(plan: MemoryPlan, run: RunConfig, hardware: Hardware) -> None:
     """Pick the policy: gathered when it fits; streamed for a single-pass method; else say why not."""
-    single_pass = run.method.name in ("cot", "nocot")
+    single_pass = not run.method.layout().spec.fills_latents
     candidates = [REPLICATED] if plan.stage < 3 else [GATHERED] + ([STREAMED] if single_pass else [])
     for policy in candidates:
         plan.policy, plan.device_gib = policy, _device_total(plan, policy)

@@ -24,7 +24,7 @@ from data_prep import UserError, load_shards, run_cli
 
 from . import checkpoint
 from .config import load_config
-from .modeling import apply_lora, build_lm, layout_config
+from .modeling import apply_lora, build_lm
 
 LATENT_CONFIG = "latent_config.json"
 
@@ -59,7 +59,7 @@ def rebuild(run, state: dict, vocab_size: int):
 
 def latent_count(run, stage: int) -> int:
     """Latents the model was trained with at this checkpoint's stage (never from a resume counter)."""
-    return layout_config(run).n_latents(stage, n_steps=10**6)
+    return run.method.layout().n_latents(stage, n_steps=10**6)
 
 
 def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | None = None) -> str:

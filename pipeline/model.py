@@ -3,7 +3,8 @@
     model = LatentReasoner(base, ReasonerConfig(layout=LayoutConfig("codi", simcot=True)))
     losses = model(batch)      # {"answer_ce", "teacher_ce", "distill", "step_ce", "total"}
 
-Methods are configuration of this one module. Module calls per step depend only on the method
+Methods are configuration of this one module: what differs between them is asked of the method
+object (``pipeline.methods``), never of its name. Module calls per step depend only on the method
 and the curriculum stage (the same on every rank), never on the data: ZeRO-3 gathers stay in step.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .latent import enable_cache_safe_checkpointing, fill_latents
-from .layouts import IGNORE, LayoutConfig
+from .methods import IGNORE, LayoutConfig
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class LatentReasoner(nn.Module):
         super().__init__()
         self.base = base
         self.config = config
-        method = config.layout.method
+        self.method = config.layout.spec
         hidden = base.config.hidden_size
-        self.projection = Projection(hidden) if method == "codi" else None
+        self.projection = Projection(hidden) if self.method.needs_projection else None
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
         # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
         # parameters would copy shards, not weights).
@@ -91,7 +92,7 @@ class LatentReasoner(nn.Module):
         return out
 
     def _answer_pass(self, batch: dict, embeds: torch.Tensor):
-        n = int(batch.get("n_latents", 0))
+        n = int(batch["n_latents"]) if self.method.fills_latents else 0
         if n == 0:
             hidden = self.body(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"]).last_hidden_state
@@ -103,17 +104,22 @@ class LatentReasoner(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        missing = [k for k in self.method.batch_keys(self.config.layout, int(batch.get("n_latents", 0)))
+                   if k not in batch]
+        if missing:
+            raise KeyError(f"{self.method.name} batch lacks {missing}; "
+                           "collate it with pipeline.collate.collate_aligned")
         embeds = self.embed_all(batch)
         hidden, passes = self._answer_pass(batch, embeds["input_ids"])
         head = self.base.get_output_embeddings()
         zero = hidden.new_zeros(())
         losses = {"answer_ce": labelled_ce(head, hidden, batch["labels"]), "teacher_ce": zero,
                   "distill": zero, "step_ce": zero}
-        if self.config.layout.method == "codi":
+        if self.method.needs_teacher:
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
         if self.step_decoder is not None and passes is not None:
-            losses["step_ce"] = self.step_loss(self._slot_vectors(passes), batch["step_ids"], embeds["step_ids"],
-                                               batch["step_lengths"])
+            slots = self.method.slot_vectors(self.config.layout, passes.latents, passes.next_latent)
+            losses["step_ce"] = self.step_loss(slots, batch["step_ids"], embeds["step_ids"], batch["step_lengths"])
         if passes is not None:
             losses.update(self.latent_health(passes.latents, embeds["input_ids"]))
         c = self.config
@@ -144,14 +150,6 @@ class LatentReasoner(nn.Module):
         if self.config.distill_div_std:
             per_layer = per_layer / target.std(dim=(1, 2))
         return teacher_ce, per_layer.mean()
-
-    def _slot_vectors(self, passes) -> torch.Tensor:
-        """[B, S, c, d]: Coconut groups of c latents; CODI the N fed latents plus the one never fed."""
-        if self.config.layout.method == "codi":
-            return torch.cat([passes.latents, passes.next_latent], dim=1).unsqueeze(2)
-        c = self.config.layout.c_thought
-        b, n, d = passes.latents.shape
-        return passes.latents.reshape(b, n // c, c, d)
 
     def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, step_embeds: torch.Tensor,
                   lengths: torch.Tensor) -> torch.Tensor:

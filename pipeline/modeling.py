@@ -10,7 +10,7 @@ import os
 import torch
 
 from .config import ConfigError, ModelSettings, RunConfig
-from .layouts import LayoutConfig
+from .methods import get_method
 from .model import LatentReasoner, ReasonerConfig
 
 
@@ -56,10 +56,12 @@ def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
 
 
 def new_rows_like(tokenizer, method: str) -> int | None:
-    """Coconut (only) starts the added tokens from the token ``<<`` as the reference does; None
-    (transformers' mean-resizing) for the other methods or a tokenizer with no single ``<<`` token."""
-    ids = tokenizer("<<", add_special_tokens=False)["input_ids"]
-    return ids[0] if method == "coconut" and len(ids) == 1 else None
+    """The token whose rows the added latent tokens start as: the method's ``seed_rows_from``
+    (Coconut's ``<<``, as the reference does); None (transformers' mean-resizing) for a method
+    without one or a tokenizer where that text is not one token."""
+    text = get_method(method).seed_rows_from
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return ids[0] if len(ids) == 1 else None
 
 
 def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) -> list[int]:
@@ -69,8 +71,10 @@ def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) 
     only when Coconut starts). Returns the rows written."""
     if like is None or not run.model.name_or_path or not rows:
         return []
-    if run.checkpoint.init_from and init_run_method(run.checkpoint.init_from) in ("coconut", "codi"):
-        return []
+    if run.checkpoint.init_from:
+        source = init_run_method(run.checkpoint.init_from)
+        if source is not None and get_method(source).uses_latent_tokens:
+            return []
     for lm in lms:
         copy_rows(lm, rows, like)
     return rows
@@ -108,16 +112,12 @@ def apply_lora(model, lora):
     return get_peft_model(model, config)
 
 
-def layout_config(run: RunConfig) -> LayoutConfig:
-    m = run.method
-    return LayoutConfig(m.name, m.c_thought, m.max_latent_stage, m.pad_latent_to_max, m.num_latent,
-                        m.include_last_step, m.simcot)
-
-
 def reasoner_config(run: RunConfig) -> ReasonerConfig:
     m = run.method
-    return ReasonerConfig(layout_config(run), m.step_loss_weight, m.step_loss_norm, m.distill_factor,
-                          m.distill_div_std, m.teacher_loss_weight, run.model.gradient_checkpointing)
+    return ReasonerConfig(layout=run.method.layout(), step_loss_weight=m.step_loss_weight,
+                          step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
+                          distill_div_std=m.distill_div_std, teacher_loss_weight=m.teacher_loss_weight,
+                          gradient_checkpointing=run.model.gradient_checkpointing)
 
 
 def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,

@@ -26,7 +26,7 @@ from .ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
 from .gather_policy import REPLICATED, STREAMED, apply_gather_policy, step_gather
 from .memory_plan import local_hardware, make_plan
 from .model_shapes import model_sizes
-from .modeling import build_reasoner, count_params, layout_config, new_rows_like
+from .modeling import build_reasoner, count_params, new_rows_like
 from .schedule import lr_factor
 from .telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 
@@ -64,7 +64,7 @@ class Trainer:
         self.prefix_ids = tok(self.shards.manifest["templates"]["answer_prefix"], add_special_tokens=False)["input_ids"]
         self.train_records = self.shards.split("train").to_list()
         self.valid_records = self.shards.split("valid").to_list() if "valid" in self.shards.splits else []
-        self.layout = layout_config(run)
+        self.layout = run.method.layout()
         self._build_engine(len(tok))
         self.log = MetricsLog(self.run_dir, self.rank == 0)
         self.progress = Progress(stage=stage_for_epoch(0, run.curriculum, run.method.name))
@@ -134,7 +134,7 @@ class Trainer:
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
-                                    run.method.c_thought if run.method.name == "coconut" else 1)
+                                    self.layout.slot_width())
 
     def _scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,

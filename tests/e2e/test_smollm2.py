@@ -56,7 +56,7 @@ def shards(smollm2, shared_data, tmp_path_factory):
 
 def test_step_decoder_targets_decode_back_to_the_step_text(shards):
     from data_prep import load_shards
-    from pipeline.layouts import LayoutConfig, layout
+    from pipeline.methods import LayoutConfig, layout
 
     data = load_shards(str(shards))
     tok, special = data.tokenizer, data.special_tokens

@@ -52,3 +52,4 @@ def test_stops_before_eos_and_handles_prompts_without_latents(model):
     assert out == [latent_generate(model, [p], LATENT, EOS, 8)[0] for p in prompts]
     first = latent_generate(model, prompts[:1], LATENT, eos_id=-1, max_new_tokens=3)[0]
     assert latent_generate(model, prompts[:1], LATENT, eos_id=first[1], max_new_tokens=3)[0] == first[:1]
+

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.collate import collate_aligned
-from pipeline.layouts import LayoutConfig, layout
+from pipeline.methods import LayoutConfig, layout
 from pipeline.model import LatentReasoner, ReasonerConfig
 from tests.tiny_models import tiny_llama
 
@@ -73,6 +73,15 @@ def test_module_calls_do_not_depend_on_the_data(name):
     for h in hooks:
         h.remove()
     assert sequences[0] == sequences[1] == sequences[2]
+
+
+@pytest.mark.parametrize("missing", ["teacher_labels", "step_ids", "n_latents"])
+def test_a_batch_without_a_part_its_method_needs_is_refused(missing):
+    cfg, stage = METHODS["codi+simcot"]
+    batch = _batch(RECORDS, cfg, stage)
+    del batch[missing]
+    with pytest.raises(KeyError, match=f"codi batch lacks \\['{missing}'\\]"):
+        _model(cfg)(batch)
 
 
 def test_latents_are_fed_as_hidden_states_not_token_embeddings():

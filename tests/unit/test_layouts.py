@@ -1,9 +1,11 @@
-"""Layout rules with exact ids (SIMCOT_SPEC.md §2.2, §3.2, §4.2, §4.4)."""
+"""Layout rules of every registered method, with exact ids (SIMCOT_SPEC.md §2.2, §3.2, §4.2, §4.4)."""
 import pytest
 
 from pipeline.collate import collate_aligned
-from pipeline.layouts import IGNORE as X
-from pipeline.layouts import LayoutConfig, answer_start, coconut_step_targets, layout, slot_targets
+from pipeline.methods import IGNORE as X
+from pipeline.methods import LayoutConfig, layout
+from pipeline.methods.coconut import step_targets as coconut_step_targets
+from pipeline.methods.codi import answer_start, slot_targets
 
 pytestmark = pytest.mark.unit
 SP = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 90, "latent": 91, "end_latent": 92, "bot": 93, "eot": 94}
@@ -67,6 +69,29 @@ def test_codi_student_teacher_and_distillation_columns():
 def test_codi_slots_merge_overflow_into_the_last_slot():
     assert slot_targets([[1], [2], [3], [4], [5]], 3) == [[1], [2], [3, 4, 5]]
     assert slot_targets([], 2) == [[], []]
+
+
+@pytest.mark.parametrize("cfg, stage", [
+    (LayoutConfig("cot"), 0), (LayoutConfig("nocot"), 0), (LayoutConfig("coconut", c_thought=2), 2),
+    (LayoutConfig("codi", num_latent=3), 0)])
+def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
+    """evaluate.prompt_for asks the method the training layout asks: they cannot drift apart."""
+    from pipeline.evaluate import prompt_for
+
+    ex = layout(RECORD, SP, cfg, stage, prefix_ids=[60])
+    latent_config = {"method": cfg.method, "special_tokens": SP, "n_latents": ex.n_latents}
+    prompt = prompt_for(RECORD, latent_config)
+    assert ex.input_ids[:len(prompt)] == prompt and ex.labels[len(prompt) - 1] == X
+    assert all(label != X for label in ex.labels[len(prompt):])
+
+
+def test_every_registered_method_is_one_object_found_by_name():
+    from pipeline.methods import get_method, method_names
+
+    assert set(method_names()) >= {"cot", "nocot", "coconut", "codi"}
+    assert all(get_method(name).name == name for name in method_names())
+    with pytest.raises(ValueError, match="expected one of"):
+        LayoutConfig("icot")
 
 
 def test_answer_start_needs_the_prefix():

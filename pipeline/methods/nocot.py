@@ -1,0 +1,12 @@
+"""No chain of thought: the question, then straight to the answer (the lower reference point)."""
+from __future__ import annotations
+
+from .base import Method, register
+
+
+@register
+class NoCoT(Method):
+    name = "nocot"
+
+    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
+        return self.supervised(self.prompt(q, special, 0), ans + [special["eos"]])
