@@ -55,7 +55,7 @@ class ModelSettings:
 @dataclass
 class MethodSettings:
     """The method and its losses (see pipeline.methods.LayoutConfig and model.ReasonerConfig)."""
-    name: str = "cot"                   # cot | nocot | coconut | codi (pipeline/methods/)
+    name: str = "cot"                   # cot | nocot | coconut | codi | pause (pipeline/methods/)
     simcot: bool = False
     c_thought: int = 2
     max_latent_stage: int = 3

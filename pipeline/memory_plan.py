@@ -12,7 +12,7 @@ latent loop, the LM-head logits at labelled positions and the communication buck
 
 Gathered weights are the policy's question. ``gathered`` holds the whole model (base, projection,
 step decoder) in the compute dtype from the first forward to the end of backward. ``streamed``
-holds a window of a few layers, but only for a method with one pass per module (CoT, No-CoT): a
+holds a window of a few layers, but only for a method with one pass per module (CoT, No-CoT, pause): a
 latent step runs every layer in K+2 passes and DeepSpeed 0.19.8 keeps such a module gathered
 until its *last* backward use (its release counter is reset at every forward call), so the peak
 is the whole model whatever the live-parameter settings (measured: ZERO3_GATHER notes in the

@@ -4,7 +4,7 @@ The layout of a training example, the evaluation prompt (built by the same ``pro
 layout uses, so evaluation cannot drift from training), the latent count per curriculum stage,
 the decoder targets, the parts it needs (CODI's projection, a teacher pass) and the sequence
 lengths the memory plan budgets. Nothing outside ``pipeline.methods`` compares method names:
-adding a method is one module here plus its recipe and tests.
+adding a method is one module here plus its recipe and tests (see ``pause.py``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class LayoutConfig:
     c_thought: int = 2              # Coconut: latents per replaced step
     max_latent_stage: int = 3       # Coconut: stages with their own step; later ones are all-latent
     pad_latent_to_max: bool = True  # Coconut final stage: always max_latent_stage * c latents
-    num_latent: int = 6             # CODI: latents fed to the model (CODI's SIM-CoT supervises num_latent + 1)
+    num_latent: int = 6             # CODI, pause: latents fed to the model (CODI's SIM-CoT supervises num_latent + 1)
     include_last_step: bool = False  # CODI teacher keeps the last CoT step (reference: dropped)
     simcot: bool = False
 

@@ -24,7 +24,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("train.lr=fast", "train.lr: expected float"),
     ("method.simcot=maybe", "method.simcot: expected bool"),
     ("train.epochs=1.5", "train.epochs: expected int"),
-    ("method.name=icot", "expected one of coconut, codi, cot, nocot"),
+    ("method.name=icot", "expected one of coconut, codi, cot, nocot, pause"),
     ("method.name=cot", None),
 ])
 def test_config_errors_name_the_key_and_the_fix(override, message):

@@ -53,3 +53,16 @@ def test_stops_before_eos_and_handles_prompts_without_latents(model):
     first = latent_generate(model, prompts[:1], LATENT, eos_id=-1, max_new_tokens=3)[0]
     assert latent_generate(model, prompts[:1], LATENT, eos_id=first[1], max_new_tokens=3)[0] == first[:1]
 
+
+@torch.no_grad()
+def test_pause_prompts_run_in_one_pass_with_the_latent_token_as_an_ordinary_token(model):
+    """latent_id None (a method that fills nothing, e.g. pause): the placeholders are read as tokens."""
+    prompts = _prompts((BOT, EOT), 4)
+    batched = latent_generate(model, prompts, None, eos_id=-1, max_new_tokens=6)
+    assert batched == [latent_generate(model, [p], None, eos_id=-1, max_new_tokens=6)[0] for p in prompts]
+    for prompt, new in zip(prompts, batched):       # greedy continuation, no cache
+        ids = list(prompt)
+        for token in new:
+            assert int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()) == token
+            ids.append(token)
+    assert batched != latent_generate(model, prompts, LATENT, eos_id=-1, max_new_tokens=6)   # filling differs

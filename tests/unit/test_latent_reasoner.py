@@ -20,6 +20,7 @@ METHODS = {
     "coconut": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3), 2),
     "coconut+simcot": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True), 4),
     "codi+simcot": (LayoutConfig("codi", num_latent=3, simcot=True), 0),
+    "pause": (LayoutConfig("pause", num_latent=3), 0),
 }
 
 
@@ -36,7 +37,7 @@ def test_every_method_returns_named_finite_losses(name):
     cfg, stage = METHODS[name]
     losses = _model(cfg)(_batch(RECORDS, cfg, stage))
     assert {"answer_ce", "teacher_ce", "distill", "step_ce", "total"} <= set(losses)
-    assert ("latent_cosine" in losses) == (name != "cot")
+    assert ("latent_cosine" in losses) == (name not in ("cot", "pause"))
     assert all(torch.isfinite(v) for v in losses.values())
     assert (losses["step_ce"] > 0) == ("simcot" in name)
     assert (losses["teacher_ce"] > 0) == name.startswith("codi")
@@ -73,6 +74,17 @@ def test_module_calls_do_not_depend_on_the_data(name):
     for h in hooks:
         h.remove()
     assert sequences[0] == sequences[1] == sequences[2]
+
+
+def test_pause_tokens_are_one_plain_forward_over_the_token_embeddings():
+    cfg, stage = METHODS["pause"]
+    model = _model(cfg)
+    batch = _batch(RECORDS, cfg, stage)
+    assert (batch["input_ids"] == SP["latent"]).sum(1).tolist() == [3, 3, 3]
+    plain = model.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits
+    expected = torch.nn.functional.cross_entropy(plain[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    assert abs(model(batch)["answer_ce"].item() - expected.item()) <= 1e-6
 
 
 @pytest.mark.parametrize("missing", ["teacher_labels", "step_ids", "n_latents"])

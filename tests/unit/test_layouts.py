@@ -71,9 +71,16 @@ def test_codi_slots_merge_overflow_into_the_last_slot():
     assert slot_targets([], 2) == [[], []]
 
 
+def test_pause_keeps_the_codi_block_filled_with_one_token_and_labels_only_the_answer():
+    ex = layout(RECORD, SP, LayoutConfig("pause", num_latent=3))
+    assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
+    assert ex.labels == [X] * 8 + [60, 61, EOS] and ex.n_latents == 3
+    assert not ex.teacher_ids and not ex.step_targets
+
+
 @pytest.mark.parametrize("cfg, stage", [
     (LayoutConfig("cot"), 0), (LayoutConfig("nocot"), 0), (LayoutConfig("coconut", c_thought=2), 2),
-    (LayoutConfig("codi", num_latent=3), 0)])
+    (LayoutConfig("codi", num_latent=3), 0), (LayoutConfig("pause", num_latent=4), 0)])
 def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
     """evaluate.prompt_for asks the method the training layout asks: they cannot drift apart."""
     from pipeline.evaluate import prompt_for
@@ -88,7 +95,7 @@ def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
 def test_every_registered_method_is_one_object_found_by_name():
     from pipeline.methods import get_method, method_names
 
-    assert set(method_names()) >= {"cot", "nocot", "coconut", "codi"}
+    assert set(method_names()) >= {"cot", "nocot", "coconut", "codi", "pause"}
     assert all(get_method(name).name == name for name in method_names())
     with pytest.raises(ValueError, match="expected one of"):
         LayoutConfig("icot")
