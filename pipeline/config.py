@@ -62,6 +62,8 @@ class MethodSettings:
     pad_latent_to_max: bool = True
     num_latent: int = 6
     include_last_step: bool = False
+    latent_update: str = "sequential"   # sequential | jacobi (all latents at once, PCCoT; pipeline/latent.py)
+    jacobi_iterations: int = 3          # jacobi: parallel passes (= the latent count: the sequential result)
     step_loss_weight: float = 1.0
     step_loss_norm: str = "token_mean"
     distill_factor: float = 1.0
@@ -72,7 +74,8 @@ class MethodSettings:
         """The options that shape the examples, for ``pipeline.methods``."""
         return LayoutConfig(method=self.name, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
                             pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
-                            include_last_step=self.include_last_step, simcot=self.simcot)
+                            include_last_step=self.include_last_step, simcot=self.simcot,
+                            latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations)
 
 
 @dataclass
@@ -224,6 +227,10 @@ def validate(config: RunConfig) -> None:
         (not (m.simcot and not get_method(m.name).supports_simcot),
          f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
+        (m.latent_update in ("sequential", "jacobi"), "method.latent_update: sequential or jacobi"),
+        (m.latent_update == "sequential" or get_method(m.name).fills_latents,
+         f"method.latent_update=jacobi needs a method that fills latents, not {m.name}"),
+        (m.jacobi_iterations >= 0, "method.jacobi_iterations must be >= 0 (0: the latents stay token embeddings)"),
         (c.reset_optimizer in ("never", "stage", "epoch"), "curriculum.reset_optimizer: never, stage or epoch"),
         (t.schedule in ("constant", "cosine"), "train.schedule: constant or cosine"),
         (t.micro_batch_size > 0 and t.grad_accum > 0, "train.micro_batch_size and train.grad_accum must be > 0"),

@@ -91,7 +91,8 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
 def merged_layout(latent: dict) -> LayoutConfig:
     """The layout a merged model was trained with, from its latent_config.json."""
     return LayoutConfig(method=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
-                        simcot=latent["simcot"])
+                        simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
+                        jacobi_iterations=latent.get("jacobi_iterations", 0))
 
 
 def prompt_for(record: dict, latent: dict) -> list[int]:
@@ -123,7 +124,8 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
         prompts = [prompt_for(r, latent) for r in chunk]
         outputs, latents = generate_with_latents(model, prompts, filled_latent_id(latent), sp["eos"], max_new,
-                                                 pad_id=sp["pad"], project=projection, sync_ranks=True)
+                                                 pad_id=sp["pad"], project=projection, sync_ranks=True,
+                                                 jacobi_iterations=merged_layout(latent).jacobi)
         geometry = per_problem(latents, centre) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
@@ -155,7 +157,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
     ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
     device = model.get_input_embeddings().weight.device
-    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection)
+    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection, layout.jacobi)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = layout.slot_width()
     groups = latents.size(1) // c

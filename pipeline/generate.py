@@ -30,7 +30,8 @@ def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int, project: Callable | None):
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int | None, project: Callable | None,
+            jacobi_iterations: int | None = None):
     """Run the prompt (filling the ``latent_id`` columns; None: one pass) -> (next-token logits
     [B, V], cache chunks, latents or None)."""
     positions = positions_from_mask(mask)
@@ -42,25 +43,29 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int, projec
         hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True).last_hidden_state
         return head(hidden[:, -1]), [cache.new_chunk()], None
-    passes = fill_latents(body, embeds, mask, positions, first, n, project=project)
+    passes = fill_latents(body, embeds, mask, positions, first, n, project=project, jacobi_iterations=jacobi_iterations)
     return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents
 
 
-def latent_generate(model, prompts: list[list[int]], latent_id: int, eos_id: int, max_new_tokens: int,
-                    pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False) -> list[list[int]]:
+def latent_generate(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
+                    pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
+                    jacobi_iterations: int | None = None) -> list[list[int]]:
     """Greedy new tokens for each prompt (without the EOS). ``sync_ranks``: keep decoding until
-    every rank is done, so data-parallel ranks make the same number of forward calls."""
-    return generate_with_latents(model, prompts, latent_id, eos_id, max_new_tokens, pad_id, project, sync_ranks)[0]
+    every rank is done, so data-parallel ranks make the same number of forward calls;
+    ``jacobi_iterations``: fill the latents by Jacobi iteration (as the model was trained)."""
+    return generate_with_latents(model, prompts, latent_id, eos_id, max_new_tokens, pad_id, project, sync_ranks,
+                                 jacobi_iterations)[0]
 
 
 @torch.no_grad()
-def generate_with_latents(model, prompts: list[list[int]], latent_id: int, eos_id: int, max_new_tokens: int,
-                          pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False):
+def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
+                          pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
+                          jacobi_iterations: int | None = None):
     """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without)."""
     device = model.get_input_embeddings().weight.device
     ids, mask = left_pad_prompts(prompts, latent_id, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    logits, chunks, latents = prefill(model, ids, mask, latent_id, project)
+    logits, chunks, latents = prefill(model, ids, mask, latent_id, project, jacobi_iterations)
     body = model.get_decoder()
     cache = DynamicCache()            # decoding appends one column per step: an ordinary cache
     for layer in range(body.config.num_hidden_layers):

@@ -1,4 +1,5 @@
-"""The one latent loop shared by every method (Coconut, CODI): fill latent slots pass by pass.
+"""The one latent loop shared by every method (Coconut, CODI): fill latent slots pass by pass
+(or all at once by Jacobi iteration, :func:`jacobi_latents`).
 
 Semantics (SIMCOT_SPEC.md §2.4, pinned by ``shared/fixtures/coconut_golden``): the batch is
 aligned so latent ``i`` of every row sits in column ``first + i``. Pass 0 runs the columns before
@@ -99,16 +100,21 @@ def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool 
 
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 keep_layers_at: torch.Tensor | None = None) -> LatentPasses:
+                 keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
     The number of passes is ``n_latents + 1`` whatever the data, so every rank makes the same calls.
     ``keep_layers_at``: one tail column per row ([B]) whose every-layer hidden states are returned.
+    ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
+    one latent per pass.
     """
     project = project or (lambda h: h)
     if n_latents == 0:
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
+    if jacobi_iterations is not None:
+        return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
+                              keep_layers_at, jacobi_iterations)
     chunks: list[KV] = []
     hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
                              chunks)
@@ -134,6 +140,32 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None
     return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states,
                         chunks)
+
+
+def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_latents: int, project,
+                   keep_layers_at: torch.Tensor | None, iterations: int) -> LatentPasses:
+    """Parallel (Jacobi) latent updates, as PCCoT: the slots start as their token embeddings (the
+    latent token's), and each of ``iterations`` passes runs all slots at once (the question's keys
+    and values reused), slot ``i`` then taking the last-layer state of column ``first + i - 1``:
+    slot 0 the question's last, the others their left neighbour's from this pass. Slots ``< t``
+    are exact after ``t`` passes, so ``iterations = n_latents`` gives the sequential latents and
+    0 leaves the token embeddings (pause tokens). The final pass runs the filled slots and the
+    tail. Passes: ``iterations + 2`` whatever the data (ZeRO-3 lockstep); gradients flow through
+    every iteration."""
+    end = first + n_latents
+    hidden, prefix, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first], [])
+    from_question = project(hidden[:, -1:])
+    latents = embeds[:, first:end]
+    for _ in range(iterations):
+        slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix])
+        latents = torch.cat([from_question, project(slots[:, :-1])], dim=1)
+    tail = torch.cat([latents, embeds[:, end:]], dim=1)
+    want_layers = keep_layers_at is not None
+    out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers)
+    rows = torch.arange(embeds.size(0), device=embeds.device)
+    layer_states = layers[:, rows, keep_layers_at - first] if want_layers else None
+    return LatentPasses(torch.cat([hidden, out], dim=1), latents, project(out[:, n_latents - 1:n_latents]),
+                        layer_states, [prefix, kv])
 
 
 def latent_columns(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int]:

@@ -114,7 +114,8 @@ def _pass_tokens(run: RunConfig, seq: SequenceShape) -> dict[str, int]:
     method = layout.spec
     slots = method.decoder_slots(layout) if layout.simcot else 0
     merged = max(1, seq.steps - slots + 1) if slots else 0      # steps per slot, the overflow in the last
-    return {"base": method.base_tokens(layout, seq), "teacher": method.teacher_tokens(layout, seq),
+    reruns = (layout.jacobi or 0) * method.max_latents(layout)     # Jacobi: every latent once per iteration
+    return {"base": method.base_tokens(layout, seq) + reruns, "teacher": method.teacher_tokens(layout, seq),
             "decoder": slots * (merged * seq.step + layout.slot_width() + 1),
             "labelled": method.labelled_tokens(layout, seq) + slots * (merged * seq.step + 1)}
 

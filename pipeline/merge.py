@@ -92,7 +92,9 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
 
         save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
-              "c_thought": run.method.c_thought, "stage": client["stage"], "special_tokens": shards.special_tokens,
+              "c_thought": run.method.c_thought, "latent_update": run.method.latent_update,
+              "jacobi_iterations": run.method.jacobi_iterations, "stage": client["stage"],
+              "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
               "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"],
               "source": {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}}

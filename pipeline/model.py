@@ -99,7 +99,8 @@ class LatentReasoner(nn.Module):
             return hidden, None
         passes = fill_latents(self.body, embeds, batch["attention_mask"], batch["position_ids"],
                               int(batch["first_latent"]), n,
-                              project=self.projection, keep_layers_at=batch.get("distill_index"))
+                              project=self.projection, keep_layers_at=batch.get("distill_index"),
+                              jacobi_iterations=self.config.layout.jacobi)
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward

@@ -44,6 +44,7 @@ from .sweep_report import EVAL_SET, write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"coconut": [], "simcot": ["method.simcot=true"]}
+JACOBI = "-jacobi"          # suffix of a method's Jacobi variant (--jacobi T)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,19 @@ class SweepPlan:
     max_new_tokens: int = 80
     seed: int = 0
     equal_budget: bool = False      # also train each point for as many steps as the largest one
+    methods: tuple[str, ...] = tuple(METHODS)
+    jacobi: int = 0                 # > 0: also each method with Jacobi latent updates of this many iterations
 
     def run_dir(self, name: str) -> str:
         return os.path.join(self.out, name)
+
+    def method_overrides(self) -> dict[str, list[str]]:
+        """Sweep method -> its overrides: the chosen methods, then their Jacobi variants."""
+        chosen = {m: METHODS[m] for m in self.methods}
+        if self.jacobi:
+            jacobi = ["method.latent_update=jacobi", f"method.jacobi_iterations={self.jacobi}"]
+            chosen.update({m + JACOBI: [*extra, *jacobi] for m, extra in list(chosen.items())})
+        return chosen
 
 
 def run_command(plan: SweepPlan, shards: str, name: str, overrides: list[str]) -> list[str]:
@@ -86,11 +97,11 @@ def final_runs(plan: SweepPlan) -> dict[str, tuple[str, int, int]]:
     every such run has trained as many steps as the largest point's."""
     top, runs = max(plan.points), {}
     for n in plan.points:
-        for method in METHODS:
+        for method in plan.method_overrides():
             runs[f"{method}-{n}"] = (method, n, plan.final_steps)
     if plan.equal_budget:
         for n in plan.points[:-1]:
-            for method in METHODS:
+            for method in plan.method_overrides():
                 runs[f"{method}-{n}-equal"] = (method, n, plan.final_steps + (top - n) * plan.stage_steps)
     return runs
 
@@ -105,8 +116,8 @@ def jobs_for(plan: SweepPlan, shards: str) -> list[Job]:
         return Job(f"train-{name}", [run_command(plan, shards, name, overrides)], after, [plan.run_dir(name)])
 
     jobs = [train(ref, [f"method.name={ref}", f"train.max_steps={plan.cot_steps}"], []) for ref in ("cot", "nocot")]
-    top = max(plan.points)
-    for method, extra in METHODS.items():
+    top, methods = max(plan.points), plan.method_overrides()
+    for method, extra in methods.items():
         # One curriculum chain per method: stage s = epoch s-1, each epoch stage_steps steps,
         # Adam state reset at each stage (as the reference does), every stage's checkpoint kept.
         jobs.append(train(f"{method}-chain", [
@@ -117,7 +128,7 @@ def jobs_for(plan: SweepPlan, shards: str) -> list[Job]:
     finals = final_runs(plan)
     for name, (method, n, steps) in finals.items():
         stage_end = os.path.join(plan.run_dir(f"{method}-chain"), "checkpoints", f"epoch{n - 1}")
-        jobs.append(train(name, [*latent, *METHODS[method], f"method.max_latent_stage={n}",
+        jobs.append(train(name, [*latent, *methods[method], f"method.max_latent_stage={n}",
                                  f"curriculum.start_stage={n + 1}", "train.schedule=cosine",
                                  f"train.max_steps={steps}", f"checkpoint.init_from={stage_end}"],
                           [f"train-{method}-chain"]))
@@ -141,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="control: also train every point but the largest for as many steps in all as the "
                              "largest (runs NAME-equal; the other runs and chains are shared)")
     parser.add_argument("--latent-lr", type=float, default=1e-3, help="peak lr of the latent runs")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"latent methods, comma-separated, of {', '.join(METHODS)} (default all)")
+    parser.add_argument("--jacobi", type=int, default=0, metavar="T",
+                        help="also run each method with Jacobi latent updates, T iterations (NAME-jacobi runs)")
     parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
     parser.add_argument("--max-steps", type=int, default=4, help="most reasoning steps per synthetic problem")
     parser.add_argument("--shards", help="use these shards (python -m data_prep build; with a test split) "
@@ -172,12 +187,17 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"--points {args.points!r}: give positive integers, e.g. 1,2,4,6,8")
     if args.batch % args.nproc:
         parser.error(f"--batch {args.batch} is not a multiple of --nproc {args.nproc}")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods {args.methods!r}: give some of {', '.join(METHODS)}")
+    if args.jacobi < 0:
+        parser.error(f"--jacobi {args.jacobi}: give the iterations (> 0), or leave it out")
     out = os.path.abspath(args.out)
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     plan = SweepPlan(out, points, args.c_thought, args.cot_steps, args.stage_steps, args.final_steps,
                      args.latent_lr, os.path.abspath(args.config), args.nproc, args.batch, args.eval_limit,
-                     args.max_new_tokens, args.seed, args.equal_budget)
+                     args.max_new_tokens, args.seed, args.equal_budget, methods, args.jacobi)
     start = time.perf_counter()
     given_shards = args.shards and os.path.abspath(args.shards)
     if given_shards:

@@ -14,8 +14,9 @@ from .report import pyplot
 
 EVAL_SET = "test"           # the name of the evaluated set in each run's report
 
-LABELS = {"coconut": "Coconut", "simcot": "Coconut + SIM-CoT", "cot": "CoT", "nocot": "No-CoT"}
-METHODS = ("coconut", "simcot")
+LABELS = {"coconut": "Coconut", "simcot": "Coconut + SIM-CoT", "cot": "CoT", "nocot": "No-CoT",
+          "coconut-jacobi": "Coconut, Jacobi", "simcot-jacobi": "Coconut + SIM-CoT, Jacobi"}
+COLORS = {"coconut": "tab:blue", "simcot": "tab:orange", "coconut-jacobi": "tab:green", "simcot-jacobi": "tab:red"}
 
 
 def _metrics(run_dir: str) -> list[dict]:
@@ -49,18 +50,19 @@ def chain_curve(plan, method: str) -> list[dict]:
 
 def collect(plan, finals: dict[str, tuple[str, int, int]]) -> dict:
     """``finals``: run name -> (method, point, final steps), as pipeline.sweep.final_runs gives."""
-    points: dict[str, list] = {m: [] for m in METHODS}
-    equal: dict[str, list] = {m: [] for m in METHODS}
+    methods = list(dict.fromkeys(method for method, _, _ in finals.values()))
+    points: dict[str, list] = {m: [] for m in methods}
+    equal: dict[str, list] = {m: [] for m in methods}
     for name, (method, n, _) in finals.items():
         row = run_result(plan, name)
         row.update(max_latent_stage=n, total_steps=n * plan.stage_steps + row["steps"])
         (equal if name.endswith("-equal") else points)[method].append(row)
     if any(equal.values()):        # the largest point closes each equal-budget curve
-        for method in METHODS:
+        for method in methods:
             equal[method].append(points[method][-1])
     return {"references": {ref: run_result(plan, ref) for ref in ("cot", "nocot")}, "points": points,
             "equal_budget": equal if any(equal.values()) else None,
-            "chains": {method: chain_curve(plan, method) for method in METHODS}}
+            "chains": {method: chain_curve(plan, method) for method in methods}}
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -89,7 +91,8 @@ def markdown(plan, results: dict, seconds: float) -> str:
              f"CoT {100 * ref['cot']['accuracy']:.1f}% / No-CoT {100 * ref['nocot']['accuracy']:.1f}% on "
              f"{ref['cot']['n']} test problems ({plan.cot_steps} steps each). Latent runs: {plan.stage_steps} steps "
              f"per curriculum stage, then {plan.final_steps} steps of the final (all-latent) stage, "
-             f"lr {plan.latent_lr}.",
+             f"lr {plan.latent_lr}" + (f"; Jacobi runs: {plan.jacobi} parallel latent iterations." if plan.jacobi
+                                       else "."),
              f"Whole sweep: {seconds / 60:.1f} min wall-clock (this call; resumed jobs not counted).", "",
              *HEADER, *_point_rows(results["points"])]
     for name in ("cot", "nocot"):
@@ -105,7 +108,7 @@ def markdown(plan, results: dict, seconds: float) -> str:
               "distances above).", "", "Curriculum chains, train answer loss at the end of each stage:", "",
               "| stage | latents | " + " | ".join(LABELS[m] for m in results["chains"]) + " |",
               "|---|---|" + "---|" * len(results["chains"])]
-    for i, row in enumerate(results["chains"]["coconut"]):
+    for i, row in enumerate(max(results["chains"].values(), key=len)):
         values = [_fmt(curve[i]["answer_ce"], ".3f") if i < len(curve) else "n/a"
                   for curve in results["chains"].values()]
         lines.append(f"| {row['stage']} | {row['n_latents']} | " + " | ".join(values) + " |")
@@ -127,12 +130,11 @@ def _latent_counts(results: dict) -> list[int]:
 
 def plot(results: dict, out: str) -> None:
     plt = pyplot()
-    colors = {"coconut": "tab:blue", "simcot": "tab:orange"}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for suffix, style, rows_by_method in _curves(results):
         for method, rows in rows_by_method.items():
             ax.plot([r["n_latents"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", linestyle=style,
-                    color=colors[method], label=LABELS[method] + suffix)
+                    color=COLORS[method], label=LABELS[method] + suffix)
     for name, style in (("cot", "--"), ("nocot", ":")):
         ax.axhline(100 * results["references"][name]["accuracy"], linestyle=style, color="gray", label=LABELS[name])
     ax.set(xlabel="latents (c x max stage)", ylabel="test accuracy (%)", ylim=(0, 100),
@@ -149,7 +151,7 @@ def plot(results: dict, out: str) -> None:
             for method, rows in rows_by_method.items():
                 pts = [(r["n_latents"], r["geometry"][key]) for r in rows
                        if r["geometry"] and r["geometry"][key] is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=colors[method],
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style, color=COLORS[method],
                         label=LABELS[method] + suffix)
         ax.set(xlabel="latents", title=title)
         ax.set_xticks(_latent_counts(results))

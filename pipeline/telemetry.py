@@ -53,6 +53,7 @@ class FlopModel:
     hidden: int
     vocab: int
     decoder_prefix: int   # latents in front of each step in the decoder (c for Coconut, 1 for CODI)
+    latent_reruns: int = 0  # Jacobi iterations: each runs every latent column once more
 
 
 def step_flops(batch: dict, m: FlopModel) -> float:
@@ -63,6 +64,10 @@ def step_flops(batch: dict, m: FlopModel) -> float:
         return int(mask.sum()) * flops_per_token(m.body_params, m.layers, m.hidden, mask.size(1))
 
     total = tokens_of("attention_mask")
+    if m.latent_reruns and batch.get("n_latents"):
+        mask = batch["attention_mask"]
+        reruns = m.latent_reruns * int(batch["n_latents"]) * mask.size(0)
+        total += reruns * flops_per_token(m.body_params, m.layers, m.hidden, mask.size(1))
     labelled = int((batch["labels"] != -100).sum())
     if "teacher_attention_mask" in batch:
         total += tokens_of("teacher_attention_mask")

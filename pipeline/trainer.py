@@ -134,7 +134,7 @@ class Trainer:
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
-                                    self.layout.slot_width())
+                                    self.layout.slot_width(), self.layout.jacobi or 0)
 
     def _scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,

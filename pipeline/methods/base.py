@@ -42,9 +42,18 @@ class LayoutConfig:
     num_latent: int = 6             # CODI, pause: latents fed to the model (CODI's SIM-CoT supervises num_latent + 1)
     include_last_step: bool = False  # CODI teacher keeps the last CoT step (reference: dropped)
     simcot: bool = False
+    latent_update: str = "sequential"   # or "jacobi": every latent at once, jacobi_iterations times
+    jacobi_iterations: int = 3
 
     def __post_init__(self):
         get_method(self.method)
+        if self.latent_update not in ("sequential", "jacobi"):
+            raise ValueError(f"latent_update {self.latent_update!r}: expected sequential or jacobi")
+
+    @property
+    def jacobi(self) -> int | None:
+        """Jacobi iterations of the latent loop (None: sequential filling)."""
+        return self.jacobi_iterations if self.latent_update == "jacobi" else None
 
     @property
     def spec(self) -> Method:

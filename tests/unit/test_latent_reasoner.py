@@ -21,6 +21,10 @@ METHODS = {
     "coconut+simcot": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True), 4),
     "codi+simcot": (LayoutConfig("codi", num_latent=3, simcot=True), 0),
     "pause": (LayoutConfig("pause", num_latent=3), 0),
+    "coconut+simcot+jacobi": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True,
+                                           latent_update="jacobi", jacobi_iterations=2), 4),
+    "codi+simcot+jacobi": (LayoutConfig("codi", num_latent=3, simcot=True, latent_update="jacobi",
+                                        jacobi_iterations=2), 0),
 }
 
 
@@ -43,7 +47,7 @@ def test_every_method_returns_named_finite_losses(name):
     assert (losses["teacher_ce"] > 0) == name.startswith("codi")
 
 
-@pytest.mark.parametrize("name", ["coconut+simcot", "codi+simcot"])
+@pytest.mark.parametrize("name", ["coconut+simcot", "codi+simcot", "codi+simcot+jacobi"])
 def test_checkpointing_through_latent_passes_changes_nothing(name):
     cfg, stage = METHODS[name]
     batch = _batch(RECORDS, cfg, stage)

@@ -121,6 +121,21 @@ def test_equal_budget_runs_train_every_point_as_long_as_the_largest(tmp_path):
     assert {"train-simcot-1-equal", "eval-simcot-1-equal", "train-simcot-1", "eval-coconut-2-equal"} <= names
 
 
+def test_jacobi_variants_are_the_same_runs_with_parallel_latent_updates(tmp_path):
+    plan = SweepPlan(str(tmp_path), (2,), stage_steps=50, final_steps=70, methods=("simcot",), jacobi=3)
+    jobs = {job.name: job for job in jobs_for(plan, "S")}
+    assert {name for name in jobs if "simcot" in name} == {
+        "train-simcot-chain", "train-simcot-jacobi-chain", "train-simcot-2", "train-simcot-jacobi-2",
+        "eval-simcot-2", "eval-simcot-jacobi-2"}
+    for run in ("chain", "2"):
+        sequential, jacobi = _overrides(jobs[f"train-simcot-{run}"]), _overrides(jobs[f"train-simcot-jacobi-{run}"])
+        assert jacobi.pop("method.latent_update") == "jacobi" and jacobi.pop("method.jacobi_iterations") == "3"
+        assert {k: v for k, v in jacobi.items() if k not in ("name", "checkpoint.init_from")} == \
+               {k: v for k, v in sequential.items() if k not in ("name", "checkpoint.init_from")}
+    start = _overrides(jobs["train-simcot-jacobi-2"])["checkpoint.init_from"]
+    assert start == str(tmp_path / "simcot-jacobi-chain" / "checkpoints" / "epoch1")
+
+
 def test_a_resumed_sweep_must_have_the_same_data_settings(tmp_path):
     check_settings(str(tmp_path), {"points": (1, 2), "train": 100})
     check_settings(str(tmp_path), {"points": (1, 2), "train": 100})       # same: fine

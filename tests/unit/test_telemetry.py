@@ -27,6 +27,15 @@ def test_step_flops_is_the_hand_count():
     assert step_flops(_batch(), MODEL) == base + teacher + decoder + heads == 223_680
 
 
+def test_jacobi_iterations_count_every_latent_column_once_more_per_iteration():
+    import dataclasses
+
+    jacobi = dataclasses.replace(MODEL, latent_reruns=3)
+    batch = {**_batch(), "n_latents": 2}
+    reruns = 3 * 2 * 2 * (6 * 1000 + 12 * 2 * 8 * 4)      # iterations x latents x rows, at the batch's width
+    assert step_flops(batch, jacobi) == step_flops(batch, MODEL) + reruns
+
+
 def test_step_meter_averages_over_micro_batches_and_reports_rates_time_and_memory():
     meter = StepMeter(MODEL, peak=1e9, world=1, device=torch.device("cpu"), warmup=1)
     for total in (2.0, 4.0):
