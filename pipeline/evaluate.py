@@ -26,13 +26,12 @@ import torch.distributed as dist
 
 from data_prep import UserError, load_shards, run_cli
 from data_prep.manifest import read_manifest
-
-from .generate import generate_with_latents, left_pad_prompts, prefill
-from .geometry import per_problem, summarise, vocab_centre
-from .merge import LATENT_CONFIG
-from .methods import LayoutConfig, get_method
-from .metrics import hash_match, number_match
-from .report import write_report
+from pipeline.inference.generate import generate_with_latents, left_pad_prompts, prefill
+from pipeline.inference.report import write_report
+from pipeline.inference.scoring import hash_match, number_match
+from pipeline.latent.geometry import per_problem, summarise, vocab_centre
+from pipeline.latent.methods import LayoutConfig, get_method
+from pipeline.merge import LATENT_CONFIG
 
 
 def eval_device(requested: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -77,7 +76,7 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
     if latent.get("projection"):
         from safetensors.torch import load_file
 
-        from .model import Projection
+        from pipeline.latent.reasoner import Projection
 
         projection = Projection(model.config.hidden_size)
         projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
@@ -236,7 +235,7 @@ def _main(argv: list[str] | None) -> int:
                         help="auto: bf16 on a GPU, fp32 on the CPU (as training runs)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:
-        from .distributed import init_distributed
+        from pipeline.engine.distributed import init_distributed
         init_distributed()
     sets = eval_sets(args.set)
     model, tok, latent, projection, decoder = load_merged(args.model, *eval_device(args.device, args.dtype))

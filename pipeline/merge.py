@@ -21,10 +21,9 @@ import sys
 import torch
 
 from data_prep import UserError, load_shards, run_cli
-
-from . import checkpoint
-from .config import load_config
-from .modeling import apply_lora, build_lm
+from pipeline.engine import checkpoint
+from pipeline.engine.build_model import apply_lora, build_lm
+from pipeline.engine.config import load_config
 
 LATENT_CONFIG = "latent_config.json"
 

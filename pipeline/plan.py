@@ -21,10 +21,10 @@ DOES_NOT_FIT = 3
 def plan_for(config_path: str | None, overrides: list[str], nodes: int, gpus_per_node: int, gpu_mem_gib: float,
              cpu_mem_gib: float, seq=None):
     """-> the MemoryPlan of a recipe on that hardware (bf16 on GPUs, as the trainer runs there)."""
-    from .config import for_world, load_config
-    from .ds_config import resolve_ds_config
-    from .memory_plan import Hardware, SequenceShape, make_plan
-    from .model_shapes import model_sizes
+    from pipeline.engine.config import for_world, load_config
+    from pipeline.engine.ds_config import resolve_ds_config
+    from pipeline.engine.memory_plan import Hardware, SequenceShape, make_plan
+    from pipeline.engine.model_shapes import model_sizes
 
     hardware = Hardware(nodes, gpus_per_node, gpu_mem_gib, cpu_mem_gib)
     run = for_world(load_config(config_path, overrides), hardware.world)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .memory_plan import SequenceShape
+    from pipeline.engine.memory_plan import SequenceShape
 
     defaults = SequenceShape()
     parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__,

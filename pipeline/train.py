@@ -32,11 +32,10 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.simcot=true")
     args = parser.parse_args(argv)
     from data_prep import ShardError, UserError
-
-    from .checkpoint import CheckpointError
-    from .config import load_config
-    from .distributed import teardown
-    from .trainer import PlanError, Trainer
+    from pipeline.engine.checkpoint import CheckpointError
+    from pipeline.engine.config import load_config
+    from pipeline.engine.distributed import teardown
+    from pipeline.engine.trainer import PlanError, Trainer
 
     run = load_config(args.config, args.overrides)      # a mistake there: one line, exit 2 (run_cli)
     try:

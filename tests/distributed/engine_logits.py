@@ -4,10 +4,10 @@ import sys
 
 import torch
 
-from pipeline.config import load_config
-from pipeline.distributed import teardown
-from pipeline.gather_policy import step_gather
-from pipeline.trainer import Trainer
+from pipeline.engine.config import load_config
+from pipeline.engine.distributed import teardown
+from pipeline.engine.gather_policy import step_gather
+from pipeline.engine.trainer import Trainer
 
 if __name__ == "__main__":
     out, args = sys.argv[1], sys.argv[2:]

@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from pipeline.bench_overhead import CASES, batches, reasoner
-from pipeline.distributed import init_distributed, teardown
-from pipeline.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
+from benchmarks.overhead import CASES, batches, reasoner
+from pipeline.engine.distributed import init_distributed, teardown
+from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
 
 
 def zero3_step(method: str, policy: str, batch: dict) -> tuple[dict, dict, dict]:
@@ -19,8 +19,8 @@ def zero3_step(method: str, policy: str, batch: dict) -> tuple[dict, dict, dict]
     from deepspeed.utils import safe_get_full_grad
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.config import load_config
-    from pipeline.ds_config import resolve_ds_config
+    from pipeline.engine.config import load_config
+    from pipeline.engine.ds_config import resolve_ds_config
 
     cfg, _ = CASES[method]
     config = load_config(None, ["train.micro_batch_size=4"])

@@ -1,4 +1,4 @@
-"""A method added through the registry alone (pipeline/methods/pause.py) runs every stage:
+"""A method added through the registry alone (pipeline/latent/methods/pause.py) runs every stage:
 ZeRO-3 training through the real CLI, merge, and evaluation with its own prompt."""
 import json
 import subprocess

@@ -19,8 +19,8 @@ def _args(tiny_shards, runs, name, *extra):
 
 def _trainable(run_dir) -> int:
     from data_prep import load_shards
-    from pipeline.config import load_config
-    from pipeline.model_shapes import model_sizes
+    from pipeline.engine.config import load_config
+    from pipeline.engine.model_shapes import model_sizes
 
     run = load_config(str(run_dir / "config.yaml"))
     return model_sizes(run, len(load_shards(run.data).tokenizer)).trainable

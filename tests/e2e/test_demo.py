@@ -10,7 +10,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_runs_every_stage_and_reports_measured_numbers(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.demo", "--out", str(tmp_path), "--train", "300",
+    result = subprocess.run([sys.executable, "-m", "experiments.demo", "--out", str(tmp_path), "--train", "300",
                              "--cot-steps", "6", "--latent-steps", "3", "--eval-limit", "8"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -56,7 +56,7 @@ def shards(smollm2, shared_data, tmp_path_factory):
 
 def test_step_decoder_targets_decode_back_to_the_step_text(shards):
     from data_prep import load_shards
-    from pipeline.methods import LayoutConfig, layout
+    from pipeline.latent.methods import LayoutConfig, layout
 
     data = load_shards(str(shards))
     tok, special = data.tokenizer, data.special_tokens
@@ -112,6 +112,6 @@ def test_codi_simcot_trains_merges_reloads_and_answers(smollm2, shards, tmp_path
     report = json.loads((out / "report.json").read_text())
     test = report["sets"]["gsm8k"]
     assert test["n"] == 8 and report["latent_config"]["n_latents"] == 6
-    from pipeline.metrics import last_number
+    from pipeline.inference.scoring import last_number
 
     assert all(last_number(row["output"]) is not None for row in test["examples"]), test["examples"]

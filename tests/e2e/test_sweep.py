@@ -13,7 +13,7 @@ TINY = ["--points", "1", "--cot-steps", "4", "--stage-steps", "2", "--final-step
 
 
 def _sweep(out, *extra):
-    return subprocess.run([sys.executable, "-m", "pipeline.sweep", "--out", str(out), *TINY, *extra], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", "--out", str(out), *TINY, *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
 
 

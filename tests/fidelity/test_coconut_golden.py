@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.latent import coconut_forward
+from pipeline.latent.loop import coconut_forward
 
 pytestmark = pytest.mark.fidelity
 

@@ -3,10 +3,10 @@ same logits (bf16). Skipped without CUDA or without an installed flash attention
 import pytest
 import torch
 
-from pipeline.collate import positions_from_mask
-from pipeline.generate import latent_generate, left_pad_prompts
-from pipeline.latent import fill_latents, latent_columns
-from pipeline.modeling import pick_attention
+from pipeline.engine.build_model import pick_attention
+from pipeline.inference.generate import latent_generate, left_pad_prompts
+from pipeline.latent.collate import positions_from_mask
+from pipeline.latent.loop import fill_latents, latent_columns
 
 pytestmark = pytest.mark.gpu
 LATENT = 7

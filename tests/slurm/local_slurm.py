@@ -1,6 +1,6 @@
 """A throw-away Slurm cluster on loopback: slurmctld + N slurmd ("nodes") in a temp dir.
 
-Follows shared/docs/SLURM_LOCAL.md: auth/none, proctrack/linuxproc, every file under the temp
+auth/none, proctrack/linuxproc, every file under the temp
 dir, every listener on 127.0.0.1, each daemon in its own mount namespace with a private
 /etc/hosts (so ``node1`` resolves, as on a real cluster) and a private /dev/shm. Processes are
 only ever stopped by PID: the daemons we started, plus any process whose environment carries
@@ -150,7 +150,7 @@ class LocalSlurm:
         return found
 
     def daemon_errors(self, last: int = 20) -> str:
-        """The daemons' latest error lines, without the ones every start prints (SLURM_LOCAL.md)."""
+        """The daemons' latest error lines, without the ones every start prints."""
         harmless = ("pmix", "state file", "state save file", "hwloc", "Node configuration differs")
         lines = [f"{log.name}: {line}" for log in sorted((self.root / "log").glob("*.log"))
                  for line in log.read_text(errors="replace").splitlines()

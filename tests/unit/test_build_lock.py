@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from pipeline.distributed import STALE_BUILD_LOCK_S, clear_stale_build_lock
+from pipeline.engine.distributed import STALE_BUILD_LOCK_S, clear_stale_build_lock
 
 pytestmark = pytest.mark.unit
 

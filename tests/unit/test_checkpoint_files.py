@@ -1,7 +1,7 @@
 """Checkpoint bookkeeping: only complete tags count, corruption is caught before loading."""
 import pytest
 
-from pipeline import checkpoint
+from pipeline.engine import checkpoint
 
 pytestmark = pytest.mark.unit
 

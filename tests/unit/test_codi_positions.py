@@ -3,7 +3,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_prep.tokenizer import corpus_texts
-from pipeline.methods.codi import answer_start
+from pipeline.latent.methods.codi import answer_start
 from tests.local_tokenizers import llama3_style_bpe
 
 pytestmark = pytest.mark.unit

@@ -3,8 +3,8 @@ import subprocess
 
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.ds_config import DeepSpeedConfigError, resolve_ds_config
+from pipeline.engine.config import ConfigError, load_config
+from pipeline.engine.ds_config import DeepSpeedConfigError, resolve_ds_config
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -88,7 +88,7 @@ def test_launch_renders_hostfile_and_no_ssh(tmp_path):
 
 def test_launch_passes_every_sweep_option_through_quoted():
     out = _launch("sweep", "--out", "runs/my sweep", "--nproc", "2", "--points", "1,2")
-    assert out.strip().endswith("-m pipeline.sweep --out runs/my\\ sweep --nproc 2 --points 1\\,2")
+    assert out.strip().endswith("-m experiments.sweep --out runs/my\\ sweep --nproc 2 --points 1\\,2")
 
 
 def test_launch_renders_a_slurm_script():

@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from pipeline.bench_generate import reference_generate
-from pipeline.generate import latent_generate
-from pipeline.model import Projection
+from benchmarks.generate import reference_generate
+from pipeline.inference.generate import latent_generate
+from pipeline.latent.reasoner import Projection
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.unit

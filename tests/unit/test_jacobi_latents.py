@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from pipeline.collate import collate_aligned, positions_from_mask
-from pipeline.generate import latent_generate
-from pipeline.latent import fill_latents
-from pipeline.methods import LayoutConfig, layout
-from pipeline.model import LatentReasoner, Projection, ReasonerConfig
+from pipeline.inference.generate import latent_generate
+from pipeline.latent.collate import collate_aligned, positions_from_mask
+from pipeline.latent.loop import fill_latents
+from pipeline.latent.methods import LayoutConfig, layout
+from pipeline.latent.reasoner import LatentReasoner, Projection, ReasonerConfig
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.unit
@@ -115,7 +115,7 @@ def test_batched_jacobi_generation_equals_one_problem_at_a_time(markers, with_pr
 
 
 def test_jacobi_is_refused_for_a_method_without_latents():
-    from pipeline.config import ConfigError, load_config
+    from pipeline.engine.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="latent_update=jacobi needs a method that fills latents, not cot"):
         load_config(None, ["method.name=cot", "method.latent_update=jacobi"])

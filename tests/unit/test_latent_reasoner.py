@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pipeline.collate import collate_aligned
-from pipeline.methods import LayoutConfig, layout
-from pipeline.model import LatentReasoner, ReasonerConfig
+from pipeline.latent.collate import collate_aligned
+from pipeline.latent.methods import LayoutConfig, layout
+from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.unit

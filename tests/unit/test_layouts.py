@@ -1,11 +1,11 @@
-"""Layout rules of every registered method, with exact ids (SIMCOT_SPEC.md §2.2, §3.2, §4.2, §4.4)."""
+"""Layout rules of every registered method, with exact ids (the reference's Coconut and CODI data code)."""
 import pytest
 
-from pipeline.collate import collate_aligned
-from pipeline.methods import IGNORE as X
-from pipeline.methods import LayoutConfig, layout
-from pipeline.methods.coconut import step_targets as coconut_step_targets
-from pipeline.methods.codi import answer_start, slot_targets
+from pipeline.latent.collate import collate_aligned
+from pipeline.latent.methods import IGNORE as X
+from pipeline.latent.methods import LayoutConfig, layout
+from pipeline.latent.methods.coconut import step_targets as coconut_step_targets
+from pipeline.latent.methods.codi import answer_start, slot_targets
 
 pytestmark = pytest.mark.unit
 SP = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 90, "latent": 91, "end_latent": 92, "bot": 93, "eot": 94}
@@ -93,7 +93,7 @@ def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
 
 
 def test_every_registered_method_is_one_object_found_by_name():
-    from pipeline.methods import get_method, method_names
+    from pipeline.latent.methods import get_method, method_names
 
     assert set(method_names()) >= {"cot", "nocot", "coconut", "codi", "pause"}
     assert all(get_method(name).name == name for name in method_names())

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.ds_config import resolve_ds_config
-from pipeline.gather_policy import GATHERED, STREAMED
-from pipeline.memory_plan import GIB, Hardware, make_plan, model_states
-from pipeline.model_shapes import meta_reasoner, model_sizes
+from pipeline.engine.config import load_config
+from pipeline.engine.ds_config import resolve_ds_config
+from pipeline.engine.gather_policy import GATHERED, STREAMED
+from pipeline.engine.memory_plan import GIB, Hardware, make_plan, model_states
+from pipeline.engine.model_shapes import meta_reasoner, model_sizes
 from pipeline.plan import plan_for
 from tests.conftest import REPO
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.metrics import after_last_hash, hash_match, last_number, number_match
+from pipeline.inference.scoring import after_last_hash, hash_match, last_number, number_match
 
 pytestmark = pytest.mark.unit
 

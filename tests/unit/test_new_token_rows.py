@@ -3,9 +3,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.checkpoint import COMPLETE
-from pipeline.config import load_config, save_config
-from pipeline.modeling import build_lm, new_rows_like, seed_new_rows
+from pipeline.engine.build_model import build_lm, new_rows_like, seed_new_rows
+from pipeline.engine.checkpoint import COMPLETE
+from pipeline.engine.config import load_config, save_config
 
 pytestmark = pytest.mark.unit
 OLD, NEW, LIKE = 300, 305, 7

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, for_world, load_config
-from pipeline.schedule import lr_factor, warmup_steps
+from pipeline.engine.config import ConfigError, for_world, load_config
+from pipeline.engine.schedule import lr_factor, warmup_steps
 
 pytestmark = pytest.mark.unit
 

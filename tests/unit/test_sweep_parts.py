@@ -6,10 +6,11 @@ import sys
 import pytest
 import torch
 
-from pipeline.data import BatchPlan, rank_indices
-from pipeline.geometry import per_problem, summarise, vocab_centre
-from pipeline.jobs import Job, JobFailed, done_record, run_jobs
-from pipeline.sweep import METHODS, SweepPlan, check_settings, final_runs, jobs_for
+from experiments.jobs import Job, JobFailed, done_record, run_jobs
+from experiments.sweep import SweepPlan, check_settings, final_runs, jobs_for
+from experiments.sweep_methods import CHAINED
+from pipeline.engine.sampler import BatchPlan, rank_indices
+from pipeline.latent.geometry import per_problem, summarise, vocab_centre
 
 pytestmark = pytest.mark.unit
 
@@ -93,8 +94,8 @@ def test_the_job_graph_gives_both_methods_the_same_runs_and_budgets(tmp_path):
     plan = SweepPlan(str(tmp_path), (1, 3), stage_steps=50, final_steps=70)
     jobs = {job.name: job for job in jobs_for(plan, "SHARDS")}
     assert set(jobs) == {"train-cot", "train-nocot", "eval-cot", "eval-nocot"} | {
-        f"{kind}-{m}-{n}" for kind in ("train", "eval") for m in METHODS for n in (1, 3)} | {
-        f"train-{m}-chain" for m in METHODS}
+        f"{kind}-{m}-{n}" for kind in ("train", "eval") for m in CHAINED for n in (1, 3)} | {
+        f"train-{m}-chain" for m in CHAINED}
     coconut, simcot = _overrides(jobs["train-coconut-chain"]), _overrides(jobs["train-simcot-chain"])
     assert {k: v for k, v in simcot.items() if k not in ("name", "method.simcot")} == \
            {k: v for k, v in coconut.items() if k != "name"}
@@ -134,6 +135,16 @@ def test_jacobi_variants_are_the_same_runs_with_parallel_latent_updates(tmp_path
                {k: v for k, v in sequential.items() if k not in ("name", "checkpoint.init_from")}
     start = _overrides(jobs["train-simcot-jacobi-2"])["checkpoint.init_from"]
     assert start == str(tmp_path / "simcot-jacobi-chain" / "checkpoints" / "epoch1")
+
+
+def test_codi_points_train_from_cot_as_long_as_the_coconut_run_of_the_point(tmp_path):
+    plan = SweepPlan(str(tmp_path), (2, 4), stage_steps=50, final_steps=70, methods=("simcot", "codi-simcot"))
+    finals, jobs = final_runs(plan), {job.name: job for job in jobs_for(plan, "S")}
+    assert finals["codi-simcot-2"] == ("codi-simcot", 2, 2 * 50 + 70) and finals["simcot-2"] == ("simcot", 2, 70)
+    assert "train-codi-simcot-chain" not in jobs and jobs["train-codi-simcot-4"].after == ["train-cot"]
+    codi = _overrides(jobs["train-codi-simcot-4"])
+    assert codi["method.name"] == "codi" and codi["method.num_latent"] == "8" and codi["train.max_steps"] == "270"
+    assert codi["checkpoint.init_from"] == str(tmp_path / "cot" / "checkpoints")
 
 
 def test_a_resumed_sweep_must_have_the_same_data_settings(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.telemetry import FlopModel, StepMeter, format_eta, step_flops
+from pipeline.engine.telemetry import FlopModel, StepMeter, format_eta, step_flops
 
 pytestmark = pytest.mark.unit
 MODEL = FlopModel(body_params=1000, decoder_body_params=500, layers=2, hidden=8, vocab=10, decoder_prefix=1)

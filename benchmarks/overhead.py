@@ -1,0 +1,137 @@
+"""Benchmark P8 (``python -m benchmarks overhead``): the ZeRO-3 engine's fixed per-step cost.
+
+In one process (1 rank, 1 thread, fp32, a host-bound tiny LLaMA: hidden 64, vocab 512, batch 4):
+the ZeRO-3 engine step as the trainer runs it (``engine(b)``, ``engine.backward``, ``engine.step``
+inside the memory plan's ``gathered`` policy) against the very same ``LatentReasoner``, batches
+and AdamW in plain PyTorch eager (``model(b)``, ``backward``, ``clip_grad_norm_``, ``opt.step``),
+for CoT, Coconut + SIM-CoT (16 latents) and CODI + SIM-CoT (6 latents) at 2 and 8 layers. Median
+and min-max of 20 timed steps after 5 warm-up, the two alternated case by case. One line per
+case, in a fixed form to compare run to run:
+
+    overhead <method> layers=<n> zero3=<ms> plain=<ms> ratio=<r>x
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from benchmarks.latent import PREFIX, SPECIAL, bench_model, synthetic_records
+from pipeline.latent.collate import collate_aligned
+from pipeline.latent.methods import LayoutConfig, layout
+from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+
+VOCAB, HIDDEN, BATCH = 512, 64, 4
+CASES = {
+    "cot": (LayoutConfig("cot"), 0),
+    "coconut+simcot": (LayoutConfig("coconut", c_thought=2, max_latent_stage=8, simcot=True), 8),  # 16 latents
+    "codi+simcot": (LayoutConfig("codi", num_latent=6, simcot=True), 0),
+}
+
+
+def reasoner(cfg: LayoutConfig, layers: int) -> LatentReasoner:
+    """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape."""
+    decoder = bench_model(VOCAB, layers, HIDDEN) if cfg.simcot else None
+    return LatentReasoner(bench_model(VOCAB, layers, HIDDEN), ReasonerConfig(layout=cfg), eos_id=SPECIAL["eos"],
+                          step_decoder=decoder)
+
+
+def batches(cfg: LayoutConfig, stage: int, n: int = 4) -> list[dict]:
+    return [collate_aligned([layout(r, SPECIAL, cfg, stage, PREFIX) for r in synthetic_records(BATCH, VOCAB, seed)],
+                            SPECIAL["latent"], SPECIAL["pad"]) for seed in range(n)]
+
+
+def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4):
+    """The trainer's engine: resolved zero3.json, model built under zero.Init, the gathered policy."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from pipeline.engine.config import load_config
+    from pipeline.engine.ds_config import resolve_ds_config
+    from pipeline.engine.gather_policy import GATHERED, apply_gather_policy
+
+    run = load_config(None, [f"train.micro_batch_size={BATCH}", f"train.lr={lr}", "train.max_grad_norm=1.0"])
+    probe = reasoner(cfg, layers)
+    trainable = sum(p.numel() for p in probe.parameters())
+    ds = resolve_ds_config("ds_configs/zero3.json", run, 1, HIDDEN, on_cuda=False, bf16=False,
+                           trainable_params=trainable)
+    keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init while the model is built)
+    model = reasoner(cfg, layers)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    apply_gather_policy(engine, GATHERED)
+    del keep_alive
+    gc.collect()
+    return engine, GATHERED
+
+
+def zero3_step(engine, policy: str):
+    from pipeline.engine.gather_policy import step_gather
+
+    def step(batch: dict) -> torch.Tensor:
+        with step_gather(engine, policy):
+            losses = engine(batch)
+            engine.backward(losses["total"])
+        engine.step()
+        return losses["total"].detach()
+    return step
+
+
+def plain_step(model: LatentReasoner, lr: float = 1e-4):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(batch: dict) -> torch.Tensor:
+        losses = model(batch)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return losses["total"].detach()
+    return step
+
+
+def timed(step, data: list[dict], steps: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step(data[i % len(data)])
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def measure(name: str, layers: int, steps: int = 20, warmup: int = 5) -> dict:
+    cfg, stage = CASES[name]
+    data = batches(cfg, stage)
+    engine, policy = zero3_engine(cfg, layers)
+    zero3 = timed(zero3_step(engine, policy), data, steps, warmup)
+    plain = timed(plain_step(reasoner(cfg, layers)), data, steps, warmup)
+    del engine
+    gc.collect()
+    return {"zero3": zero3, "plain": plain, "ratio": statistics.median(zero3) / statistics.median(plain)}
+
+
+def line(name: str, layers: int, r: dict) -> str:
+    ms = lambda xs: f"{1000 * statistics.median(xs):.0f}"  # noqa: E731
+    spread = lambda xs: f"{1000 * min(xs):.0f}-{1000 * max(xs):.0f}"  # noqa: E731
+    return (f"overhead {name} layers={layers} zero3={ms(r['zero3'])} plain={ms(r['plain'])} ratio={r['ratio']:.2f}x"
+            f"   (min-max ms: zero3 {spread(r['zero3'])}, plain {spread(r['plain'])})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--layers", default="2,8", help="comma-separated layer counts")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from pipeline.engine.distributed import init_distributed
+
+    init_distributed()
+    print("P8 engine overhead: ZeRO-3 step vs plain PyTorch eager, 1 rank, 1 thread, fp32, hidden 64, vocab 512, "
+          "batch 4 (goal ratio <= 1.25x)", flush=True)
+    for layers in (int(x) for x in args.layers.split(",")):
+        for name in args.cases.split(","):
+            print(line(name, layers, measure(name, layers, args.steps)), flush=True)

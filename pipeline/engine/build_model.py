@@ -1,0 +1,165 @@
+"""Build the model a run trains: base LM (tiny in code, or pretrained), step decoder, LoRA, attention.
+
+Under ZeRO-3 an ``HfDeepSpeedConfig`` is kept alive while models are built, so transformers
+creates them inside ``deepspeed.zero.Init`` and an 8B model is never materialised whole on one rank.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
+from pipeline.latent.methods import get_method
+from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+
+
+def pick_attention(requested: str, on_cuda: bool) -> str:
+    """``auto``: FlashAttention-4 on Hopper or newer GPUs where ``flash-attn-4`` imports, else
+    FlashAttention-2 where ``flash-attn`` imports, else SDPA (the caller prints which, once).
+    An explicit choice that cannot run is refused with the package to install."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+
+    available = {"flash_attention_4": on_cuda and is_flash_attn_4_available()
+                 and torch.cuda.get_device_capability()[0] >= 9,
+                 "flash_attention_2": on_cuda and is_flash_attn_2_available()}
+    if requested == "auto":
+        return next((name for name, ok in available.items() if ok), "sdpa")
+    if requested in available and not available[requested]:
+        raise ConfigError(f"model.attn_implementation={requested} cannot run here (needs CUDA and "
+                         f"`pip install -r requirements-gpu.txt`); use auto or sdpa")
+    return requested
+
+
+def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
+    """One causal LM: the same call twice gives the same weights (decoder = copy of the base).
+    A pretrained model is resized to the tokenizer (the latent tokens are new); the new rows get
+    transformers' mean-resizing (CODI's); Coconut's latent rows are then overwritten (``seed_new_rows``)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings.init_seed)
+    if settings.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(settings.name_or_path, attn_implementation=attention,
+                                                     trust_remote_code=settings.trust_remote_code,
+                                                     dtype=torch.float32)
+        weight = model.get_input_embeddings().weight
+        if getattr(weight, "ds_shape", weight.shape)[0] < vocab_size:      # ZeRO-3: the full, not the local, size
+            model.resize_token_embeddings(vocab_size)
+        return model
+    t = settings.tiny
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                      num_key_value_heads=t.num_kv_heads, tie_word_embeddings=t.tie_word_embeddings,
+                      max_position_embeddings=2048)
+    cfg._attn_implementation = attention
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attention, dtype=torch.float32)
+
+
+def new_rows_like(tokenizer, method: str) -> int | None:
+    """The token whose rows the added latent tokens start as: the method's ``seed_rows_from``
+    (Coconut's ``<<``, as the reference does); None (transformers' mean-resizing) for a method
+    without one or a tokenizer where that text is not one token."""
+    text = get_method(method).seed_rows_from
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return ids[0] if len(ids) == 1 else None
+
+
+def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) -> list[int]:
+    """Copy token ``like``'s rows into the latent tokens' ``rows`` (the ids data_prep added, beyond
+    the pretrained table or inside a padded one). Skipped when ``checkpoint.init_from`` is a latent
+    run's: its latent rows are trained, while a CoT run never feeds them (the reference resizes
+    only when Coconut starts). Returns the rows written."""
+    if like is None or not run.model.name_or_path or not rows:
+        return []
+    if run.checkpoint.init_from:
+        source = init_run_method(run.checkpoint.init_from)
+        if source is not None and get_method(source).uses_latent_tokens:
+            return []
+    for lm in lms:
+        copy_rows(lm, rows, like)
+    return rows
+
+
+def init_run_method(init_from: str) -> str | None:
+    """The method of the run that wrote ``checkpoint.init_from`` (None: no config.yaml beside it)."""
+    from pipeline.engine.checkpoint import init_source
+    from pipeline.engine.config import load_config
+
+    ckpt_dir, _tag = init_source(init_from)
+    config = os.path.join(os.path.dirname(ckpt_dir), "config.yaml")
+    return load_config(config).method.name if os.path.isfile(config) else None
+
+
+def copy_rows(model, rows: list[int], source: int) -> None:
+    """Coconut's initialisation of the added tokens: the input-embedding row and the LM-head row of
+    ``source`` (the reference uses ``<<``) copied into ``rows``. Under ZeRO-3 rank 0 writes the
+    gathered tables and DeepSpeed re-partitions them to every rank."""
+    import deepspeed
+
+    tables = {id(t): t for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with deepspeed.zero.GatheredParameters(list(tables.values()), modifier_rank=0), torch.no_grad():
+        if rank == 0:
+            for table in tables.values():           # one table when the embeddings are tied
+                table[rows] = table[source].clone()
+
+
+def apply_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def reasoner_config(run: RunConfig) -> ReasonerConfig:
+    m = run.method
+    return ReasonerConfig(layout=run.method.layout(), step_loss_weight=m.step_loss_weight,
+                          step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
+                          distill_div_std=m.distill_div_std, teacher_loss_weight=m.teacher_loss_weight,
+                          gradient_checkpointing=run.model.gradient_checkpointing)
+
+
+def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,
+                   new_rows_like: int | None = None, latent_rows: tuple[int, ...] = ()):
+    """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig). ``new_rows_like``:
+    the token whose rows the latent tokens' ``latent_rows`` start from (Coconut's ``<<``; None:
+    transformers' mean-resizing)."""
+    keep_alive = None
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)
+    attention = pick_attention(run.model.attn_implementation, on_cuda)
+    base = build_lm(run.model, vocab_size, attention)
+    # The step decoder is the base architecture with the base's starting weights, never LoRA.
+    decoder = build_lm(run.model, vocab_size, attention) if run.method.simcot else None
+    if run.checkpoint.init_from:
+        from pipeline.engine.checkpoint import load_base_weights
+
+        source = load_base_weights(base, decoder, run.checkpoint.init_from)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"initialised weights from {source}", flush=True)
+    seeded = seed_new_rows(run, list(latent_rows), new_rows_like, [lm for lm in (base, decoder) if lm is not None])
+    if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"token rows {seeded} start as token {new_rows_like}'s (Coconut)", flush=True)
+    if run.model.lora.enabled:
+        base = apply_lora(base, run.model.lora)
+    model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)
+    if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
+        # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
+        # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).
+        for param in model.parameters():
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.to(torch.bfloat16)
+    return model, attention, keep_alive
+
+
+def count_params(module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; under ZeRO-3 the full (not partitioned) sizes."""
+    total = trainable = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable

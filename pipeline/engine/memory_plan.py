@@ -1,0 +1,230 @@
+"""Per-rank memory of one training step, and the ZeRO-3 gather policy that follows from it.
+
+    plan = make_plan(run, sizes, ds_config, Hardware(nodes=1, gpus_per_node=8, gpu_mem_gib=80))
+    print(plan.render()); plan.fits, plan.policy
+
+Model states follow DeepSpeed's own accounting (``estimate_zero3_model_states_mem_needs``, checked
+within 10 % in the unit tests): ZeRO-3 partitions 2-byte bf16 parameters over every rank, fp32
+gradient partitions (``data_types.grad_accum_dtype: fp32`` in our JSONs) and 12 bytes of fp32 master weights +
+Adam moments per trainable parameter; offload moves optimizer states (and fp32 gradients) or
+parameters to CPU memory. On top of them a step holds the gathered weights, the activations of the
+latent loop, the LM-head logits at labelled positions and the communication buckets.
+
+Gathered weights are the policy's question. ``gathered`` holds the whole model (base, projection,
+step decoder) in the compute dtype from the first forward to the end of backward. ``streamed``
+holds a window of a few layers, but only for a method with one pass per module (CoT, No-CoT, pause): a
+latent step runs every layer in K+2 passes and DeepSpeed 0.19.8 keeps such a module gathered
+until its *last* backward use (its release counter is reset at every forward call), so the peak
+is the whole model whatever the live-parameter settings (measured: the ZeRO-3 gather notes in
+the README). The plan therefore picks ``gathered`` whenever it fits, ``streamed`` for single-pass
+methods that only fit that way, and otherwise says the run does not fit and what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.engine.config import RunConfig
+from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED
+from pipeline.engine.model_shapes import ModelSizes
+from pipeline.latent.methods import SequenceShape
+
+GIB = 2 ** 30
+FRAMEWORK_RESERVE_GIB = 2.5     # CUDA context, NCCL buffers, allocator slack (a typical H100 process)
+HEADROOM = 0.92                 # plan against 92 % of the device: fragmentation of the caching allocator
+CE_BYTES_PER_LOGIT = 10         # bf16 logits + their fp32 upcast + the fp32 gradient of the CE
+
+
+@dataclass(frozen=True)
+class Hardware:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    gpu_mem_gib: float = 80.0
+    cpu_mem_gib: float = 1024.0         # per node, for offload
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class MemoryPlan:
+    world: int
+    stage: int
+    dtype_bytes: int
+    global_batch: int
+    states: dict[str, float]             # GiB per rank on the device: params, grads, optimizer
+    cpu_gib_per_node: float
+    gathered: dict[str, float]           # GiB of gathered weights per policy
+    activations: dict[str, float]        # GiB with and without checkpointing
+    logits_gib: float
+    buffers_gib: float
+    checkpointing: bool
+    budget_gib: float
+    policy: str = GATHERED
+    device_gib: float = 0.0
+    fits: bool = True
+    reason: str = ""
+    advice: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        s, g, a = self.states, self.gathered, self.activations
+        act_now = a["checkpointed" if self.checkpointing else "full"]
+        gathered = (f"whole model {g[GATHERED]:.2f} GiB, streamed window {g[STREAMED]:.2f} GiB" if self.stage >= 3
+                    else "none (ZeRO-2 and below keep every parameter on every rank)")
+        lines = [
+            f"memory plan: {self.world} rank(s), ZeRO-{self.stage}, {'bf16' if self.dtype_bytes == 2 else 'fp32'}, "
+            f"global batch {self.global_batch}",
+            f"  {'partitioned ' if self.stage >= 3 else ''}params {s['params']:.2f} GiB | grads {s['grads']:.2f} GiB | "
+            f"optimizer states {s['optimizer']:.2f} GiB | CPU per node (offload) {self.cpu_gib_per_node:.1f} GiB",
+            f"  gathered weights: {gathered}",
+            f"  activations of the latent loop: {a['full']:.2f} GiB without checkpointing, {a['checkpointed']:.2f} "
+            f"GiB with (now {'on' if self.checkpointing else 'off'}) | logits {self.logits_gib:.2f} GiB | "
+            f"buckets {self.buffers_gib:.2f} GiB",
+            f"  policy {self.policy}: {self.device_gib:.1f} GiB per device of a {self.budget_gib:.1f} GiB budget "
+            f"({act_now:.2f} GiB activations) -> {'fits' if self.fits else 'DOES NOT FIT'}",
+        ]
+        if not self.fits:
+            lines.append(f"  why: {self.reason}")
+            lines += [f"  change: {item}" for item in self.advice]
+        return "\n".join(lines)
+
+
+def model_states(sizes: ModelSizes, stage: int, world: int, dtype_bytes: int, grad_bytes: int,
+                 offload_optimizer: bool, offload_params: bool) -> tuple[dict[str, float], float]:
+    """-> (GiB per rank on the device, GiB of CPU memory per rank). The optimizer keeps fp32 master
+    weights (bf16 runs only) + two Adam moments (4 + 8 bytes) per trainable parameter."""
+    n, t = sizes.total, sizes.trainable
+    params = n * dtype_bytes / (world if stage >= 3 else 1)
+    grads = t * grad_bytes / (world if stage >= 2 else 1)
+    optimizer = t * (8 if dtype_bytes == 4 else 12) / world
+    device = {"params": params, "grads": grads, "optimizer": optimizer}
+    cpu = 0.0
+    if offload_optimizer:
+        cpu += device.pop("optimizer") + device.pop("grads")
+        device.update(optimizer=0.0, grads=0.0)
+    if offload_params:
+        cpu += device["params"]
+        device["params"] = 0.0
+    return {k: v / GIB for k, v in device.items()}, cpu / GIB
+
+
+def _pass_tokens(run: RunConfig, seq: SequenceShape) -> dict[str, int]:
+    """Tokens per problem seen by each LM, for the longest stage of the method."""
+    layout = run.method.layout()
+    method = layout.spec
+    slots = method.decoder_slots(layout) if layout.simcot else 0
+    merged = max(1, seq.steps - slots + 1) if slots else 0      # steps per slot, the overflow in the last
+    reruns = (layout.jacobi or 0) * method.max_latents(layout)     # Jacobi: every latent once per iteration
+    return {"base": method.base_tokens(layout, seq) + reruns, "teacher": method.teacher_tokens(layout, seq),
+            "decoder": slots * (merged * seq.step + layout.slot_width() + 1),
+            "labelled": method.labelled_tokens(layout, seq) + slots * (merged * seq.step + 1)}
+
+
+def activation_gib(run: RunConfig, sizes: ModelSizes, seq: SequenceShape, dtype_bytes: int) -> dict[str, float]:
+    """Saved tensors of one micro-batch's forward. A LLaMA block saves per token about
+    8 h + 2 kv + 4 i values (norm in/out twice, q k v, attention out, o_proj out, gate, up, act,
+    product; SDPA/flash keep no s x s matrix); with per-layer checkpointing only each layer's input
+    (h) is kept, plus one layer's full set while it is recomputed."""
+    tokens = _pass_tokens(run, seq)
+    b = run.train.micro_batch_size
+    per_layer = (8 * sizes.hidden + 2 * sizes.kv_dim + 4 * sizes.intermediate) * dtype_bytes
+    lm_tokens = b * (tokens["base"] + tokens["teacher"] + tokens["decoder"])
+    longest_pass = b * max(tokens["base"], tokens["teacher"], tokens["decoder"])
+    full = lm_tokens * sizes.layers * per_layer
+    checkpointed = lm_tokens * sizes.layers * sizes.hidden * dtype_bytes + longest_pass * per_layer
+    return {"full": full / GIB, "checkpointed": checkpointed / GIB}
+
+
+def _streamed_window(sizes: ModelSizes, dtype_bytes: int) -> float:
+    """Live parameters under ``streamed``: the layer in use, the one prefetched, the largest module."""
+    return (2 * sizes.layer + sizes.largest_module) * dtype_bytes / GIB
+
+
+def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hardware,
+              seq: SequenceShape | None = None) -> MemoryPlan:
+    seq = seq or SequenceShape()
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    dtype_bytes = 2 if ds_config.get("bf16", {}).get("enabled") is True else 4
+    world = hardware.world
+    grad_bytes = 4 if dtype_bytes == 4 or ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32" else 2
+    states, cpu = model_states(sizes, stage, world, dtype_bytes, grad_bytes, "offload_optimizer" in zero,
+                               "offload_param" in zero)
+    gathered = {GATHERED: sizes.total * dtype_bytes / GIB, STREAMED: _streamed_window(sizes, dtype_bytes)}
+    tokens = _pass_tokens(run, seq)
+    logits = run.train.micro_batch_size * tokens["labelled"] * sizes.vocab * CE_BYTES_PER_LOGIT / GIB
+    buffers = (zero.get("reduce_bucket_size", 0) or 0) * 4 * 2 / GIB
+    plan = MemoryPlan(world=world, stage=stage, dtype_bytes=dtype_bytes,
+                      global_batch=run.train.micro_batch_size * run.train.grad_accum * world, states=states,
+                      cpu_gib_per_node=cpu * hardware.gpus_per_node, gathered=gathered,
+                      activations=activation_gib(run, sizes, seq, dtype_bytes), logits_gib=logits,
+                      buffers_gib=buffers, checkpointing=run.model.gradient_checkpointing,
+                      budget_gib=hardware.gpu_mem_gib * HEADROOM)
+    decide(plan, run, hardware)
+    return plan
+
+
+def _device_total(plan: MemoryPlan, policy: str) -> float:
+    weights = 0.0 if policy == REPLICATED else plan.gathered[policy]
+    if plan.stage < 3:
+        weights = 0.0                           # the parameters themselves are replicated (in "params")
+    act = plan.activations["checkpointed" if plan.checkpointing else "full"]
+    return sum(plan.states.values()) + weights + act + plan.logits_gib + plan.buffers_gib + FRAMEWORK_RESERVE_GIB
+
+
+def decide(plan: MemoryPlan, run: RunConfig, hardware: Hardware) -> None:
+    """Pick the policy: gathered when it fits; streamed for a single-pass method; else say why not."""
+    single_pass = not run.method.layout().spec.fills_latents
+    candidates = [REPLICATED] if plan.stage < 3 else [GATHERED] + ([STREAMED] if single_pass else [])
+    for policy in candidates:
+        plan.policy, plan.device_gib = policy, _device_total(plan, policy)
+        if plan.device_gib <= plan.budget_gib:
+            break
+    if plan.cpu_gib_per_node > hardware.cpu_mem_gib * HEADROOM:
+        plan.fits = False
+        plan.reason = (f"offloaded states need {plan.cpu_gib_per_node:.0f} GiB of CPU memory per node, "
+                       f"more than {hardware.cpu_mem_gib * HEADROOM:.0f} GiB")
+        plan.advice = ["more nodes (--nodes)", "nodes with more CPU memory (--cpu-mem-gib)"]
+    elif plan.device_gib > plan.budget_gib:
+        plan.fits = False
+        plan.reason = f"{plan.device_gib:.1f} GiB per device > {plan.budget_gib:.1f} GiB budget ({plan.policy})"
+        plan.advice = advice(plan, run, single_pass)
+
+
+def advice(plan: MemoryPlan, run: RunConfig, single_pass: bool) -> list[str]:
+    """What to change, biggest saving first, each with the GiB it frees per device."""
+    items = []
+    a = plan.activations
+    if not plan.checkpointing and a["full"] > a["checkpointed"]:
+        items.append((a["full"] - a["checkpointed"], "model.gradient_checkpointing=true"))
+    if run.train.micro_batch_size > 1:
+        half = (a["checkpointed" if plan.checkpointing else "full"] + plan.logits_gib) / 2
+        items.append((half, f"train.micro_batch_size={run.train.micro_batch_size // 2} "
+                            f"(train.grad_accum={2 * run.train.grad_accum} keeps the global batch)"))
+    if plan.states["optimizer"] + plan.states["grads"] > 0:
+        items.append((plan.states["optimizer"] + plan.states["grads"],
+                      "deepspeed=ds_configs/zero3_offload.json (optimizer states and gradients in CPU memory)"))
+    states = sum(plan.states.values())
+    items.append((states / 2, f"twice the GPUs (--nodes {2 * max(1, plan.world // 8)}): halves the "
+                              f"{states:.1f} GiB of partitioned states"))
+    if plan.policy == GATHERED and not single_pass and plan.stage >= 3:
+        items.append((0.0, f"the gathered model alone is {plan.gathered[GATHERED]:.1f} GiB: a latent method runs "
+                           "every layer in several passes, and ZeRO-3 keeps it gathered until its last backward "
+                           "use, so more GPUs do not shrink it; use GPUs with more memory or a smaller model"))
+    return [f"{text} (frees ~{gib:.1f} GiB)" if gib else text for gib, text in sorted(items, key=lambda x: -x[0])]
+
+
+def local_hardware(world: int, device) -> Hardware:
+    """This job's hardware as the trainer sees it: the device's memory (a CPU rank gets its share
+    of the machine's RAM) and the ranks per node from the launcher."""
+    import os
+
+    import torch
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory / GIB
+    else:
+        memory = ram / per_node
+    return Hardware(nodes=max(1, world // per_node), gpus_per_node=per_node, gpu_mem_gib=memory, cpu_mem_gib=ram)

@@ -1,0 +1,56 @@
+"""Per-rank batches for one epoch at one curriculum stage, from verified shards.
+
+Every rank builds the same permutation (seeded by run seed and epoch) and takes every
+``world``-th record, truncated so all ranks get the same number of micro-batches (a multiple of
+the accumulation steps): no rank waits on a collective the others never reach.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.engine.config import CurriculumSettings
+from pipeline.latent.collate import collate_aligned
+from pipeline.latent.methods import LayoutConfig, get_method, layout
+
+
+def stage_for_epoch(epoch: int, curriculum: CurriculumSettings, method: str) -> int:
+    """The method's curriculum stage at ``epoch`` (Coconut: ``start_stage + epoch // epochs_per_stage``)."""
+    return get_method(method).stage_for_epoch(epoch, curriculum.start_stage, curriculum.epochs_per_stage)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    grad_accum: int
+    rank: int
+    world: int
+    seed: int
+
+
+def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool, max_steps: int = 0) -> list[list[int]]:
+    """Record indices of each of this rank's micro-batches (a multiple of the accumulation steps);
+    ``max_steps`` > 0 keeps the first that many optimizer steps of the epoch's order."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(plan.seed * 100_003 + epoch)
+        order = torch.randperm(n_records, generator=generator).tolist()
+    else:
+        order = list(range(n_records))
+    per_rank = len(order) // plan.world
+    mine = order[plan.rank::plan.world][:per_rank]
+    n_batches = per_rank // plan.micro_batch_size
+    n_batches -= n_batches % plan.grad_accum
+    if max_steps:
+        n_batches = min(n_batches, max_steps * plan.grad_accum)
+    return [mine[i * plan.micro_batch_size:(i + 1) * plan.micro_batch_size] for i in range(n_batches)]
+
+
+def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: LayoutConfig,
+                 stage: int, prefix_ids: list[int]):
+    """Lay out and collate lazily, one micro-batch at a time."""
+    for batch_indices in indices:
+        rows = [records[i] for i in batch_indices]
+        examples = [layout(r, special, cfg, stage, prefix_ids) for r in rows]
+        batch = collate_aligned(examples, special["latent"], special["pad"])
+        yield batch

@@ -1,0 +1,2 @@
+"""Inference with a merged model: batched latent generation, answer scoring and the evaluation
+report (``python -m pipeline.evaluate``)."""

@@ -1,0 +1,202 @@
+"""The one latent loop shared by every method (Coconut, CODI): fill latent slots pass by pass
+(or all at once by Jacobi iteration, :func:`jacobi_latents`).
+
+Semantics (the reference Coconut forward, pinned by the golden fixture test): the batch is
+aligned so latent ``i`` of every row sits in column ``first + i``. Pass 0 runs the columns before
+the first latent; pass ``i`` runs the single column of latent ``i-1``; latent ``i`` receives the
+last-layer (post-norm) hidden state of the column before it, through an optional projection
+(CODI's ``prj``); a final pass runs everything after the last filled latent. Keys and values are
+reused between passes and gradients flow through the whole chain.
+
+Checkpointing: HF's switch drops the KV cache inside each checkpointed layer, because replaying a
+layer in backward would append to a live cache a second time (silently wrong losses,
+measured). Our passes use a :class:`PassCache` instead: the past keys/values are
+fixed chunks and ``update`` returns ``past + new`` without storing it, so a replayed layer sees
+exactly what it saw in forward. With it, per-layer activation checkpointing keeps the cache
+(:func:`enable_cache_safe_checkpointing`). Past chunks are kept once, never re-concatenated per
+pass into stored copies.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, for some columns
+
+
+@dataclass
+class LatentPasses:
+    """Outputs of the loop. ``hidden`` is the last-layer hidden state of every column
+    ``[0, T)`` (the pre-latent, latent and tail passes concatenated); ``latents[:, i]`` is the
+    vector fed at latent ``i``; ``next_latent`` the one the last latent produced (never fed;
+    CODI's SIM-CoT supervises it). ``layer_states`` holds every layer's hidden state at the
+    columns asked for with ``keep_layers_at`` (CODI distillation), else None; ``cache_chunks``
+    the keys/values of every pass (generation continues from them)."""
+    hidden: torch.Tensor
+    latents: torch.Tensor
+    next_latent: torch.Tensor
+    layer_states: torch.Tensor | None
+    cache_chunks: list = None         # the keys/values of every pass, for decoding after the prompt
+
+
+class _FrozenPastLayer(DynamicLayer):
+    """One layer's cache for one pass: past chunks fixed, the new keys/values recorded, not appended."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.past = past
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+        if past:
+            self.keys, self.values = past[0]            # what shape/device queries look at
+            self.device, self.is_initialized = past[0][0].device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.new = (key_states, value_states)           # a replay overwrites: idempotent
+        if not self.past:
+            return key_states, value_states
+        keys = torch.cat([k for k, _ in self.past] + [key_states], dim=-2)
+        values = torch.cat([v for _, v in self.past] + [value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return sum(k.shape[-2] for k, _ in self.past)
+
+
+class PassCache(DynamicCache):
+    """A replay-safe cache for one forward pass over some columns, given earlier passes' chunks."""
+
+    def __init__(self, chunks: list[KV], n_layers: int):
+        super().__init__()
+        self.layers = [_FrozenPastLayer([chunk[layer] for chunk in chunks]) for layer in range(n_layers)]
+
+    def new_chunk(self) -> KV:
+        return [layer.new for layer in self.layers]
+
+
+def enable_cache_safe_checkpointing(model) -> None:
+    """Per-layer activation checkpointing (non-reentrant) that keeps the cache: safe because
+    every cached forward in this package goes through a :class:`PassCache`. ``use_reentrant=True``
+    is never used: it crashes ZeRO when a module runs more than once per step."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
+
+
+def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False):
+    """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states)."""
+    cache = PassCache(chunks, body.config.num_hidden_layers)
+    out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+               use_cache=True, output_hidden_states=want_layers)
+    layers = torch.stack(out.hidden_states, dim=0) if want_layers else None
+    return out.last_hidden_state, cache.new_chunk(), layers
+
+
+def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None) -> LatentPasses:
+    """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
+
+    ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
+    The number of passes is ``n_latents + 1`` whatever the data, so every rank makes the same calls.
+    ``keep_layers_at``: one tail column per row ([B]) whose every-layer hidden states are returned.
+    ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
+    one latent per pass.
+    """
+    project = project or (lambda h: h)
+    if n_latents == 0:
+        raise ValueError("fill_latents needs at least one latent; run the model directly for none")
+    if jacobi_iterations is not None:
+        return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
+                              keep_layers_at, jacobi_iterations)
+    chunks: list[KV] = []
+    hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
+                             chunks)
+    chunks.append(kv)
+    pieces, latents = [hidden], []
+    latent = project(hidden[:, -1:])
+    for i in range(n_latents - 1):
+        latents.append(latent)
+        col = first + i
+        hidden, kv, _ = run_pass(body, latent, attention_mask[:, :col + 1], position_ids[:, col:col + 1],
+                                 chunks)
+        chunks.append(kv)
+        pieces.append(hidden)
+        latent = project(hidden)
+    latents.append(latent)
+    last = first + n_latents - 1
+    tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
+    want_layers = keep_layers_at is not None
+    hidden, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, want_layers)
+    chunks.append(kv)
+    pieces.append(hidden)
+    rows = torch.arange(embeds.size(0), device=embeds.device)
+    layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None
+    return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states,
+                        chunks)
+
+
+def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_latents: int, project,
+                   keep_layers_at: torch.Tensor | None, iterations: int) -> LatentPasses:
+    """Parallel (Jacobi) latent updates, as PCCoT: the slots start as their token embeddings (the
+    latent token's), and each of ``iterations`` passes runs all slots at once (the question's keys
+    and values reused), slot ``i`` then taking the last-layer state of column ``first + i - 1``:
+    slot 0 the question's last, the others their left neighbour's from this pass. Slots ``< t``
+    are exact after ``t`` passes, so ``iterations = n_latents`` gives the sequential latents and
+    0 leaves the token embeddings (pause tokens). The final pass runs the filled slots and the
+    tail. Passes: ``iterations + 2`` whatever the data (ZeRO-3 lockstep); gradients flow through
+    every iteration."""
+    end = first + n_latents
+    hidden, prefix, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first], [])
+    from_question = project(hidden[:, -1:])
+    latents = embeds[:, first:end]
+    for _ in range(iterations):
+        slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix])
+        latents = torch.cat([from_question, project(slots[:, :-1])], dim=1)
+    tail = torch.cat([latents, embeds[:, end:]], dim=1)
+    want_layers = keep_layers_at is not None
+    out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers)
+    rows = torch.arange(embeds.size(0), device=embeds.device)
+    layer_states = layers[:, rows, keep_layers_at - first] if want_layers else None
+    return LatentPasses(torch.cat([hidden, out], dim=1), latents, project(out[:, n_latents - 1:n_latents]),
+                        layer_states, [prefix, kv])
+
+
+def latent_columns(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int]:
+    """(first latent column, latent count); every row must hold them in the same columns."""
+    is_latent = input_ids == latent_id
+    counts = is_latent.sum(dim=1)
+    n = int(counts[0])
+    if n == 0:
+        return 0, 0
+    first = int(is_latent[0].nonzero()[0])
+    expected = torch.zeros_like(is_latent)
+    expected[:, first:first + n] = True
+    if not torch.equal(is_latent, expected):
+        raise ValueError("latents must sit in the same contiguous columns in every row; "
+                         "collate with pipeline.latent.collate.collate_aligned")
+    return first, n
+
+
+def coconut_forward(model, input_ids, attention_mask, position_ids, labels, latent_id):
+    """Fidelity seam: Coconut's latent-filling forward for any HF causal LM -> (loss, logits).
+
+    ``logits`` covers every column, as the reference returns it; ``loss`` is the mean next-token
+    cross-entropy over labelled positions.
+    """
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    embeds = model.get_input_embeddings()(input_ids)
+    first, n = latent_columns(input_ids, latent_id)
+    if n == 0:
+        hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    else:
+        hidden = fill_latents(body, embeds, attention_mask, position_ids, first, n).hidden
+    logits = head(hidden)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return loss, logits

@@ -1,0 +1,11 @@
+"""The method registry: ``get_method(name)`` -> the object that owns a method's layout, prompt,
+curriculum, decoder slots and the parts it needs. One module per method; importing this package
+registers them all.
+
+    from pipeline.latent.methods import LayoutConfig, get_method, layout
+    example = layout(record, special_tokens, LayoutConfig("codi", num_latent=6, simcot=True), prefix_ids=ids)
+"""
+from . import coconut, codi, cot, nocot, pause  # noqa: F401  (each registers itself)
+from .base import IGNORE, Example, LayoutConfig, Method, SequenceShape, get_method, layout, method_names
+
+__all__ = ["IGNORE", "Example", "LayoutConfig", "Method", "SequenceShape", "get_method", "layout", "method_names"]

@@ -1,0 +1,176 @@
+"""What a method is: one object that owns everything the rest of the pipeline asks about it.
+
+The layout of a training example, the evaluation prompt (built by the same ``prompt`` call the
+layout uses, so evaluation cannot drift from training), the latent count per curriculum stage,
+the decoder targets, the parts it needs (CODI's projection, a teacher pass) and the sequence
+lengths the memory plan budgets. Nothing outside ``pipeline.latent.methods`` compares method names:
+adding a method is one module here plus its recipe and tests (see ``pause.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: one instance of each method, found by its ``name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"method {name!r}: expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """The method and the options that shape its examples (from ``method.*`` in a recipe)."""
+    method: str
+    c_thought: int = 2              # Coconut: latents per replaced step
+    max_latent_stage: int = 3       # Coconut: stages with their own step; later ones are all-latent
+    pad_latent_to_max: bool = True  # Coconut final stage: always max_latent_stage * c latents
+    num_latent: int = 6             # CODI, pause: latents fed to the model (CODI's SIM-CoT supervises num_latent + 1)
+    include_last_step: bool = False  # CODI teacher keeps the last CoT step (reference: dropped)
+    simcot: bool = False
+    latent_update: str = "sequential"   # or "jacobi": every latent at once, jacobi_iterations times
+    jacobi_iterations: int = 3
+
+    def __post_init__(self):
+        get_method(self.method)
+        if self.latent_update not in ("sequential", "jacobi"):
+            raise ValueError(f"latent_update {self.latent_update!r}: expected sequential or jacobi")
+
+    @property
+    def jacobi(self) -> int | None:
+        """Jacobi iterations of the latent loop (None: sequential filling)."""
+        return self.jacobi_iterations if self.latent_update == "jacobi" else None
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    def n_latents(self, stage: int, n_steps: int) -> int:
+        return self.spec.n_latents(self, stage, n_steps)
+
+    def slot_width(self) -> int:
+        return self.spec.slot_width(self)
+
+
+@dataclass
+class Example:
+    """One laid-out problem. ``step_targets``: one id list per decoder slot ([] = masked)."""
+    input_ids: list[int]
+    labels: list[int]
+    n_latents: int = 0
+    step_targets: list[list[int]] = field(default_factory=list)
+    teacher_ids: list[int] = field(default_factory=list)
+    teacher_labels: list[int] = field(default_factory=list)
+    distill_index: int = -1          # CODI: column of the token before the first answer token (student)
+    teacher_distill_index: int = -1  # same token in the teacher sequence
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    """Token counts of one problem the activations are planned for (GSM8k-Aug with a LLaMA-3
+    tokenizer, cut at about its 95th percentile; set them from your shards' length histogram)."""
+    question: int = 96
+    steps: int = 6
+    step: int = 16
+    answer: int = 8
+
+
+class Method:
+    """Defaults are a single-pass method without latents (explicit CoT's family)."""
+    name = ""
+    fills_latents = False       # latent slots are filled pass by pass by the latent loop
+    uses_latent_tokens = False  # the latent special tokens' rows are trained (seeded only before that)
+    supports_simcot = False     # has decoder slots a step decoder can supervise
+    needs_projection = False    # CODI's ``prj`` between a hidden state and the next latent
+    needs_teacher = False       # a teacher pass over the explicit CoT (CODI self-distillation)
+    seed_rows_from = None       # text whose token rows the latent tokens' rows start as (Coconut: "<<")
+
+    # -------------------------------------------------------------- layout
+    def n_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:
+        return 0
+
+    def stage_for_epoch(self, epoch: int, start_stage: int, epochs_per_stage: int) -> int:
+        return 0
+
+    def prompt(self, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
+        """The model's input before the text it generates: training layouts start with it."""
+        return list(question)
+
+    def layout(self, q: list[int], steps: list[list[int]], ans: list[int], special: dict[str, int],
+               cfg: LayoutConfig, stage: int, prefix_ids: list[int] | None) -> Example:
+        """One problem's ids (question, steps, answer without EOS) laid out for training."""
+        raise NotImplementedError
+
+    def supervised(self, head: list[int], tail: list[int], n_latents: int = 0) -> Example:
+        """``head`` unlabelled, ``tail`` labelled."""
+        return Example(head + tail, [IGNORE] * len(head) + tail, n_latents)
+
+    # -------------------------------------------------------------- model
+    def slot_width(self, cfg: LayoutConfig) -> int:
+        """Latents per step-decoder slot (and per decoded step at evaluation)."""
+        return 1
+
+    def slot_vectors(self, cfg: LayoutConfig, latents: torch.Tensor, next_latent: torch.Tensor) -> torch.Tensor:
+        """[B, S, width, d]: the vectors each decoder slot reads."""
+        b, n, d = latents.shape
+        width = self.slot_width(cfg)
+        return latents.reshape(b, n // width, width, d)
+
+    def batch_keys(self, cfg: LayoutConfig, n_latents: int) -> tuple[str, ...]:
+        """Batch entries ``LatentReasoner.forward`` needs for this method with ``n_latents`` latents
+        (a missing one is an error, never a loss silently left at zero)."""
+        keys = ("input_ids", "attention_mask", "position_ids", "labels", "n_latents")
+        if self.fills_latents:
+            keys += ("first_latent",)
+        if self.needs_teacher:
+            keys += ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids", "teacher_labels",
+                     "distill_index", "teacher_distill_index")
+        if cfg.simcot and n_latents:
+            keys += ("step_ids", "step_lengths")
+        return keys
+
+    # -------------------------------------------------------------- memory plan
+    def max_latents(self, cfg: LayoutConfig) -> int:
+        """Latents at the method's longest stage."""
+        return 0
+
+    def decoder_slots(self, cfg: LayoutConfig) -> int:
+        return 0
+
+    def base_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+        """Tokens per problem through the base LM (student), at the longest stage."""
+        return seq.question + seq.steps * seq.step + seq.answer + 1
+
+    def teacher_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+        return 0
+
+    def labelled_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+        """Tokens per problem whose logits the base LM head computes (teacher included)."""
+        return seq.answer + 1 + seq.steps * seq.step
+
+
+def layout(record: dict, special: dict[str, int], cfg: LayoutConfig, stage: int = 0,
+           prefix_ids: list[int] | None = None) -> Example:
+    """A shard record laid out for ``cfg.method`` at curriculum ``stage``. Every id comes from the
+    manifest's ``special_tokens`` or the record, never from constants; ``answer_ids`` in a record
+    carry no EOS: layouts append ``eos``."""
+    q, steps = list(record["question_ids"]), [list(s) for s in record["step_ids"]]
+    return cfg.spec.layout(q, steps, list(record["answer_ids"]), special, cfg, stage, prefix_ids)
+
+
+def concat(steps: list[list[int]]) -> list[int]:
+    return [t for s in steps for t in s]

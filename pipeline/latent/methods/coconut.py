@@ -1,0 +1,65 @@
+"""Coconut (the reference Coconut/ code): stage k replaces the first k steps by c latents each.
+
+    question <start> <latent> x (c * k) <end> remaining steps answer EOS
+
+From stage ``max_latent_stage + 1`` on every step is latent. With SIM-CoT each group of c
+latents is a decoder slot that must reproduce the step it replaced.
+"""
+from __future__ import annotations
+
+from .base import Method, SequenceShape, concat, register
+
+
+@register
+class Coconut(Method):
+    name = "coconut"
+    fills_latents = uses_latent_tokens = supports_simcot = True
+    seed_rows_from = "<<"
+
+    def n_latents(self, cfg, stage, n_steps):
+        if stage == 0:
+            return 0
+        if stage <= cfg.max_latent_stage:
+            return cfg.c_thought * stage
+        groups = cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
+        return cfg.c_thought * groups
+
+    def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
+        return start_stage + epoch // epochs_per_stage
+
+    def prompt(self, question, special, n_latents):
+        return list(question) + [special["start_latent"]] + [special["latent"]] * n_latents + [special["end_latent"]]
+
+    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
+        n_latents = cfg.n_latents(stage, len(steps))
+        skipped = stage if stage <= cfg.max_latent_stage else len(steps)
+        example = self.supervised(self.prompt(q, special, n_latents), concat(steps[skipped:]) + ans + [special["eos"]],
+                                  n_latents)
+        if cfg.simcot and n_latents:
+            pseudo = concat(steps[skipped:]) + ans      # what follows <end>, without EOS
+            example.step_targets = step_targets(steps[:skipped], n_latents // cfg.c_thought,
+                                                cfg.max_latent_stage, pseudo)
+        return example
+
+    def slot_width(self, cfg):
+        return cfg.c_thought
+
+    def max_latents(self, cfg):
+        return cfg.c_thought * cfg.max_latent_stage
+
+    def decoder_slots(self, cfg):
+        return cfg.max_latent_stage
+
+    def base_tokens(self, cfg, seq: SequenceShape):
+        return super().base_tokens(cfg, seq) + self.max_latents(cfg) + 2
+
+
+def step_targets(replaced: list[list[int]], groups: int, max_stage: int, pseudo: list[int]) -> list[list[int]]:
+    """Targets of each thought group: group g reproduces replaced step g; steps from
+    ``max_stage - 1`` on are merged into the last group; groups beyond the steps get the pseudo
+    thought (the text after ``<end>``), as the reference does."""
+    merged = replaced[:max_stage - 1]
+    if len(replaced) >= max_stage:
+        merged.append(concat(replaced[max_stage - 1:]))
+    targets = [list(s) for s in merged[:groups]]
+    return targets + [list(pseudo)] * (groups - len(targets))

@@ -1,0 +1,80 @@
+"""CODI (the reference CODI/ code): a fixed block of latents, each the projected hidden state
+of the one before, and a teacher pass over the explicit CoT distilled into the student.
+
+    student: question <bot> <latent> x N <eot> answer EOS
+    teacher: question steps[:-1] answer EOS
+
+With SIM-CoT the N fed latents and the one the last latent produces are N + 1 decoder slots:
+one step each, the overflow merged into the last slot, missing slots masked.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import IGNORE, Example, Method, SequenceShape, concat, register
+
+
+@register
+class CODI(Method):
+    name = "codi"
+    fills_latents = uses_latent_tokens = supports_simcot = True
+    needs_projection = needs_teacher = True
+
+    def n_latents(self, cfg, stage, n_steps):
+        return cfg.num_latent
+
+    def prompt(self, question, special, n_latents):
+        return list(question) + [special["bot"]] + [special["latent"]] * n_latents + [special["eot"]]
+
+    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
+        if prefix_ids is None:
+            raise ValueError("CODI layout needs prefix_ids (the tokenised answer prefix)")
+        start, eos, n = answer_start(ans, prefix_ids), special["eos"], cfg.num_latent
+        teacher_steps = steps if cfg.include_last_step else steps[:-1]
+        cot = concat(teacher_steps)
+        head = self.prompt(q, special, n)
+        example = Example(head + ans + [eos], [IGNORE] * len(head) + ans + [eos], n,
+                          teacher_ids=q + cot + ans + [eos], teacher_labels=[IGNORE] * len(q) + cot + ans + [eos],
+                          distill_index=len(head) + start - 1, teacher_distill_index=len(q) + len(cot) + start - 1)
+        if cfg.simcot:
+            example.step_targets = slot_targets(teacher_steps, n + 1)
+        return example
+
+    def slot_vectors(self, cfg, latents, next_latent):
+        return torch.cat([latents, next_latent], dim=1).unsqueeze(2)
+
+    def max_latents(self, cfg):
+        return cfg.num_latent
+
+    def decoder_slots(self, cfg):
+        return cfg.num_latent + 1
+
+    def base_tokens(self, cfg, seq: SequenceShape):
+        return seq.question + cfg.num_latent + 2 + seq.answer + 1
+
+    def teacher_tokens(self, cfg, seq: SequenceShape):
+        return seq.question + seq.steps * seq.step + seq.answer + 1
+
+    def labelled_tokens(self, cfg, seq: SequenceShape):
+        return seq.answer + 1 + self.teacher_tokens(cfg, seq) - seq.question
+
+
+def answer_start(answer_ids: list[int], prefix_ids: list[int]) -> int:
+    """Index in ``answer_ids`` of the first token that holds answer text: the common prefix length
+    with the tokenised answer prefix. GPT-2 merges the space into " 18" (index 4, after ":");
+    LLaMA-3 keeps " " apart (index 5); derived from the tokenizer, never from a model name."""
+    n = 0
+    while n < min(len(answer_ids), len(prefix_ids)) and answer_ids[n] == prefix_ids[n]:
+        n += 1
+    if n == 0 or n >= len(answer_ids):
+        raise ValueError("answer ids do not start with the answer prefix; rebuild shards with this template")
+    return n
+
+
+def slot_targets(steps: list[list[int]], n_slots: int) -> list[list[int]]:
+    """CODI slots: the first n_slots-1 steps one each, the rest merged into the last slot,
+    missing slots masked ([]), as the reference does."""
+    targets = [list(s) for s in steps[:n_slots - 1]]
+    if len(steps) >= n_slots:
+        targets.append(concat(steps[n_slots - 1:]))
+    return targets + [[] for _ in range(n_slots - len(targets))]

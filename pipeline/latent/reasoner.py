@@ -1,0 +1,183 @@
+"""``LatentReasoner``: base causal LM + optional CODI projection + optional SIM-CoT step decoder.
+
+    model = LatentReasoner(base, ReasonerConfig(layout=LayoutConfig("codi", simcot=True)))
+    losses = model(batch)      # {"answer_ce", "teacher_ce", "distill", "step_ce", "total"}
+
+Methods are configuration of this one module: what differs between them is asked of the method
+object (``pipeline.latent.methods``), never of its name. Module calls per step depend only on the method
+and the curriculum stage (the same on every rank), never on the data: ZeRO-3 gathers stay in step.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
+from pipeline.latent.methods import IGNORE, LayoutConfig
+
+
+@dataclass(frozen=True)
+class ReasonerConfig:
+    layout: LayoutConfig = field(default_factory=lambda: LayoutConfig("cot"))
+    step_loss_weight: float = 1.0
+    step_loss_norm: str = "token_mean"   # or "sample_sum": the Coconut reference's per-sample token sum
+    distill_factor: float = 1.0          # 20 for the LLaMA CODI recipes
+    distill_div_std: bool = True
+    teacher_loss_weight: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.step_loss_norm not in ("token_mean", "sample_sum"):
+            raise ValueError(f"step_loss_norm {self.step_loss_norm!r}: expected token_mean or sample_sum")
+
+
+class Projection(nn.Sequential):
+    """CODI's ``prj``: Linear -> GELU -> Linear -> LayerNorm, hidden size in and out."""
+
+    def __init__(self, hidden: int, inner: int | None = None):
+        inner = inner or hidden
+        super().__init__(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden), nn.LayerNorm(hidden))
+
+
+def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
+    """Next-token CE computed only where a label exists: the LM head never sees other positions."""
+    keep = labels[:, 1:] != IGNORE
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+
+class LatentReasoner(nn.Module):
+    def __init__(self, base: nn.Module, config: ReasonerConfig, eos_id: int | None = None,
+                 step_decoder: nn.Module | None = None):
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.method = config.layout.spec
+        hidden = base.config.hidden_size
+        self.projection = Projection(hidden) if self.method.needs_projection else None
+        # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
+        # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
+        # parameters would copy shards, not weights).
+        if config.layout.simcot and step_decoder is None:
+            step_decoder = copy.deepcopy(base)
+        self.step_decoder = step_decoder if config.layout.simcot else None
+        self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
+        if config.gradient_checkpointing:
+            for lm in (self.base, self.step_decoder):
+                if lm is not None:
+                    enable_cache_safe_checkpointing(lm)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def body(self):
+        return self.base.get_decoder()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base.get_input_embeddings()(ids)
+
+    def embed_all(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Every token embedding of the step in one lookup: with a 128k vocabulary each lookup's
+        backward zero-fills and scatters a dense vocabulary-sized gradient, so one beats three."""
+        keys = [k for k in ("input_ids", "teacher_input_ids", "step_ids") if k in batch]
+        flat = self.embed(torch.cat([batch[k].flatten() for k in keys]))
+        out, cursor = {}, 0
+        for key in keys:
+            n = batch[key].numel()
+            out[key] = flat[cursor:cursor + n].view(*batch[key].shape, -1)
+            cursor += n
+        return out
+
+    def _answer_pass(self, batch: dict, embeds: torch.Tensor):
+        n = int(batch["n_latents"]) if self.method.fills_latents else 0
+        if n == 0:
+            hidden = self.body(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).last_hidden_state
+            return hidden, None
+        passes = fill_latents(self.body, embeds, batch["attention_mask"], batch["position_ids"],
+                              int(batch["first_latent"]), n,
+                              project=self.projection, keep_layers_at=batch.get("distill_index"),
+                              jacobi_iterations=self.config.layout.jacobi)
+        return passes.hidden, passes
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        missing = [k for k in self.method.batch_keys(self.config.layout, int(batch.get("n_latents", 0)))
+                   if k not in batch]
+        if missing:
+            raise KeyError(f"{self.method.name} batch lacks {missing}; "
+                           "collate it with pipeline.latent.collate.collate_aligned")
+        embeds = self.embed_all(batch)
+        hidden, passes = self._answer_pass(batch, embeds["input_ids"])
+        head = self.base.get_output_embeddings()
+        zero = hidden.new_zeros(())
+        losses = {"answer_ce": labelled_ce(head, hidden, batch["labels"]), "teacher_ce": zero,
+                  "distill": zero, "step_ce": zero}
+        if self.method.needs_teacher:
+            losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
+        if self.step_decoder is not None and passes is not None:
+            slots = self.method.slot_vectors(self.config.layout, passes.latents, passes.next_latent)
+            losses["step_ce"] = self.step_loss(slots, batch["step_ids"], embeds["step_ids"], batch["step_lengths"])
+        if passes is not None:
+            losses.update(self.latent_health(passes.latents, embeds["input_ids"]))
+        c = self.config
+        losses["total"] = (losses["answer_ce"] + c.teacher_loss_weight * losses["teacher_ce"]
+                           + c.distill_factor * losses["distill"] + c.step_loss_weight * losses["step_ce"])
+        return losses
+
+    @staticmethod
+    @torch.no_grad()
+    def latent_health(latents: torch.Tensor, token_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics: latent norm over token-embedding norm, and the mean pairwise
+        cosine of one problem's latents (1.0 = every latent the same direction)."""
+        ratio = latents.norm(dim=-1).mean() / token_embeds.norm(dim=-1).mean().clamp(min=1e-12)
+        unit = F.normalize(latents.float(), dim=-1)
+        n = unit.size(1)
+        cosine = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(max(1, n * (n - 1))).mean()
+        return {"latent_norm_ratio": ratio, "latent_cosine": cosine}
+
+    def _teacher(self, batch: dict, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
+        """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
+        out = self.body(inputs_embeds=embeds, attention_mask=batch["teacher_attention_mask"],
+                        position_ids=batch["teacher_position_ids"], output_hidden_states=True)
+        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch["teacher_labels"])
+        rows = torch.arange(len(batch["teacher_distill_index"]))
+        target = torch.stack(out.hidden_states, 0)[:, rows, batch["teacher_distill_index"]].detach()  # [L+1, B, d]
+        student = passes.layer_states                                                         # [L+1, B, d]
+        per_layer = F.smooth_l1_loss(student, target, reduction="none").mean(dim=(1, 2))
+        if self.config.distill_div_std:
+            per_layer = per_layer / target.std(dim=(1, 2))
+        return teacher_ce, per_layer.mean()
+
+    def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, step_embeds: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+        """One decoder call for every slot of every row: input ``[latents ; embed(step ids)]``,
+        labels the step ids then EOS; masked slots (length 0) carry no label."""
+        b, s, c, d = slots.shape
+        width = step_ids.size(-1)
+        ids = step_ids.reshape(b * s, width)
+        lengths = lengths.reshape(b * s)
+        cols = torch.arange(width + 1, device=ids.device)
+        target = torch.cat([ids, ids.new_full((b * s, 1), self.eos_id)], dim=1)
+        target = torch.where(cols == lengths[:, None], self.eos_id, target)
+        valid = (cols <= lengths[:, None]) & (lengths[:, None] > 0)                  # [BS, width+1]
+        embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
+        mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
+                          (cols[:width] < lengths[:, None]).long()], dim=1)
+        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # position c-1+j predicts target[j]
+        predicting = hidden[:, c - 1:]
+        logits = self.step_decoder.get_output_embeddings()(predicting[valid])
+        token_loss = F.cross_entropy(logits.float(), target[valid], reduction="none")
+        slot_of = torch.arange(b * s, device=ids.device).remainder(s)[:, None].expand_as(valid)[valid]
+        per_slot_sum = torch.zeros(s, device=ids.device).index_add(0, slot_of, token_loss)
+        per_slot_tokens = torch.zeros(s, device=ids.device).index_add(0, slot_of, torch.ones_like(token_loss))
+        labelled = per_slot_tokens > 0
+        if self.config.step_loss_norm == "token_mean":
+            per_slot = per_slot_sum / per_slot_tokens.clamp(min=1)
+            return per_slot[labelled].sum() / labelled.sum().clamp(min=1)
+        rows_with_labels = (lengths > 0).reshape(b, s).sum(0)
+        return (per_slot_sum / rows_with_labels.clamp(min=1)).sum() / s
