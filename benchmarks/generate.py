@@ -5,16 +5,13 @@ same model and prompts, with EOS disabled so every prompt runs to length. Tokens
 """
 from __future__ import annotations
 
-import random
 import time
 
 import torch
 
-from benchmarks.latent import bench_model
+from benchmarks.fixtures import SPECIAL, bench_model, latent_prompts
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.loop import fill_latents, latent_columns
-
-START, LATENT, END = 3, 4, 5
 
 
 @torch.no_grad()
@@ -39,24 +36,18 @@ def reference_generate(model, prompt: list[int], latent_id: int, max_new_tokens:
     return tokens
 
 
-def prompts(n: int, vocab: int, n_latents: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(10, vocab) for _ in range(rng.randint(36, 44))] + [START] + [LATENT] * n_latents
-            + [END] for _ in range(n)]
-
-
 def main(n_prompts: int = 32, n_latents: int = 10, new_tokens: int = 64) -> None:
     torch.set_num_threads(2)
     model = bench_model(1000).eval()
-    batch = prompts(n_prompts, 1000, n_latents)
-    latent_generate(model, batch[:2], LATENT, eos_id=-1, max_new_tokens=4)          # warm-up
+    batch, latent = latent_prompts(n_prompts, 1000, n_latents), SPECIAL["latent"]
+    latent_generate(model, batch[:2], latent, eos_id=-1, max_new_tokens=4)          # warm-up
     ours, base = [], []
     for _ in range(3):
         start = time.perf_counter()
-        fast = latent_generate(model, batch, LATENT, eos_id=-1, max_new_tokens=new_tokens)
+        fast = latent_generate(model, batch, latent, eos_id=-1, max_new_tokens=new_tokens)
         ours.append(time.perf_counter() - start)
     start = time.perf_counter()
-    slow = [reference_generate(model, p, LATENT, new_tokens) for p in batch]
+    slow = [reference_generate(model, p, latent, new_tokens) for p in batch]
     base.append(time.perf_counter() - start)
     equal = fast == slow
     speedup = min(base) / sorted(ours)[1]

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.latent import PREFIX, SPECIAL, synthetic_records
+from benchmarks.fixtures import PREFIX, SPECIAL, synthetic_records
 from pipeline.engine.build_model import build_reasoner
 from pipeline.engine.config import load_config
 from pipeline.engine.ds_config import resolve_ds_config

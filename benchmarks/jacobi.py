@@ -17,9 +17,7 @@ import time
 
 import torch
 
-from benchmarks.generate import LATENT
-from benchmarks.generate import prompts as generation_prompts
-from benchmarks.latent import PREFIX, SPECIAL, bench_model, synthetic_records
+from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, latent_prompts, synthetic_records
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
@@ -61,8 +59,8 @@ def train_step(shape: dict, n_latents: int, iterations: int, repeats: int) -> tu
 @torch.no_grad()
 def generation(shape: dict, n_latents: int, iterations: int, repeats: int) -> tuple[float, float]:
     model = bench_model(VOCAB, shape["layers"], shape["hidden"]).eval()
-    batch = generation_prompts(16, VOCAB, n_latents)
-    run = lambda jacobi: latent_generate(model, batch, LATENT, eos_id=-1, max_new_tokens=16,  # noqa: E731
+    batch = latent_prompts(16, VOCAB, n_latents)
+    run = lambda jacobi: latent_generate(model, batch, SPECIAL["latent"], eos_id=-1, max_new_tokens=16,  # noqa: E731
                                          jacobi_iterations=jacobi)
     return _median_ms(lambda: run(None), repeats, lambda: run(iterations))
 

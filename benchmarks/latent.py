@@ -9,37 +9,18 @@ P4: peak activation memory of a 16-latent Coconut step with checkpointing throug
 """
 from __future__ import annotations
 
-import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
+from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
-
-SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 3, "latent": 4, "end_latent": 5, "bot": 6, "eot": 7}
-PREFIX = [10, 11, 12, 13]
-
-
-def bench_model(vocab: int, layers: int = 4, hidden: int = 256, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=8, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg)
-
-
-def synthetic_records(n: int, vocab: int, seed: int = 0) -> list[dict]:
-    """Problems shaped like GSM8k-Aug: ~40 question tokens, 3-4 steps of ~10 tokens, short answer."""
-    rng = random.Random(seed)
-    tok = lambda k: [rng.randrange(20, vocab) for _ in range(k)]  # noqa: E731
-    return [{"question_ids": [1] + tok(rng.randint(36, 44)),
-             "step_ids": [tok(rng.randint(8, 12)) for _ in range(rng.randint(3, 4))],
-             "answer_ids": PREFIX + tok(2)} for _ in range(n)]
 
 
 def straightforward_codi_step(model: LatentReasoner, batch: dict) -> torch.Tensor:

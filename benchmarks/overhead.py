@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.latent import PREFIX, SPECIAL, bench_model, synthetic_records
+from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig

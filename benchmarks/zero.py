@@ -58,7 +58,7 @@ def _engine(method: str, k: int):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from benchmarks.latent import bench_model
+    from benchmarks.fixtures import bench_model
     from pipeline.engine.config import load_config
     from pipeline.engine.ds_config import resolve_ds_config
     from pipeline.latent.methods import LayoutConfig
@@ -76,7 +76,7 @@ def _engine(method: str, k: int):
 
 
 def _batch(layout, stage: int, rank: int):
-    from benchmarks.latent import synthetic_records
+    from benchmarks.fixtures import synthetic_records
     from pipeline.latent.collate import collate_aligned
     from pipeline.latent.methods import layout as lay
 

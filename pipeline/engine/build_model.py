@@ -114,7 +114,7 @@ def apply_lora(model, lora):
 
 def reasoner_config(run: RunConfig) -> ReasonerConfig:
     m = run.method
-    return ReasonerConfig(layout=run.method.layout(), step_loss_weight=m.step_loss_weight,
+    return ReasonerConfig(layout=m.layout(), step_loss_weight=m.step_loss_weight,
                           step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
                           distill_div_std=m.distill_div_std, teacher_loss_weight=m.teacher_loss_weight,
                           gradient_checkpointing=run.model.gradient_checkpointing)
@@ -142,7 +142,7 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
             print(f"initialised weights from {source}", flush=True)
     seeded = seed_new_rows(run, list(latent_rows), new_rows_like, [lm for lm in (base, decoder) if lm is not None])
     if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        print(f"token rows {seeded} start as token {new_rows_like}'s (Coconut)", flush=True)
+        print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
     model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)

@@ -53,7 +53,8 @@ class ModelSettings:
 
 @dataclass
 class MethodSettings:
-    """The method and its losses (see pipeline.latent.methods.LayoutConfig and model.ReasonerConfig)."""
+    """The method and its losses (see pipeline.latent.methods.LayoutConfig and
+    pipeline.latent.reasoner.ReasonerConfig)."""
     name: str = "cot"                   # cot | nocot | coconut | codi | pause (pipeline/latent/methods/)
     simcot: bool = False
     c_thought: int = 2

@@ -6,14 +6,10 @@ from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
 from tests.tiny_models import tiny_llama
+from tests.toy_records import RECORDS
+from tests.toy_records import SPECIAL as SP
 
 pytestmark = pytest.mark.unit
-SP = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 90, "latent": 91, "end_latent": 92, "bot": 93, "eot": 94}
-RECORDS = [
-    {"question_ids": [1, 10, 11, 12], "step_ids": [[20, 21], [30], [40, 41], [50]], "answer_ids": [60, 61, 62]},
-    {"question_ids": [1, 13], "step_ids": [[22]], "answer_ids": [60, 61, 63]},
-    {"question_ids": [1, 14, 15, 16, 17, 18], "step_ids": [[23, 24, 25], [31]], "answer_ids": [60, 61, 64]},
-]
 NO_STEPS = [{"question_ids": [1, 19, 18], "step_ids": [], "answer_ids": [60, 61, 65]}] * 3
 METHODS = {
     "cot": (LayoutConfig("cot"), 0),

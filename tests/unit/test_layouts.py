@@ -6,9 +6,9 @@ from pipeline.latent.methods import IGNORE as X
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.methods.coconut import step_targets as coconut_step_targets
 from pipeline.latent.methods.codi import answer_start, slot_targets
+from tests.toy_records import SPECIAL as SP
 
 pytestmark = pytest.mark.unit
-SP = {"bos": 1, "eos": 2, "pad": 0, "start_latent": 90, "latent": 91, "end_latent": 92, "bot": 93, "eot": 94}
 S, L, E, EOS = 90, 91, 92, 2
 RECORD = {"question_ids": [1, 10, 11], "step_ids": [[20, 21], [30], [40, 41], [50]], "answer_ids": [60, 61]}
 SHORT = {"question_ids": [1, 12], "step_ids": [[20]], "answer_ids": [60, 62]}
