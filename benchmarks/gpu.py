@@ -50,7 +50,7 @@ def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: b
     for seed in range(4):
         records = synthetic_records(batch, VOCAB, seed=seed)
         b = collate_aligned([layout(r, SPECIAL, cfg, 0, PREFIX) for r in records], SPECIAL["latent"], SPECIAL["pad"])
-        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        batches.append(b.to(device))
     warmup, times, flops, tokens = 5, [], 0.0, 0
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -68,7 +68,8 @@ def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: b
         if step >= warmup:
             times.append(time.perf_counter() - start)
             flops += step_flops(b, flop_model)
-            tokens += int(b["attention_mask"].sum()) + int(b.get("teacher_attention_mask", torch.zeros(1)).sum())
+            teacher = b.teacher_attention_mask
+            tokens += int(b.attention_mask.sum()) + (int(teacher.sum()) if teacher is not None else 0)
     elapsed = sum(times)
     peak, peak_name = peak_flops(on_cuda)
     result = {"attention": attention, "step_s": elapsed / steps, "tokens_per_s": tokens / elapsed,

@@ -18,22 +18,23 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
 from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
+from pipeline.latent.batch import Batch
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
 
 
-def straightforward_codi_step(model: LatentReasoner, batch: dict) -> torch.Tensor:
+def straightforward_codi_step(model: LatentReasoner, batch: Batch) -> torch.Tensor:
     """Benchmark baseline only: the reference's CODI+SIM-CoT step, straightforwardly written."""
-    base, dec, n = model.base, model.step_decoder, int(batch["n_latents"])
-    teacher = dict(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                   position_ids=batch["teacher_position_ids"], output_hidden_states=True)
+    base, dec, n = model.base, model.step_decoder, int(batch.n_latents)
+    teacher = dict(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask,
+                   position_ids=batch.teacher_position_ids, output_hidden_states=True)
     with torch.no_grad():
         targets = base(**teacher).hidden_states                                  # teacher pass 1
     t_out = base(**teacher)                                                      # teacher pass 2
-    teacher_ce = F.cross_entropy(t_out.logits[:, :-1].flatten(0, 1), batch["teacher_labels"][:, 1:].flatten())
-    first = int(batch["first_latent"])
-    ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    teacher_ce = F.cross_entropy(t_out.logits[:, :-1].flatten(0, 1), batch.teacher_labels[:, 1:].flatten())
+    first = int(batch.first_latent)
+    ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     cache = DynamicCache()
     out = base(input_ids=ids[:, :first], attention_mask=mask[:, :first], position_ids=pos[:, :first],
                cache=cache, use_cache=True, output_hidden_states=True)
@@ -49,14 +50,14 @@ def straightforward_codi_step(model: LatentReasoner, batch: dict) -> torch.Tenso
     tail = first + n
     out = base(input_ids=ids[:, tail:], attention_mask=mask, position_ids=pos[:, tail:], cache=out.cache,
                use_cache=True, output_hidden_states=True)
-    answer_ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, tail + 1:].flatten())
+    answer_ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch.labels[:, tail + 1:].flatten())
     rows = torch.arange(ids.size(0))
-    s_idx, t_idx = batch["distill_index"] - tail, batch["teacher_distill_index"]
+    s_idx, t_idx = batch.distill_index - tail, batch.teacher_distill_index
     distill = sum(F.smooth_l1_loss(s[rows, s_idx], t[rows, t_idx]) / t[rows, t_idx].std()
                   for s, t in zip(out.hidden_states, targets)) / len(targets)
     step_losses = []
-    for slot in range(batch["step_ids"].size(1)):                               # decoder once per slot
-        steps, length = batch["step_ids"][:, slot], batch["step_lengths"][:, slot]
+    for slot in range(batch.step_ids.size(1)):                               # decoder once per slot
+        steps, length = batch.step_ids[:, slot], batch.step_lengths[:, slot]
         eos = torch.full_like(steps[:, :1], model.eos_id)
         target = torch.where(torch.arange(steps.size(1) + 1) == length[:, None], eos, torch.cat([steps, eos], 1))
         labels = torch.where((torch.arange(steps.size(1) + 1) <= length[:, None]) & (length[:, None] > 0), target, -100)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
+from pipeline.latent.batch import Batch
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
@@ -39,7 +40,7 @@ def reasoner(cfg: LayoutConfig, layers: int) -> LatentReasoner:
                           step_decoder=decoder)
 
 
-def batches(cfg: LayoutConfig, stage: int, n: int = 4) -> list[dict]:
+def batches(cfg: LayoutConfig, stage: int, n: int = 4) -> list[Batch]:
     return [collate_aligned([layout(r, SPECIAL, cfg, stage, PREFIX) for r in synthetic_records(BATCH, VOCAB, seed)],
                             SPECIAL["latent"], SPECIAL["pad"]) for seed in range(n)]
 
@@ -70,7 +71,7 @@ def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4):
 def zero3_step(engine, policy: str):
     from pipeline.engine.gather_policy import step_gather
 
-    def step(batch: dict) -> torch.Tensor:
+    def step(batch: Batch) -> torch.Tensor:
         with step_gather(engine, policy):
             losses = engine(batch)
             engine.backward(losses["total"])
@@ -82,7 +83,7 @@ def zero3_step(engine, policy: str):
 def plain_step(model: LatentReasoner, lr: float = 1e-4):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
-    def step(batch: dict) -> torch.Tensor:
+    def step(batch: Batch) -> torch.Tensor:
         losses = model(batch)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

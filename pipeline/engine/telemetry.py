@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.latent.batch import Batch
+
 # Dense bf16 peak per device, FLOP/s (vendor datasheets, no sparsity).
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
@@ -56,27 +58,26 @@ class FlopModel:
     latent_reruns: int = 0  # Jacobi iterations: each runs every latent column once more
 
 
-def step_flops(batch: dict, m: FlopModel) -> float:
+def step_flops(batch: Batch, m: FlopModel) -> float:
     """FLOPs of one micro-batch's forward + backward: every base token of every latent pass, the
     CODI teacher, the step decoder's tokens, and the LM heads at labelled positions."""
-    def tokens_of(mask_key):
-        mask = batch[mask_key]
+    def tokens_of(mask):
         return int(mask.sum()) * flops_per_token(m.body_params, m.layers, m.hidden, mask.size(1))
 
-    total = tokens_of("attention_mask")
-    if m.latent_reruns and batch.get("n_latents"):
-        mask = batch["attention_mask"]
-        reruns = m.latent_reruns * int(batch["n_latents"]) * mask.size(0)
+    total = tokens_of(batch.attention_mask)
+    if m.latent_reruns and batch.n_latents:
+        mask = batch.attention_mask
+        reruns = m.latent_reruns * batch.n_latents * mask.size(0)
         total += reruns * flops_per_token(m.body_params, m.layers, m.hidden, mask.size(1))
-    labelled = int((batch["labels"] != -100).sum())
-    if "teacher_attention_mask" in batch:
-        total += tokens_of("teacher_attention_mask")
-        labelled += int((batch["teacher_labels"] != -100).sum())
-    if m.decoder_body_params and "step_ids" in batch:
-        b, s, width = batch["step_ids"].shape
+    labelled = int((batch.labels != -100).sum())
+    if batch.teacher_attention_mask is not None:
+        total += tokens_of(batch.teacher_attention_mask)
+        labelled += int((batch.teacher_labels != -100).sum())
+    if m.decoder_body_params and batch.step_ids is not None:
+        b, s, width = batch.step_ids.shape
         seq = width + m.decoder_prefix
         total += b * s * seq * flops_per_token(m.decoder_body_params, m.layers, m.hidden, seq)
-        lengths = batch["step_lengths"]
+        lengths = batch.step_lengths
         labelled += int((lengths + 1)[lengths > 0].sum())
     return float(total + labelled * 6 * m.vocab * m.hidden)
 
@@ -105,12 +106,12 @@ class StepMeter:
         self.counts = [0.0, 0.0, 0.0]           # tokens, samples, FLOPs
         self.start = time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], cpu_batch: dict) -> None:
+    def add(self, losses: dict[str, torch.Tensor], cpu_batch: Batch) -> None:
         for key, value in losses.items():
             total = value.detach().double()
             self.sums[key] = self.sums[key] + total if key in self.sums else total
-        self.counts[0] += int(cpu_batch["attention_mask"].sum())
-        self.counts[1] += cpu_batch["input_ids"].size(0)
+        self.counts[0] += int(cpu_batch.attention_mask.sum())
+        self.counts[1] += cpu_batch.input_ids.size(0)
         self.counts[2] += step_flops(cpu_batch, self.flop_model)
 
     def finish(self, micro_batches: int, steps_left: int) -> dict[str, float]:

@@ -156,9 +156,6 @@ class Trainer:
         t = self.run.train
         return rank_indices(len(self.train_records), self._plan(), epoch, t.shuffle, t.steps_per_epoch)
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
     # ---------------------------------------------------------------- loop
     def fit(self) -> int:
         """Train to the end (or ``max_steps``); returns the process exit code."""
@@ -206,7 +203,7 @@ class Trainer:
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:
             with step_gather(self.engine, self.gather_policy):
-                losses = self.engine(self._to_device(batch))
+                losses = self.engine(batch.to(self.device))
                 self.engine.backward(losses["total"])
             self.engine.step()
             p.micro_in_epoch += 1
@@ -272,7 +269,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in iter_batches(self.valid_records, indices, self.special, self.layout, stage, self.prefix_ids):
             with step_gather(self.engine, self.gather_policy):
-                losses = self.engine(self._to_device(batch))
+                losses = self.engine(batch.to(self.device))
             total += torch.tensor([float(losses["total"]), 1.0], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(total)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.latent.batch import Batch
 from pipeline.latent.methods import IGNORE, Example
 
 
@@ -32,25 +33,24 @@ def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pa
             "labels": _pad_rows(labels, left, IGNORE)}
 
 
-def collate_aligned(examples: list[Example], latent_id: int, pad_id: int) -> dict:
+def collate_aligned(examples: list[Example], latent_id: int, pad_id: int) -> Batch:
     """Tensors for a batch; rows must share one latent count (pad it to the stage maximum)."""
     counts = {e.n_latents for e in examples}
     if len(counts) != 1:
         raise ValueError(f"latent counts {sorted(counts)} differ in one batch; use pad_latent_to_max")
     first = [e.input_ids.index(latent_id) if e.n_latents else 0 for e in examples]
-    batch = _aligned([e.input_ids for e in examples], [e.labels for e in examples], first, pad_id)
-    batch["n_latents"] = examples[0].n_latents
-    batch["first_latent"] = max(first)
+    parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], first, pad_id)
+    parts.update(n_latents=examples[0].n_latents, first_latent=max(first))
     if examples[0].teacher_ids:
         teacher = _aligned([e.teacher_ids for e in examples], [e.teacher_labels for e in examples],
                            [0] * len(examples), pad_id)
-        batch.update({f"teacher_{k}": v for k, v in teacher.items()})
+        parts.update({f"teacher_{k}": v for k, v in teacher.items()})
         shift = max(first)
-        batch["distill_index"] = torch.tensor([e.distill_index + shift - f for e, f in zip(examples, first)])
-        batch["teacher_distill_index"] = torch.tensor([e.teacher_distill_index for e in examples])
+        parts["distill_index"] = torch.tensor([e.distill_index + shift - f for e, f in zip(examples, first)])
+        parts["teacher_distill_index"] = torch.tensor([e.teacher_distill_index for e in examples])
     if examples[0].step_targets:
-        batch.update(collate_step_targets([e.step_targets for e in examples], pad_id))
-    return batch
+        parts.update(collate_step_targets([e.step_targets for e in examples], pad_id))
+    return Batch(**parts)
 
 
 def collate_step_targets(targets: list[list[list[int]]], pad_id: int) -> dict:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.latent.batch import Batch
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
 from pipeline.latent.methods import IGNORE, LayoutConfig
 
@@ -79,34 +80,32 @@ class LatentReasoner(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base.get_input_embeddings()(ids)
 
-    def embed_all(self, batch: dict) -> dict[str, torch.Tensor]:
+    def embed_all(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Every token embedding of the step in one lookup: with a 128k vocabulary each lookup's
         backward zero-fills and scatters a dense vocabulary-sized gradient, so one beats three."""
-        keys = [k for k in ("input_ids", "teacher_input_ids", "step_ids") if k in batch]
-        flat = self.embed(torch.cat([batch[k].flatten() for k in keys]))
+        ids = {k: getattr(batch, k) for k in ("input_ids", "teacher_input_ids", "step_ids")
+               if getattr(batch, k) is not None}
+        flat = self.embed(torch.cat([v.flatten() for v in ids.values()]))
         out, cursor = {}, 0
-        for key in keys:
-            n = batch[key].numel()
-            out[key] = flat[cursor:cursor + n].view(*batch[key].shape, -1)
-            cursor += n
+        for key, value in ids.items():
+            out[key] = flat[cursor:cursor + value.numel()].view(*value.shape, -1)
+            cursor += value.numel()
         return out
 
-    def _answer_pass(self, batch: dict, embeds: torch.Tensor):
-        n = int(batch["n_latents"]) if self.method.fills_latents else 0
+    def _answer_pass(self, batch: Batch, embeds: torch.Tensor):
+        n = batch.n_latents if self.method.fills_latents else 0
         if n == 0:
-            hidden = self.body(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                               position_ids=batch["position_ids"]).last_hidden_state
+            hidden = self.body(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids).last_hidden_state
             return hidden, None
-        passes = fill_latents(self.body, embeds, batch["attention_mask"], batch["position_ids"],
-                              int(batch["first_latent"]), n,
-                              project=self.projection, keep_layers_at=batch.get("distill_index"),
+        passes = fill_latents(self.body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, n,
+                              project=self.projection, keep_layers_at=batch.distill_index,
                               jacobi_iterations=self.config.layout.jacobi)
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        missing = [k for k in self.method.batch_keys(self.config.layout, int(batch.get("n_latents", 0)))
-                   if k not in batch]
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        missing = batch.missing(self.method.batch_parts(self.config.layout, batch.n_latents))
         if missing:
             raise KeyError(f"{self.method.name} batch lacks {missing}; "
                            "collate it with pipeline.latent.collate.collate_aligned")
@@ -114,13 +113,13 @@ class LatentReasoner(nn.Module):
         hidden, passes = self._answer_pass(batch, embeds["input_ids"])
         head = self.base.get_output_embeddings()
         zero = hidden.new_zeros(())
-        losses = {"answer_ce": labelled_ce(head, hidden, batch["labels"]), "teacher_ce": zero,
+        losses = {"answer_ce": labelled_ce(head, hidden, batch.labels), "teacher_ce": zero,
                   "distill": zero, "step_ce": zero}
         if self.method.needs_teacher:
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
         if self.step_decoder is not None and passes is not None:
             slots = self.method.slot_vectors(self.config.layout, passes.latents, passes.next_latent)
-            losses["step_ce"] = self.step_loss(slots, batch["step_ids"], embeds["step_ids"], batch["step_lengths"])
+            losses["step_ce"] = self.step_loss(slots, batch.step_ids, embeds["step_ids"], batch.step_lengths)
         if passes is not None:
             losses.update(self.latent_health(passes.latents, embeds["input_ids"]))
         c = self.config
@@ -139,13 +138,13 @@ class LatentReasoner(nn.Module):
         cosine = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(max(1, n * (n - 1))).mean()
         return {"latent_norm_ratio": ratio, "latent_cosine": cosine}
 
-    def _teacher(self, batch: dict, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher(self, batch: Batch, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
-        out = self.body(inputs_embeds=embeds, attention_mask=batch["teacher_attention_mask"],
-                        position_ids=batch["teacher_position_ids"], output_hidden_states=True)
-        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch["teacher_labels"])
-        rows = torch.arange(len(batch["teacher_distill_index"]))
-        target = torch.stack(out.hidden_states, 0)[:, rows, batch["teacher_distill_index"]].detach()  # [L+1, B, d]
+        out = self.body(inputs_embeds=embeds, attention_mask=batch.teacher_attention_mask,
+                        position_ids=batch.teacher_position_ids, output_hidden_states=True)
+        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch.teacher_labels)
+        rows = torch.arange(len(batch.teacher_distill_index))
+        target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]
         per_layer = F.smooth_l1_loss(student, target, reduction="none").mean(dim=(1, 2))
         if self.config.distill_div_std:

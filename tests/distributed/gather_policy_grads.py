@@ -11,9 +11,10 @@ import torch
 from benchmarks.overhead import CASES, batches, reasoner
 from pipeline.engine.distributed import init_distributed, teardown
 from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
+from pipeline.latent.batch import Batch
 
 
-def zero3_step(method: str, policy: str, batch: dict) -> tuple[dict, dict, dict]:
+def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict]:
     """-> (losses, full gradients, the starting weights)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -39,7 +40,7 @@ def zero3_step(method: str, policy: str, batch: dict) -> tuple[dict, dict, dict]
     return {k: v.item() for k, v in losses.items()}, grads, weights
 
 
-def plain_step(method: str, batch: dict, weights: dict) -> tuple[dict, dict]:
+def plain_step(method: str, batch: Batch, weights: dict) -> tuple[dict, dict]:
     cfg, _ = CASES[method]
     model = reasoner(cfg, layers=2)
     model.load_state_dict(weights)

@@ -26,7 +26,7 @@ def _batch(cfg, stage=0):
 def _inputs(seed=0):
     model = tiny_llama(100, hidden=32, layers=2, seed=seed)
     batch = _batch(LayoutConfig("codi", num_latent=M))
-    embeds = model.get_input_embeddings()(batch["input_ids"])
+    embeds = model.get_input_embeddings()(batch.input_ids)
     return model, batch, embeds
 
 
@@ -35,8 +35,8 @@ def test_as_many_iterations_as_latents_is_the_sequential_loop(with_projection):
     model, batch, embeds = _inputs()
     torch.manual_seed(1)
     project = Projection(32) if with_projection else None
-    args = (model.get_decoder(), embeds, batch["attention_mask"], batch["position_ids"], batch["first_latent"], M)
-    keep = batch["distill_index"]
+    args = (model.get_decoder(), embeds, batch.attention_mask, batch.position_ids, batch.first_latent, M)
+    keep = batch.distill_index
     sequential = fill_latents(*args, project=project, keep_layers_at=keep)
     jacobi = fill_latents(*args, project=project, keep_layers_at=keep, jacobi_iterations=M)
     for name in ("hidden", "latents", "next_latent", "layer_states"):
@@ -48,17 +48,17 @@ def test_as_many_iterations_as_latents_is_the_sequential_loop(with_projection):
 
 def test_no_iterations_is_one_forward_over_the_latent_tokens():
     model, batch, embeds = _inputs()
-    passes = fill_latents(model.get_decoder(), embeds, batch["attention_mask"], batch["position_ids"],
-                          batch["first_latent"], M, jacobi_iterations=0)
-    whole = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                position_ids=batch["position_ids"]).last_hidden_state
+    passes = fill_latents(model.get_decoder(), embeds, batch.attention_mask, batch.position_ids,
+                          batch.first_latent, M, jacobi_iterations=0)
+    whole = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids).last_hidden_state
     assert (passes.hidden - whole).abs().max().item() <= 1e-5
     codi = LatentReasoner(tiny_llama(100, seed=2), ReasonerConfig(layout=LayoutConfig(
         "codi", num_latent=M, latent_update="jacobi", jacobi_iterations=0)), eos_id=2)
     pause = LatentReasoner(tiny_llama(100, seed=2), ReasonerConfig(layout=LayoutConfig("pause", num_latent=M)),
                            eos_id=2)
     codi_batch, pause_batch = _batch(codi.config.layout), _batch(pause.config.layout)
-    assert torch.equal(codi_batch["input_ids"], pause_batch["input_ids"])
+    assert torch.equal(codi_batch.input_ids, pause_batch.input_ids)
     assert abs(codi(codi_batch)["answer_ce"].item() - pause(pause_batch)["answer_ce"].item()) <= 1e-5
 
 
@@ -78,14 +78,14 @@ def test_gradients_flow_through_every_iteration_as_in_the_unrolled_loop():
         model, batch, embeds = _inputs(seed=4)
         torch.manual_seed(5)
         project = Projection(32)
-        args = (model.get_decoder(), embeds, batch["attention_mask"])
+        args = (model.get_decoder(), embeds, batch.attention_mask)
         if run == "cached":
-            hidden = fill_latents(*args, batch["position_ids"], batch["first_latent"], M, project=project,
+            hidden = fill_latents(*args, batch.position_ids, batch.first_latent, M, project=project,
                                   jacobi_iterations=2).hidden
         else:
-            hidden = _unrolled(*args, batch["first_latent"], M, 2, project)
+            hidden = _unrolled(*args, batch.first_latent, M, 2, project)
         weight = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(6))
-        (hidden * weight * batch["attention_mask"][..., None]).sum().backward()
+        (hidden * weight * batch.attention_mask[..., None]).sum().backward()
         params = list(model.parameters()) + list(project.parameters())
         grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
         latent_row = model.get_input_embeddings().weight.grad[SP["latent"]]

@@ -111,13 +111,13 @@ def test_answer_start_needs_the_prefix():
 def test_collate_aligns_the_first_latent_column():
     cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=2, simcot=True)
     batch = collate_aligned([layout(RECORD, SP, cfg, 2), layout(SHORT, SP, cfg, 2)], L, SP["pad"])
-    ids = batch["input_ids"].tolist()
+    ids = batch.input_ids.tolist()
     assert ids[0][:6] == [1, 10, 11, S, L, L] and ids[1][:6] == [0, 1, 12, S, L, L]
-    assert batch["position_ids"].tolist()[1][:4] == [0, 0, 1, 2]
-    assert batch["attention_mask"].tolist()[1][:2] == [0, 1]
-    assert batch["first_latent"] == 4 and batch["n_latents"] == 2
-    assert batch["step_lengths"].tolist() == [[2, 1], [1, 2]]
-    assert batch["step_ids"].tolist()[1] == [[20, 0], [60, 62]]
+    assert batch.position_ids.tolist()[1][:4] == [0, 0, 1, 2]
+    assert batch.attention_mask.tolist()[1][:2] == [0, 1]
+    assert batch.first_latent == 4 and batch.n_latents == 2
+    assert batch.step_lengths.tolist() == [[2, 1], [1, 2]]
+    assert batch.step_ids.tolist()[1] == [[20, 0], [60, 62]]
 
 
 def test_collate_refuses_mixed_latent_counts():

@@ -3,19 +3,20 @@ import pytest
 import torch
 
 from pipeline.engine.telemetry import FlopModel, StepMeter, format_eta, step_flops
+from pipeline.latent.batch import Batch
 
 pytestmark = pytest.mark.unit
 MODEL = FlopModel(body_params=1000, decoder_body_params=500, layers=2, hidden=8, vocab=10, decoder_prefix=1)
 
 
-def _batch():
-    return {"input_ids": torch.zeros(2, 4, dtype=torch.long),
-            "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),                      # 7 tokens, width 4
-            "labels": torch.tensor([[-100, -100, 5, 6], [-100, 5, 6, 7]]),                      # 5 labelled
-            "teacher_attention_mask": torch.tensor([[1, 1], [1, 0]]),                           # 3 tokens, width 2
-            "teacher_labels": torch.tensor([[-100, 4], [4, -100]]),                             # 2 labelled
-            "step_ids": torch.zeros(2, 3, 5, dtype=torch.long),                                 # 2 x 3 slots x 5
-            "step_lengths": torch.tensor([[2, 0, 1], [3, 0, 0]])}                               # 3 + 2 + 4 labelled
+def _batch(**parts):
+    return Batch(input_ids=torch.zeros(2, 4, dtype=torch.long), position_ids=torch.zeros(2, 4, dtype=torch.long),
+                 attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),                 # 7 tokens, width 4
+                 labels=torch.tensor([[-100, -100, 5, 6], [-100, 5, 6, 7]]),                 # 5 labelled
+                 teacher_attention_mask=torch.tensor([[1, 1], [1, 0]]),                      # 3 tokens, width 2
+                 teacher_labels=torch.tensor([[-100, 4], [4, -100]]),                        # 2 labelled
+                 step_ids=torch.zeros(2, 3, 5, dtype=torch.long),                            # 2 x 3 slots x 5
+                 step_lengths=torch.tensor([[2, 0, 1], [3, 0, 0]]), **parts)                 # 3 + 2 + 4 labelled
 
 
 def test_step_flops_is_the_hand_count():
@@ -31,7 +32,7 @@ def test_jacobi_iterations_count_every_latent_column_once_more_per_iteration():
     import dataclasses
 
     jacobi = dataclasses.replace(MODEL, latent_reruns=3)
-    batch = {**_batch(), "n_latents": 2}
+    batch = _batch(n_latents=2)
     reruns = 3 * 2 * 2 * (6 * 1000 + 12 * 2 * 8 * 4)      # iterations x latents x rows, at the batch's width
     assert step_flops(batch, jacobi) == step_flops(batch, MODEL) + reruns
 

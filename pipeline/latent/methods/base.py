@@ -130,12 +130,10 @@ class Method:
         width = self.slot_width(cfg)
         return latents.reshape(b, n // width, width, d)
 
-    def batch_keys(self, cfg: LayoutConfig, n_latents: int) -> tuple[str, ...]:
-        """Batch entries ``LatentReasoner.forward`` needs for this method with ``n_latents`` latents
-        (a missing one is an error, never a loss silently left at zero)."""
-        keys = ("input_ids", "attention_mask", "position_ids", "labels", "n_latents")
-        if self.fills_latents:
-            keys += ("first_latent",)
+    def batch_parts(self, cfg: LayoutConfig, n_latents: int) -> tuple[str, ...]:
+        """Optional ``Batch`` parts ``LatentReasoner.forward`` needs for this method with
+        ``n_latents`` latents (a missing one is an error, never a loss silently left at zero)."""
+        keys = ()
         if self.needs_teacher:
             keys += ("teacher_input_ids", "teacher_attention_mask", "teacher_position_ids", "teacher_labels",
                      "distill_index", "teacher_distill_index")
