@@ -155,6 +155,22 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
     return model, attention, keep_alive
 
 
+def is_norm(module) -> bool:
+    """LayerNorm, and the RMSNorm classes of transformers' models (LlamaRMSNorm, ...)."""
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """The trainable parameters in HF Trainer's two groups (the CODI reference's): weight decay on
+    every weight but biases and normalisation weights, which get none."""
+    no_decay = {id(p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+                if name == "bias" or is_norm(module)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in no_decay], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]      # LoRA trains no bias and no norm
+
+
 def count_params(module) -> tuple[int, int]:
     """(total, trainable) parameter counts; under ZeRO-3 the full (not partitioned) sizes."""
     total = trainable = 0

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from data_prep import load_shards
 from data_prep.tokenizer import LATENT_TOKENS
 from pipeline.engine import checkpoint
-from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like
+from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
 from pipeline.engine.config import RunConfig, for_world, save_config
 from pipeline.engine.distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
 from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
@@ -127,7 +127,7 @@ class Trainer:
         self.steps_per_epoch = len(self._indices(0)) // run.train.grad_accum
         self.total_steps = run.train.max_steps or self.steps_per_epoch * run.train.epochs
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model, model_parameters=optimizer_groups(model, run.train.weight_decay),
             config=self.ds_config, lr_scheduler=self._scheduler)
         apply_gather_policy(self.engine, self.gather_policy)
         base, decoder = model.base, model.step_decoder
