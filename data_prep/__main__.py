@@ -15,7 +15,8 @@ EXAMPLES = """examples:
   python -m data_prep verify data/shards
 """
 SOURCE_HELP = """a source as KIND:PATH[@SPLIT] (repeatable). KIND: gsm8k (GSM8K jsonl; calculator
-annotations become steps), gsm8k-aug (question||<<..>> <<..>> #### answer), coconut (JSON list of
+annotations become steps), gsm8k-aug (question||<<..>> <<..>> #### answer), gsm8k-aug-nl (jsonl of
+{question, cot, answer} with natural-language steps, split on ". "), coconut (JSON list of
 {question, steps, answer}), gsm-hard, svamp, multiarith (answer-only evaluation sets), or
 hub:DATASET_ID[:SPLIT]. SPLIT is train, valid or test; by default it comes from the file name
 (answer-only sets default to test)."""
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step-separator", default="\n", help=r"text after each step (default '\n'; CODI: ' ')")
     p.add_argument("--answer-prefix", default="### ", help="text before the answer ('### ' Coconut, "
                    "'The answer is: ' CODI)")
+    p.add_argument("--normalise-question", action="store_true", help="strip each question and replace double "
+                   "spaces by one, on every split (CODI's evaluation does it; recorded in the templates)")
+    p.add_argument("--digit-answers-only", action="store_true", help="reject train problems whose answer does "
+                   "not start with a digit (CODI's training filter: negative answers; counted in the manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("inspect", help="counts, histograms and decoded examples of a shard directory")
@@ -106,9 +111,9 @@ def _main(argv: list[str] | None) -> int:
         from .build import BuildOptions, main_build
         from .templates import Templates
         templates = Templates(_unescape(args.question_suffix), _unescape(args.step_separator),
-                              _unescape(args.answer_prefix))
+                              _unescape(args.answer_prefix), args.normalise_question)
         return main_build(BuildOptions(args.source, args.tokenizer, args.out, args.shards, args.strict,
-                                       args.max_length, templates, args.overwrite))
+                                       args.max_length, templates, args.overwrite, args.digit_answers_only))
     elif args.command == "inspect":
         from .summary import inspect_shards
         print(inspect_shards(args.dir, args.examples))

@@ -41,6 +41,7 @@ class BuildOptions:
     max_length: int = 1024
     templates: Templates = field(default_factory=Templates)
     overwrite: bool = False
+    digit_answers_only: bool = False    # CODI's training filter: train answers must start with a digit
 
 
 @dataclass
@@ -81,32 +82,48 @@ def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids
 
 
 def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
-    """Add token ids to every row; train and valid rows over ``max_length`` move to the rejects.
-    Test rows are never cut: an evaluation set that loses its longest problems scores too high,
-    and generation reads only the question anyway."""
+    """Add token ids to every row; train and valid rows over ``max_length`` (and, with
+    ``digit_answers_only``, train rows whose answer does not start with a digit) move to the
+    rejects. Test rows are never cut: an evaluation set that loses its longest problems scores too
+    high, and generation reads only the question anyway."""
     for split in SPLITS:
         rows = got.rows[split]
         if not rows:
             continue
+        for row in rows:
+            row["question"] = opts.templates.question_text(row["question"])
         q, s, a = tokenize_problems(tok, opts.templates, [r["question"] for r in rows],
                                     [r["steps"] for r in rows], [r["answer"] for r in rows])
         kept = []
         for row, q_ids, s_ids, a_ids in zip(rows, q, s, a):
             length = record_tokens(q_ids, s_ids, a_ids)
-            if length > opts.max_length and split != "test":
-                reason = f"too long: {length} tokens > --max-length {opts.max_length}"
-                if opts.strict:
-                    raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")
-                counts = got.per_source[row["source_index"]]
-                counts["accepted"] -= 1
-                counts["rejected"] += 1
-                got.rejects.append({"source": counts["source"], "line": row["line"], "reason": reason})
+            reason = _rejected(opts, split, row["answer"], length)
+            if reason:
+                _reject(got, row, reason, opts.strict)
                 continue
             row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, n_tokens=length)
             kept.append(row)
         got.rows[split] = kept
         for index, row in enumerate(kept):
             row["id"] = f"{split}-{index:06d}"
+
+
+def _rejected(opts: BuildOptions, split: str, answer: str, length: int) -> str | None:
+    """Why a tokenised row is left out, or None. Never for the test split."""
+    if length > opts.max_length and split != "test":
+        return f"too long: {length} tokens > --max-length {opts.max_length}"
+    if opts.digit_answers_only and split == "train" and not answer[:1].isdigit():
+        return f"answer not starting with a digit: {answer!r} (--digit-answers-only, CODI's training filter)"
+    return None
+
+
+def _reject(got: Collected, row: dict, reason: str, strict: bool) -> None:
+    if strict:
+        raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")
+    counts = got.per_source[row["source_index"]]
+    counts["accepted"] -= 1
+    counts["rejected"] += 1
+    got.rejects.append({"source": counts["source"], "line": row["line"], "reason": reason})
 
 
 def run_build(opts: BuildOptions, log=print) -> dict:
@@ -199,6 +216,7 @@ def make_manifest(got: Collected, splits: dict, tok, special: dict, opts: BuildO
         "special_tokens": special,
         "templates": opts.templates.as_dict(),
         "max_length": opts.max_length,
+        "digit_answers_only": opts.digit_answers_only,
         "tokenizer": {"fingerprint": fingerprint(tok), "size": len(tok), "dir": TOKENIZER_DIR,
                       "source": opts.tokenizer, "bos_on_question": _adds_bos(tok)},
     }

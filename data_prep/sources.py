@@ -149,6 +149,17 @@ def parse_gsm8k_aug(line: str) -> Problem:
     return _checked(question, steps, answer)
 
 
+def parse_gsm8k_aug_nl(obj: object) -> Problem:
+    """GSM8k-Aug-NL ``{question, cot, answer}``: natural-language steps. The CoT is split into
+    sentences on ". " as CODI does (each step keeps its full stop); there is no arithmetic to check."""
+    obj = _object(obj)
+    question, cot = _require_text(obj, "question"), _require_text(obj, "cot")
+    if obj.get("answer") is None:
+        raise RecordError("missing field 'answer'")
+    sentences = (s.strip().removesuffix(".").strip() for s in cot.strip().split(". "))
+    return Problem(question, [s + "." for s in sentences if s], _numeric_answer(str(obj["answer"])))
+
+
 def parse_coconut(obj: object) -> Problem:
     """Coconut JSON ``{question, steps, answer}``; its ``[""]`` for an empty chain means no step."""
     obj = _object(obj)
@@ -261,7 +272,8 @@ def read_json_list(path: str, parse: Callable) -> Iterator[Parsed]:
 
 
 def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
-    """A hub dataset with GSM8K (``question, answer``), Coconut (``steps``) or iCoT (``cot``) columns."""
+    """A hub dataset with GSM8K (``question, answer``), Coconut (``steps``) or iCoT (``cot``) columns
+    (``cot`` without ``<<..>>``: GSM8k-Aug-NL's sentences)."""
     import datasets  # imported here: only users with a network need it
 
     hub_split = "validation" if split == "valid" else split
@@ -273,6 +285,8 @@ def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
     for index, row in enumerate(table, start=1):
         if "steps" in columns:
             yield _each(parse_coconut, index, row)
+        elif "cot" in columns and "<<" not in str(row.get("cot")):     # GSM8k-Aug-NL: sentences, no <<..>>
+            yield _each(parse_gsm8k_aug_nl, index, row)
         elif "cot" in columns:
             text = f"{row.get('question', '')}||{row.get('cot', '')} #### {row.get('answer', '')}"
             yield _each(parse_gsm8k_aug, index, text)
@@ -283,6 +297,7 @@ def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
 READERS: dict[str, Callable[[str], Iterator[Parsed]]] = {
     "gsm8k": lambda path: read_jsonl(path, parse_gsm8k),
     "gsm8k-aug": lambda path: read_text_lines(path, parse_gsm8k_aug),
+    "gsm8k-aug-nl": lambda path: read_jsonl(path, parse_gsm8k_aug_nl),
     "coconut": lambda path: read_json_list(path, parse_coconut),
     "gsm-hard": lambda path: read_jsonl(path, parse_gsm_hard),
     "svamp": lambda path: read_json_list(path, parse_svamp),

@@ -23,6 +23,7 @@ from data_prep.synth import SynthConfig, generate_splits, write_splits
 from data_prep.tokenizer import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATENT_STAGES, C_THOUGHT = 3, 2   # Coconut + SIM-CoT ends with every step latent: 6 latents (2-4 steps a problem)
 
 
 def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None) -> str:
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
-    parser.add_argument("--cot-steps", type=int, default=600, help="optimizer steps of the CoT run")
-    parser.add_argument("--latent-steps", type=int, default=200, help="optimizer steps of the Coconut+SIM-CoT run")
+    parser.add_argument("--cot-steps", type=int, default=1500, help="optimizer steps of the CoT run")
+    parser.add_argument("--stage-steps", type=int, default=200, help="Coconut+SIM-CoT steps at each curriculum "
+                        f"stage 1-{LATENT_STAGES} (default 200)")
+    parser.add_argument("--final-steps", type=int, default=800, help="Coconut+SIM-CoT steps with every step latent "
+                        "(default 800)")
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks (DeepSpeed ZeRO-3, gloo)")
     parser.add_argument("--eval-limit", type=int, default=500, help="test problems evaluated per run")
     parser.add_argument("--seed", type=int, default=0)
@@ -105,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     shards = prepare_data(out, args.train, args.seed)
     print(f"[3/5] explicit CoT, {args.cot_steps} steps on {args.nproc} ranks", flush=True)
     runs = {"cot": train(out, shards, "cot", [f"train.max_steps={args.cot_steps}", "train.epochs=100"], args.nproc)}
-    print(f"[4/5] Coconut + SIM-CoT from the CoT weights, {args.latent_steps} steps", flush=True)
+    stage, final = args.stage_steps, args.final_steps
+    print(f"[4/5] Coconut + SIM-CoT from the CoT weights: stages 1-{LATENT_STAGES} ({C_THOUGHT} latents per replaced "
+          f"step, {stage} steps each), then {LATENT_STAGES * C_THOUGHT} latents for every step ({final} steps)",
+          flush=True)
     runs["coconut-simcot"] = train(out, shards, "coconut-simcot", [
-        "method.name=coconut", "method.simcot=true", "method.c_thought=1", "method.max_latent_stage=4",
-        "curriculum.start_stage=1", f"curriculum.epochs_per_stage={1}", "train.epochs=100",
-        f"train.max_steps={args.latent_steps}", "train.lr=1e-3",
+        "method.name=coconut", "method.simcot=true", "method.decoder_init=base",   # a tiny random model has no
+        f"method.c_thought={C_THOUGHT}", f"method.max_latent_stage={LATENT_STAGES}",  # pretrained decoder to start from
+        # an epoch of `stage` steps per stage; epochs past the last stage all put every step latent
+        "curriculum.start_stage=1", f"train.steps_per_epoch={stage}", f"train.epochs={LATENT_STAGES - (-final // stage)}",
+        f"train.max_steps={LATENT_STAGES * stage + final}", "train.lr=1e-3",
         f"checkpoint.init_from={os.path.join(runs['cot'], 'checkpoints')}"], args.nproc)
     print("[5/5] merge each run and evaluate it on the synthetic test split", flush=True)
     for run_dir in runs.values():

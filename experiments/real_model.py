@@ -107,10 +107,14 @@ def jobs_for(study: Study) -> list[Job]:
     overrides = {
         "zero-shot": ["train.lr=0", "train.max_steps=1", "train.validate=false"],
         "cot": [f"train.max_steps={study.cot_steps}"],
-        "codi-simcot": [f"train.max_steps={study.latent_steps}", f"checkpoint.init_from={cot_ckpt}"],
+        # the step decoders start from the CoT weights, as the recorded study did (the reference starts
+        # them from the raw pretrained model: drop method.decoder_init=base to match it)
+        "codi-simcot": [f"train.max_steps={study.latent_steps}", f"checkpoint.init_from={cot_ckpt}",
+                        "method.decoder_init=base"],
         # the curriculum in full: stages 1-3, then every step latent, a quarter of the steps each
         "coconut-simcot": [f"train.steps_per_epoch={max(1, study.latent_steps // 4)}", "train.epochs=4",
-                           f"train.max_steps={study.latent_steps}", f"checkpoint.init_from={cot_ckpt}"],
+                           f"train.max_steps={study.latent_steps}", f"checkpoint.init_from={cot_ckpt}",
+                           "method.decoder_init=base"],
     }
     jobs = []
     for name, (recipe, templates, _) in RUNS.items():

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from data_prep import UserError, load_shards, run_cli
 from data_prep.manifest import read_manifest
+from data_prep.templates import Templates
 from pipeline.inference.generate import generate_with_latents, left_pad_prompts, prefill
 from pipeline.inference.report import write_report
 from pipeline.inference.scoring import hash_match, number_match
@@ -56,10 +57,10 @@ def check_set_matches_model(latent: dict, shards, path: str) -> None:
         raise UserError(f"--set {path}: built with tokenizer {theirs[:12]}, but the model was trained with "
                         f"{ours[:12]}; rebuild the set with the model's tokenizer (python -m data_prep build "
                         f"--tokenizer MODEL_DIR ...)")
-    if shards.manifest["templates"] != latent["templates"]:
+    if Templates.defaults_for(shards.manifest["templates"]) != Templates.defaults_for(latent["templates"]):
         raise UserError(f"--set {path}: templates {shards.manifest['templates']} differ from the model's "
                         f"{latent['templates']}; rebuild the set with the same --question-suffix/--step-separator/"
-                        "--answer-prefix as the training shards")
+                        "--answer-prefix/--normalise-question as the training shards")
 
 
 def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
@@ -78,7 +79,9 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
 
         from pipeline.latent.reasoner import Projection
 
-        projection = Projection(model.config.hidden_size)
+        shape = latent.get("projection_shape", {})       # absent: written before the options existed
+        projection = Projection(model.config.hidden_size, shape.get("inner") or None,
+                                layernorm=shape.get("layernorm", True))
         projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
         projection.to(device, dtype).eval()
     decoder_dir = os.path.join(model_dir, "step_decoder")
@@ -163,7 +166,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     steps = [None] * (len(prompts) * groups)
     if decoder is not None:     # every group of every problem at once: [problems x groups, c, d]
         prefixes = latents[:, :groups * c].reshape(len(prompts) * groups, c, latents.size(-1))
-        steps = _greedy_steps(decoder, embed, prefixes, sp["eos"], max_len, tok)
+        steps = _greedy_steps(decoder, embed, prefixes, sp["eos"], max_len, tok, layout.spec.decoder_first_position)
     out = []
     for row, record in enumerate(records[:n_problems]):
         lens = [tok.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in latents[row]]
@@ -173,17 +176,22 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     return out
 
 
-def _greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, tok) -> list[str]:
+def _greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, tok, first_position: int = 0
+                  ) -> list[str]:
     """Greedy decoding from latent embeddings, all prefixes as one batch (equal lengths: no padding)
-    on the KV cache; each row ends before its EOS. One problem and group at a time without the
-    cache spent minutes of a 3-problem report re-reading prefixes through a 135M decoder."""
+    on the KV cache, positions counted from ``first_position`` as in training; each row ends before
+    its EOS. One problem and group at a time without the cache spent minutes of a 3-problem report
+    re-reading prefixes through a 135M decoder."""
     from transformers import DynamicCache
 
     inputs, cache = prefixes, DynamicCache()
     done = torch.zeros(len(prefixes), dtype=torch.bool, device=prefixes.device)
     tokens = []
     for _ in range(max_len):
-        token = decoder(inputs_embeds=inputs, cache=cache, use_cache=True).logits[:, -1].argmax(-1)
+        start = first_position + cache.get_seq_length()
+        positions = torch.arange(start, start + inputs.size(1), device=inputs.device).expand(len(inputs), -1)
+        logits = decoder(inputs_embeds=inputs, cache=cache, use_cache=True, position_ids=positions).logits
+        token = logits[:, -1].argmax(-1)
         done |= token == eos
         if done.all():
             break

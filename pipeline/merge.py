@@ -95,6 +95,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
               "jacobi_iterations": run.method.jacobi_iterations, "stage": client["stage"],
               "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
+              "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},
               "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"],
               "source": {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}}
     with open(os.path.join(tmp, LATENT_CONFIG), "w", encoding="utf-8") as handle:

@@ -116,7 +116,9 @@ def reasoner_config(run: RunConfig) -> ReasonerConfig:
     m = run.method
     return ReasonerConfig(layout=m.layout(), step_loss_weight=m.step_loss_weight,
                           step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
-                          distill_div_std=m.distill_div_std, teacher_loss_weight=m.teacher_loss_weight,
+                          distill_div_std=m.distill_div_std, distill_loss=m.distill_loss, prj_dim=m.prj_dim,
+                          prj_dropout=m.prj_dropout, prj_layernorm=m.prj_layernorm,
+                          teacher_loss_weight=m.teacher_loss_weight,
                           gradient_checkpointing=run.model.gradient_checkpointing)
 
 
@@ -137,9 +139,10 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
     if run.checkpoint.init_from:
         from pipeline.engine.checkpoint import load_base_weights
 
-        source = load_base_weights(base, decoder, run.checkpoint.init_from)
+        source, decoder_origin = load_base_weights(base, decoder, run.checkpoint.init_from, run.method.decoder_init)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"initialised weights from {source}", flush=True)
+            print(f"initialised weights from {source}"
+                  f"{f'; step decoder from {decoder_origin}' if decoder is not None else ''}", flush=True)
     seeded = seed_new_rows(run, list(latent_rows), new_rows_like, [lm for lm in (base, decoder) if lm is not None])
     if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)

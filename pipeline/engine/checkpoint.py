@@ -173,20 +173,32 @@ def load_exact(module, weights: dict, where: str) -> None:
                               f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
 
 
-def load_base_weights(base, decoder, init_from: str) -> str:
-    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint. The
-    decoder takes the checkpoint's step decoder when it has one (continuing a SIM-CoT run), else
-    the base weights (SIM-CoT starts its decoder as a copy of the base). Works across method
-    changes (e.g. Coconut -> Coconut+SIM-CoT, where the module and its ZeRO partitions differ) and
-    under ZeRO-3 (rank 0 writes, then broadcast). Returns ``dir/tag``."""
+def load_base_weights(base, decoder, init_from: str, decoder_init: str = "pretrained") -> tuple[str, str]:
+    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint. Works
+    across method changes (e.g. Coconut -> Coconut+SIM-CoT, where the module and its ZeRO
+    partitions differ) and under ZeRO-3 (rank 0 writes, then broadcast). Returns ``dir/tag`` and
+    where the decoder's weights came from (:func:`decoder_weights`)."""
     ckpt_dir, tag = init_source(init_from)
     state = consolidated(ckpt_dir, tag)
     weights = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
                for prefix in ("base.", "step_decoder.")}
     _load_gathered(base, weights["base."], f"{ckpt_dir}/{tag}")
-    if decoder is not None:
-        _load_gathered(decoder, weights["step_decoder."] or weights["base."], f"{ckpt_dir}/{tag}")
-    return f"{ckpt_dir}/{tag}"
+    chosen, origin = decoder_weights(weights, decoder_init)
+    if decoder is not None and chosen is not None:
+        _load_gathered(decoder, chosen, f"{ckpt_dir}/{tag}")
+    return f"{ckpt_dir}/{tag}", origin
+
+
+def decoder_weights(weights: dict[str, dict], decoder_init: str) -> tuple[dict | None, str]:
+    """The step decoder's starting weights when a run starts from a checkpoint: the checkpoint's own
+    decoder (continuing a SIM-CoT run); else, with ``decoder_init=pretrained`` (the reference), none:
+    the decoder keeps the weights it was built with (the raw pretrained model, never the
+    checkpoint's fine-tuned base); with ``decoder_init=base``, the checkpoint's base weights."""
+    if weights["step_decoder."]:
+        return weights["step_decoder."], "the checkpoint's step decoder"
+    if decoder_init == "base":
+        return weights["base."], "the checkpoint's base (method.decoder_init=base)"
+    return None, "the pretrained weights (method.decoder_init=pretrained)"
 
 
 def _load_gathered(module, weights: dict, where: str) -> None:

@@ -64,10 +64,18 @@ class MethodSettings:
     include_last_step: bool = False
     latent_update: str = "sequential"   # sequential | jacobi (all latents at once, PCCoT; pipeline/latent/loop.py)
     jacobi_iterations: int = 3          # jacobi: parallel passes (= the latent count: the sequential result)
+    progressive_train: bool = False     # coconut: c x max_latent_stage latents at every stage, stages only remove
+                                        # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
+    decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
+                                        # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
     step_loss_norm: str = "token_mean"
     distill_factor: float = 1.0
     distill_div_std: bool = True
+    distill_loss: str = "smooth_l1"     # smooth_l1 | l2 (the reference's distill_loss_type)
+    prj_dim: int = 0                    # CODI projection inner width (0: the hidden size)
+    prj_dropout: float = 0.0
+    prj_layernorm: bool = True          # false: the reference's prj_no_ln
     teacher_loss_weight: float = 1.0
 
     def layout(self) -> LayoutConfig:
@@ -75,7 +83,8 @@ class MethodSettings:
         return LayoutConfig(method=self.name, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
                             pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
                             include_last_step=self.include_last_step, simcot=self.simcot,
-                            latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations)
+                            latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
+                            progressive_train=self.progressive_train)
 
 
 @dataclass
@@ -227,6 +236,14 @@ def validate(config: RunConfig) -> None:
         (not (m.simcot and not get_method(m.name).supports_simcot),
          f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
+        (m.decoder_init in ("pretrained", "base"), "method.decoder_init: pretrained or base"),
+        (m.pad_latent_to_max or not get_method(m.name).has_curriculum,
+         "method.pad_latent_to_max=false gives problems of one batch different latent counts, which training "
+         "does not support yet (every row must run the same latent passes); keep it true"),
+        (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
+        (not m.progressive_train or get_method(m.name).has_curriculum,
+         f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
+        (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),
         (m.latent_update in ("sequential", "jacobi"), "method.latent_update: sequential or jacobi"),
         (m.latent_update == "sequential" or get_method(m.name).fills_latents,
          f"method.latent_update=jacobi needs a method that fills latents, not {m.name}"),

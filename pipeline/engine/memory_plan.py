@@ -11,13 +11,16 @@ parameters to CPU memory. On top of them a step holds the gathered weights, the 
 latent loop, the LM-head logits at labelled positions and the communication buckets.
 
 Gathered weights are the policy's question. ``gathered`` holds the whole model (base, projection,
-step decoder) in the compute dtype from the first forward to the end of backward. ``streamed``
-holds a window of a few layers, but only for a method with one pass per module (CoT, No-CoT, pause): a
-latent step runs every layer in K+2 passes and DeepSpeed 0.19.8 keeps such a module gathered
-until its *last* backward use (its release counter is reset at every forward call), so the peak
-is the whole model whatever the live-parameter settings (measured: the ZeRO-3 gather notes in
-the README). The plan therefore picks ``gathered`` whenever it fits, ``streamed`` for single-pass
-methods that only fit that way, and otherwise says the run does not fit and what to change.
+step decoder) in the compute dtype from the first forward to the end of backward, and gathers it
+once per micro-batch. ``streamed`` holds a window of about three layers plus the embedding and LM
+head, released after each pass's backward (pipeline/engine/gather_policy.py), and gathers every
+layer again in each pass: up to (K+2) x 2 base-sized gathers per micro-batch for K sequential
+latents (forward and backward; a checkpointed layer's recompute reuses the backward's gather).
+The plan picks ``gathered`` whenever it fits, else ``streamed``, else says the run does not fit
+and what to change. Under either policy a latent method also holds the gradients of the trainable
+parameters every pass uses (the base or its LoRA, the projection) at full size through backward:
+autograd sums a parameter's contributions from all passes before ZeRO's reduce hook sees them
+(small under LoRA, the whole base for full fine-tuning).
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ class MemoryPlan:
     states: dict[str, float]             # GiB per rank on the device: params, grads, optimizer
     cpu_gib_per_node: float
     gathered: dict[str, float]           # GiB of gathered weights per policy
+    gather_volume: dict[str, float]      # GiB all-gathered per micro-batch per policy
+    pass_grads_gib: float                # full-size gradients summed over a latent step's passes
     activations: dict[str, float]        # GiB with and without checkpointing
     logits_gib: float
     buffers_gib: float
@@ -69,7 +74,9 @@ class MemoryPlan:
     def render(self) -> str:
         s, g, a = self.states, self.gathered, self.activations
         act_now = a["checkpointed" if self.checkpointing else "full"]
-        gathered = (f"whole model {g[GATHERED]:.2f} GiB, streamed window {g[STREAMED]:.2f} GiB" if self.stage >= 3
+        v = self.gather_volume
+        gathered = (f"whole model {g[GATHERED]:.2f} GiB ({v[GATHERED]:.1f} GiB gathered per micro-batch), streamed "
+                    f"window {g[STREAMED]:.2f} GiB ({v[STREAMED]:.1f} GiB per micro-batch)" if self.stage >= 3
                     else "none (ZeRO-2 and below keep every parameter on every rank)")
         lines = [
             f"memory plan: {self.world} rank(s), ZeRO-{self.stage}, {'bf16' if self.dtype_bytes == 2 else 'fp32'}, "
@@ -79,7 +86,7 @@ class MemoryPlan:
             f"  gathered weights: {gathered}",
             f"  activations of the latent loop: {a['full']:.2f} GiB without checkpointing, {a['checkpointed']:.2f} "
             f"GiB with (now {'on' if self.checkpointing else 'off'}) | logits {self.logits_gib:.2f} GiB | "
-            f"buckets {self.buffers_gib:.2f} GiB",
+            f"buckets {self.buffers_gib:.2f} GiB | gradients summed over passes {self.pass_grads_gib:.2f} GiB",
             f"  policy {self.policy}: {self.device_gib:.1f} GiB per device of a {self.budget_gib:.1f} GiB budget "
             f"({act_now:.2f} GiB activations) -> {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
@@ -136,8 +143,34 @@ def activation_gib(run: RunConfig, sizes: ModelSizes, seq: SequenceShape, dtype_
 
 
 def _streamed_window(sizes: ModelSizes, dtype_bytes: int) -> float:
-    """Live parameters under ``streamed``: the layer in use, the one prefetched, the largest module."""
-    return (2 * sizes.layer + sizes.largest_module) * dtype_bytes / GIB
+    """Live parameters under ``streamed``: the layer in use and what is prefetched (three layers
+    cover it: measured 2.4 at most), the embedding and the LM head."""
+    return (3 * sizes.layer + 2 * sizes.largest_module) * dtype_bytes / GIB
+
+
+def _pass_grads(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> float:
+    """Full-size gradients a latent step holds: every pass contributes to the gradient of a
+    trainable base (or LoRA, or projection) parameter, and autograd keeps their sum at full size
+    until the first pass's backward (the last to run), before ZeRO's hook reduces and partitions it."""
+    return sizes.loop_trainable * dtype_bytes / GIB if base_passes(run) > 1 else 0.0
+
+
+def base_passes(run: RunConfig) -> int:
+    """Calls of every base layer per micro-batch at the longest stage: the latent loop's passes
+    (question, each latent or Jacobi iteration, the rest) and CODI's teacher pass."""
+    layout = run.method.layout()
+    method = layout.spec
+    latents = method.max_latents(layout) if method.fills_latents else 0
+    loop = 1 if not latents else (layout.jacobi if layout.jacobi is not None else latents) + 2
+    return loop + (1 if method.needs_teacher else 0)
+
+
+def _gather_volume(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> dict[str, float]:
+    """GiB all-gathered per micro-batch: ``gathered`` once; ``streamed`` at most twice per pass, in
+    forward and in backward (a checkpointed layer's recompute reuses the backward's gather; P3
+    measured 0.8-0.9 of this bound, with and without checkpointing)."""
+    streamed = (sizes.base * base_passes(run) + sizes.total - sizes.base) * 2
+    return {GATHERED: sizes.total * dtype_bytes / GIB, STREAMED: streamed * dtype_bytes / GIB}
 
 
 def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hardware,
@@ -157,6 +190,8 @@ def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hard
     plan = MemoryPlan(world=world, stage=stage, dtype_bytes=dtype_bytes,
                       global_batch=run.train.micro_batch_size * run.train.grad_accum * world, states=states,
                       cpu_gib_per_node=cpu * hardware.gpus_per_node, gathered=gathered,
+                      gather_volume=_gather_volume(run, sizes, dtype_bytes),
+                      pass_grads_gib=_pass_grads(run, sizes, dtype_bytes),
                       activations=activation_gib(run, sizes, seq, dtype_bytes), logits_gib=logits,
                       buffers_gib=buffers, checkpointing=run.model.gradient_checkpointing,
                       budget_gib=hardware.gpu_mem_gib * HEADROOM)
@@ -169,13 +204,13 @@ def _device_total(plan: MemoryPlan, policy: str) -> float:
     if plan.stage < 3:
         weights = 0.0                           # the parameters themselves are replicated (in "params")
     act = plan.activations["checkpointed" if plan.checkpointing else "full"]
-    return sum(plan.states.values()) + weights + act + plan.logits_gib + plan.buffers_gib + FRAMEWORK_RESERVE_GIB
+    return (sum(plan.states.values()) + weights + plan.pass_grads_gib + act + plan.logits_gib + plan.buffers_gib
+            + FRAMEWORK_RESERVE_GIB)
 
 
 def decide(plan: MemoryPlan, run: RunConfig, hardware: Hardware) -> None:
-    """Pick the policy: gathered when it fits; streamed for a single-pass method; else say why not."""
-    single_pass = not run.method.layout().spec.fills_latents
-    candidates = [REPLICATED] if plan.stage < 3 else [GATHERED] + ([STREAMED] if single_pass else [])
+    """Pick the policy: gathered when it fits (one gather per micro-batch), else streamed; else say why not."""
+    candidates = [REPLICATED] if plan.stage < 3 else [GATHERED, STREAMED]
     for policy in candidates:
         plan.policy, plan.device_gib = policy, _device_total(plan, policy)
         if plan.device_gib <= plan.budget_gib:
@@ -188,10 +223,10 @@ def decide(plan: MemoryPlan, run: RunConfig, hardware: Hardware) -> None:
     elif plan.device_gib > plan.budget_gib:
         plan.fits = False
         plan.reason = f"{plan.device_gib:.1f} GiB per device > {plan.budget_gib:.1f} GiB budget ({plan.policy})"
-        plan.advice = advice(plan, run, single_pass)
+        plan.advice = advice(plan, run)
 
 
-def advice(plan: MemoryPlan, run: RunConfig, single_pass: bool) -> list[str]:
+def advice(plan: MemoryPlan, run: RunConfig) -> list[str]:
     """What to change, biggest saving first, each with the GiB it frees per device."""
     items = []
     a = plan.activations
@@ -207,10 +242,10 @@ def advice(plan: MemoryPlan, run: RunConfig, single_pass: bool) -> list[str]:
     states = sum(plan.states.values())
     items.append((states / 2, f"twice the GPUs (--nodes {2 * max(1, plan.world // 8)}): halves the "
                               f"{states:.1f} GiB of partitioned states"))
-    if plan.policy == GATHERED and not single_pass and plan.stage >= 3:
-        items.append((0.0, f"the gathered model alone is {plan.gathered[GATHERED]:.1f} GiB: a latent method runs "
-                           "every layer in several passes, and ZeRO-3 keeps it gathered until its last backward "
-                           "use, so more GPUs do not shrink it; use GPUs with more memory or a smaller model"))
+    if plan.pass_grads_gib > plan.budget_gib / 4:
+        items.append((plan.pass_grads_gib, f"LoRA (model.lora.enabled=true): a latent step holds the base's "
+                                           f"full-size gradients, {plan.pass_grads_gib:.1f} GiB, while its passes "
+                                           "add to them; more GPUs do not shrink them"))
     return [f"{text} (frees ~{gib:.1f} GiB)" if gib else text for gib, text in sorted(items, key=lambda x: -x[0])]
 
 

@@ -48,6 +48,7 @@ class ModelSizes:
     """Parameter counts (elements, not bytes) of one run's LatentReasoner, and the base's shape."""
     total: int                 # every parameter: base (+ LoRA), projection, step decoder
     trainable: int
+    loop_trainable: int        # trainable outside the step decoder (base, LoRA, projection): used by every pass
     base: int
     decoder: int
     largest_module: int        # the most parameters one module holds directly (an embedding, usually)
@@ -108,13 +109,16 @@ def model_sizes(run: RunConfig, vocab_size: int | None = None) -> ModelSizes:
     params = list(model.parameters())           # tied weights appear once
     cfg = model.base.config
     layer = next(m for m in model.base.modules() if isinstance(m, GradientCheckpointingLayer))
+    decoder = list(model.step_decoder.parameters()) if model.step_decoder is not None else []
+    decoder_trainable = sum(p.numel() for p in decoder if p.requires_grad)
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     return ModelSizes(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad),
+        loop_trainable=sum(p.numel() for p in params if p.requires_grad) - decoder_trainable,
         base=sum(p.numel() for p in model.base.parameters()),
-        decoder=sum(p.numel() for p in model.step_decoder.parameters()) if model.step_decoder is not None else 0,
+        decoder=sum(p.numel() for p in decoder),
         largest_module=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
         layer=sum(p.numel() for p in layer.parameters()),
         layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,

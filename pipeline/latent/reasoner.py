@@ -28,20 +28,33 @@ class ReasonerConfig:
     step_loss_norm: str = "token_mean"   # or "sample_sum": the Coconut reference's per-sample token sum
     distill_factor: float = 1.0          # 20 for the LLaMA CODI recipes
     distill_div_std: bool = True
+    distill_loss: str = "smooth_l1"      # or "l2" (the reference's distill_loss_type; / std twice with div_std)
+    prj_dim: int = 0                     # CODI projection's inner width (0: the hidden size, as every recipe)
+    prj_dropout: float = 0.0             # dropout on the projection's input (the reference's prj_dropout)
+    prj_layernorm: bool = True           # False: the reference's prj_no_ln
     teacher_loss_weight: float = 1.0
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.step_loss_norm not in ("token_mean", "sample_sum"):
             raise ValueError(f"step_loss_norm {self.step_loss_norm!r}: expected token_mean or sample_sum")
+        if self.distill_loss not in ("smooth_l1", "l2"):
+            raise ValueError(f"distill_loss {self.distill_loss!r}: expected smooth_l1 or l2")
 
 
 class Projection(nn.Sequential):
-    """CODI's ``prj``: Linear -> GELU -> Linear -> LayerNorm, hidden size in and out."""
+    """CODI's ``prj``: Dropout -> Linear -> GELU -> Linear -> LayerNorm (or none), hidden size in and
+    out. The dropout is applied functionally so the parameters keep their indices (0, 2, 3) in
+    checkpoints and merged models whatever the options."""
 
-    def __init__(self, hidden: int, inner: int | None = None):
+    def __init__(self, hidden: int, inner: int | None = None, dropout: float = 0.0, layernorm: bool = True):
         inner = inner or hidden
-        super().__init__(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden), nn.LayerNorm(hidden))
+        super().__init__(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden),
+                         nn.LayerNorm(hidden) if layernorm else nn.Identity())
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.dropout(x, self.dropout, self.training) if self.dropout else x)
 
 
 def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
@@ -49,6 +62,17 @@ def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
     keep = labels[:, 1:] != IGNORE
     logits = head(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+
+def distill_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1", div_std: bool = True):
+    """CODI's distillation over ``[L+1, B, d]`` hidden states (every layer's output at one token):
+    per entry, SmoothL1 (beta 1) or MSE averaged over batch and width, divided by the teacher's std
+    over them when ``div_std`` (twice for l2, as the reference does), then averaged over entries."""
+    l2 = kind == "l2"
+    per_layer = (F.mse_loss if l2 else F.smooth_l1_loss)(student, target, reduction="none").mean(dim=(1, 2))
+    if div_std:
+        per_layer = per_layer / target.std(dim=(1, 2)) ** (2 if l2 else 1)
+    return per_layer.mean()
 
 
 class LatentReasoner(nn.Module):
@@ -59,7 +83,8 @@ class LatentReasoner(nn.Module):
         self.config = config
         self.method = config.layout.spec
         hidden = base.config.hidden_size
-        self.projection = Projection(hidden) if self.method.needs_projection else None
+        self.projection = (Projection(hidden, config.prj_dim or None, config.prj_dropout, config.prj_layernorm)
+                           if self.method.needs_projection else None)
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
         # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
         # parameters would copy shards, not weights).
@@ -71,6 +96,14 @@ class LatentReasoner(nn.Module):
             for lm in (self.base, self.step_decoder):
                 if lm is not None:
                     enable_cache_safe_checkpointing(lm)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; a method whose reference keeps the step decoder in eval mode
+        (Coconut: no dropout in it while training) keeps it there."""
+        super().train(mode)
+        if self.step_decoder is not None and not self.method.decoder_dropout:
+            self.step_decoder.eval()
+        return self
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -146,10 +179,7 @@ class LatentReasoner(nn.Module):
         rows = torch.arange(len(batch.teacher_distill_index))
         target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]
-        per_layer = F.smooth_l1_loss(student, target, reduction="none").mean(dim=(1, 2))
-        if self.config.distill_div_std:
-            per_layer = per_layer / target.std(dim=(1, 2))
-        return teacher_ce, per_layer.mean()
+        return teacher_ce, distill_loss(student, target, self.config.distill_loss, self.config.distill_div_std)
 
     def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, step_embeds: torch.Tensor,
                   lengths: torch.Tensor) -> torch.Tensor:
@@ -166,7 +196,9 @@ class LatentReasoner(nn.Module):
         embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
-        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        positions = torch.arange(c + width, device=ids.device).add(self.method.decoder_first_position)
+        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                                 position_ids=positions.expand(b * s, -1)).last_hidden_state
         # position c-1+j predicts target[j]
         predicting = hidden[:, c - 1:]
         logits = self.step_decoder.get_output_embeddings()(predicting[valid])

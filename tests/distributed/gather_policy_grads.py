@@ -1,6 +1,7 @@
 """Helper for test_gather_policy: one ZeRO-3 step of a method under each gather policy (1 rank, in
 this process) and the same step in plain PyTorch eager from the same weights; saves every
-loss and full gradient.
+loss and full gradient, and the most parameters ``streamed`` held gathered in a second step
+(the first records DeepSpeed's trace and releases everything at once).
 
     python -m tests.distributed.gather_policy_grads METHOD OUT.pt
 """
@@ -8,26 +9,32 @@ import sys
 
 import torch
 
-from benchmarks.overhead import CASES, batches, reasoner
+from benchmarks.overhead import CASES, HIDDEN, VOCAB, batches, reasoner
+from benchmarks.zero import LiveParams
 from pipeline.engine.distributed import init_distributed, teardown
 from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
 from pipeline.latent.batch import Batch
 
+LAYERS = 4         # the streamed window (about three layers and the embeddings) is then below the base
 
-def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict]:
-    """-> (losses, full gradients, the starting weights)."""
+
+def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict, int]:
+    """-> (losses, full gradients, the starting weights, peak gathered elements in a second step)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     from transformers.integrations import HfDeepSpeedConfig
 
     from pipeline.engine.config import load_config
-    from pipeline.engine.ds_config import resolve_ds_config
+    from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings
 
     cfg, _ = CASES[method]
     config = load_config(None, ["train.micro_batch_size=4"])
-    ds = resolve_ds_config("ds_configs/zero3.json", config, 1, 64, on_cuda=False, bf16=False)
+    ds = resolve_ds_config("ds_configs/zero3.json", config, 1, HIDDEN, on_cuda=False, bf16=False)
+    if policy == STREAMED:       # as the trainer sets it
+        layer = sum(p.numel() for p in reasoner(cfg, LAYERS).base.model.layers[0].parameters())
+        ds["zero_optimization"].update(streamed_zero_settings(layer, VOCAB * HIDDEN))
     keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init: both policies start from the same weights)
-    model = reasoner(cfg, layers=2)
+    model = reasoner(cfg, layers=LAYERS)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, policy)
     params = list(engine.module.parameters())
@@ -36,13 +43,16 @@ def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict
     with step_gather(engine, policy):
         losses = engine(batch)
         engine.backward(losses["total"])
-    grads = {name: safe_get_full_grad(p) for name, p in engine.module.named_parameters()}
-    return {k: v.item() for k, v in losses.items()}, grads, weights
+    grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
+    engine.step()
+    with step_gather(engine, policy), LiveParams(params) as live:
+        engine.backward(engine(batch)["total"])
+    return {k: v.item() for k, v in losses.items()}, grads, weights, live.peak
 
 
 def plain_step(method: str, batch: Batch, weights: dict) -> tuple[dict, dict]:
     cfg, _ = CASES[method]
-    model = reasoner(cfg, layers=2)
+    model = reasoner(cfg, layers=LAYERS)
     model.load_state_dict(weights)
     losses = model(batch)
     losses["total"].backward()
@@ -57,9 +67,12 @@ if __name__ == "__main__":
     batch = batches(cfg, stage, n=1)[0]
     result = {}
     for policy in (STREAMED, GATHERED):
-        losses, grads, weights = zero3_step(method, policy, batch)
-        result[policy] = {"losses": losses, "grads": grads}
+        losses, grads, weights, peak = zero3_step(method, policy, batch)
+        result[policy] = {"losses": losses, "grads": grads, "peak": peak}
     losses, grads = plain_step(method, batch, weights)
+    model = reasoner(cfg, LAYERS)
     result["plain"] = {"losses": losses, "grads": grads}
+    result["sizes"] = {"layer": sum(p.numel() for p in model.base.model.layers[0].parameters()),
+                       "embedding": VOCAB * HIDDEN, "base": sum(p.numel() for p in model.base.parameters())}
     torch.save(result, out)
     teardown()

@@ -28,9 +28,10 @@ def test_a_run_that_does_not_fit_exits_3_with_the_plan_and_what_to_change(tiny_s
     assert not (tmp_path / "huge" / "checkpoints").exists()
 
 
-def test_a_streamed_run_bounds_zero3_live_parameters_and_trains(tiny_shards, tmp_path):
+def test_a_streamed_latent_run_bounds_zero3_live_parameters_and_trains(tiny_shards, tmp_path):
     code, out = torchrun(["--config", "configs/tiny-cpu.yaml", f"data={tiny_shards}", f"runs_dir={tmp_path}",
-                          "name=streamed", *COMMON, "train.max_steps=3", "train.zero3_gather=streamed"])
+                          "name=streamed", *COMMON, "method.name=codi", "method.simcot=true", "method.num_latent=2",
+                          "train.max_steps=3", "train.zero3_gather=streamed"])
     assert code == 0, out[-3000:]
     assert "ZeRO-3 parameters: streamed (train.zero3_gather)" in out
     zero = json.loads((tmp_path / "streamed" / "ds_config.json").read_text())["zero_optimization"]

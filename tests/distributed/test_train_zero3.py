@@ -103,6 +103,7 @@ def test_simcot_continues_from_an_earlier_runs_checkpoint(tiny_shards, tmp_path)
                                "curriculum.start_stage=1", "train.max_steps=2", "train.validate=false",
                                f"checkpoint.init_from={tmp_path / 'cot' / 'checkpoints'}"))
     assert code == 0 and "initialised weights from" in out, out[-3000:]
+    assert "step decoder from the pretrained weights (method.decoder_init=pretrained)" in out
     cot_final = losses_by_step(tmp_path / "cot", "loss/answer_ce")[6]
     fresh_start = 6.0      # ln(517) = 6.25: an untrained model's loss on this tokenizer
     assert losses_by_step(tmp_path / "simcot", "loss/answer_ce")[1] < min(fresh_start, cot_final + 2.0)

@@ -32,7 +32,8 @@ def test_manifest_contract(built, spm_tokenizer_dir):
     assert all(isinstance(v, int) for v in m["counts"].values())
     assert set(m["special_tokens"]) == {"bos", "eos", "pad", "start_latent", "latent", "end_latent", "bot", "eot"}
     assert [s["rows"] for s in m["splits"]["train"]["shards"]] == [1000, 1000, 1000]
-    assert m["templates"] == {"question_suffix": "\n", "step_separator": "\n", "answer_prefix": "### "}
+    assert m["templates"] == {"question_suffix": "\n", "step_separator": "\n", "answer_prefix": "### ",
+                              "normalise_question": False}
     assert sum(m["splits"]["train"]["step_counts"].values()) == 3000
     assert (built / "rejects.jsonl").read_text() == ""
 
@@ -141,3 +142,40 @@ def test_every_subcommand_has_help():
     for command in ("synth", "tokenizer", "build", "inspect", "verify"):
         result = subprocess.run([sys.executable, "-m", "data_prep", command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def _tiny_source(tmp_path, name: str, lines: list[str]) -> str:
+    path = tmp_path / f"{name}.txt"
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+NEGATIVE = ["Tom has 2 apples  and gives away 5.||<<2-5=-3>> #### -3", "Ann has 2 and gets 5.||<<2+5=7>> #### 7"]
+
+
+def test_digit_answers_only_rejects_train_answers_that_start_otherwise_and_counts_them(spm_tokenizer_dir, tmp_path):
+    train = _tiny_source(tmp_path, "train", NEGATIVE)
+    test = _tiny_source(tmp_path, "test", NEGATIVE)
+    manifest = run_build(BuildOptions([f"gsm8k-aug:{train}", f"gsm8k-aug:{test}"], str(spm_tokenizer_dir),
+                                      str(tmp_path / "codi"), digit_answers_only=True), log=lambda *_: None)
+    data = load_shards(str(tmp_path / "codi"))
+    assert [r["answer"] for r in data.split("train")] == ["7"]
+    assert [r["answer"] for r in data.split("test")] == ["-3", "7"]          # evaluation sets stay whole
+    assert manifest["rejected_by_reason"] == {"answer not starting with a digit": 1}
+    assert manifest["digit_answers_only"] is True
+    rejects = [json.loads(line) for line in (tmp_path / "codi" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"source": f"gsm8k-aug:{train}", "line": 1, "reason": rejects[0]["reason"]}]
+
+
+def test_normalise_question_strips_and_collapses_double_spaces_on_every_split(spm_tokenizer_dir, tmp_path):
+    from data_prep.templates import Templates
+    from data_prep.tokenizer import load_pretrained
+
+    source = _tiny_source(tmp_path, "test", [" " + NEGATIVE[0]])
+    manifest = run_build(BuildOptions([f"gsm8k-aug:{source}"], str(spm_tokenizer_dir), str(tmp_path / "norm"),
+                                      templates=Templates(normalise_question=True)), log=lambda *_: None)
+    record = load_shards(str(tmp_path / "norm")).split("test")[0]
+    assert record["question"] == "Tom has 2 apples and gives away 5."
+    tok = load_pretrained(str(tmp_path / "norm" / "tokenizer"))
+    assert record["question_ids"] == tok(record["question"] + "\n")["input_ids"]
+    assert manifest["templates"]["normalise_question"] is True

@@ -53,3 +53,15 @@ def test_init_from_takes_a_run_s_latest_or_one_named_tag(tmp_path):
         checkpoint.init_source(str(tmp_path / "epoch2"))     # an unfinished tag is not a source
     with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint there"):
         checkpoint.init_source(str(tmp_path / "nowhere"))
+
+
+def test_a_step_decoder_starts_from_the_pretrained_weights_unless_told_or_continued():
+    import torch
+
+    base, decoder = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    # from a CoT/Coconut checkpoint: the reference keeps the raw pretrained decoder
+    assert checkpoint.decoder_weights({"base.": base, "step_decoder.": {}}, "pretrained")[0] is None
+    assert checkpoint.decoder_weights({"base.": base, "step_decoder.": {}}, "base")[0] is base
+    # continuing a SIM-CoT run: its own trained decoder, whatever the setting
+    for init in ("pretrained", "base"):
+        assert checkpoint.decoder_weights({"base.": base, "step_decoder.": decoder}, init)[0] is decoder

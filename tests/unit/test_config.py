@@ -26,9 +26,14 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("train.epochs=1.5", "train.epochs: expected int"),
     ("method.name=icot", "expected one of coconut, codi, cot, nocot, pause"),
     ("method.name=cot", None),
+    ("method.decoder_init=random", "method.decoder_init: pretrained or base"),
+    ("method.distill_loss=l1", "method.distill_loss: smooth_l1 or l2"),
+    ("method.progressive_train=true", "needs a method with a curriculum"),
+    ("method.pad_latent_to_max=false", "does not support yet"),
 ])
 def test_config_errors_name_the_key_and_the_fix(override, message):
     overrides = [override] + (["method.simcot=true"] if override == "method.name=cot" else [])
+    overrides += ["method.name=coconut"] if override == "method.pad_latent_to_max=false" else []
     with pytest.raises(ConfigError, match=message or "method.simcot needs"):
         load_config(None, overrides)
 

@@ -139,3 +139,45 @@ def test_checkpointing_really_replays_layers_in_backward():
         model(batch)["total"].backward()
         counts.append(len(calls))
     assert counts[1] == 2 * counts[0]          # every pass's layer ran again during backward
+
+
+@pytest.mark.parametrize("name,first,dropout", [("coconut+simcot", 1, False), ("codi+simcot", 0, True)])
+def test_the_step_decoder_reads_the_references_positions_and_mode(name, first, dropout):
+    """Coconut's reference decoder reads positions 1..L and stays in eval mode while training
+    (its wrapper's train() toggles only the base); CODI's reads 0..L-1 and trains with dropout."""
+    cfg, stage = METHODS[name]
+    model = _model(cfg).train()
+    seen = []
+    model.step_decoder.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    model(_batch(RECORDS, cfg, stage))
+    assert seen[0][:, 0].eq(first).all() and seen[0][0].tolist() == list(range(first, first + seen[0].size(1)))
+    assert model.base.training and model.step_decoder.training == dropout
+    assert not model.eval().step_decoder.training
+
+
+def test_distillation_is_smooth_l1_or_l2_over_the_teachers_std_per_layer():
+    from pipeline.latent.reasoner import distill_loss
+
+    target = torch.tensor([[[0.0, 2.0]], [[1.0, 1.0]]])            # [L+1=2, B=1, d=2]
+    student = target + torch.tensor([[[0.5, -3.0]], [[0.0, 0.0]]])
+    smooth = (0.5 * 0.5 ** 2 + (3.0 - 0.5)) / 2                     # SmoothL1, beta 1, layer 0
+    std0 = torch.tensor([0.0, 2.0]).std().item()
+    assert distill_loss(student, target, "smooth_l1", div_std=False).item() == pytest.approx(smooth / 2)
+    assert distill_loss(student, target, "l2", div_std=False).item() == pytest.approx((0.25 + 9.0) / 2 / 2)
+    assert distill_loss(student[:1], target[:1], "smooth_l1").item() == pytest.approx(smooth / std0)
+    assert distill_loss(student[:1], target[:1], "l2").item() == pytest.approx((0.25 + 9.0) / 2 / std0 ** 2)
+
+
+def test_the_projection_options_keep_its_checkpoint_keys():
+    from pipeline.latent.reasoner import Projection
+
+    plain, options = Projection(8), Projection(8, inner=16, dropout=0.5, layernorm=False)
+    assert set(options.state_dict()) == set(plain.state_dict()) - {"3.weight", "3.bias"}
+    assert options[0].weight.shape == (16, 8) and isinstance(options[3], torch.nn.Identity)
+    x = torch.randn(4, 8)
+    assert torch.equal(options.eval()(x), options(x))                 # no dropout in eval mode
+    assert not torch.equal(options.train()(x), options(x))            # dropout on the input in training
+    cfg, _ = METHODS["codi+simcot"]
+    model = LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg, prj_dim=48, prj_layernorm=False), eos_id=2)
+    assert model.projection[0].weight.shape == (48, model.base.config.hidden_size)

@@ -54,6 +54,20 @@ def test_simcot_coconut_targets_overflow_merge_and_pseudo_thought():
     assert coconut_step_targets([[1], [2], [3], [4]], 2, 2, [9]) == [[1], [2, 3, 4]]
 
 
+def test_progressive_train_keeps_every_latent_from_stage_0_and_explains_every_step():
+    """The SIM-CoT authors' LLaMA variant (reference ``progressive_train``): the latent count is
+    fixed, stages only remove steps from the text, the decoder slots always hold all the steps."""
+    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=2, simcot=True, progressive_train=True)
+    zero = layout(RECORD, SP, cfg, stage=0)
+    assert zero.input_ids == [1, 10, 11, S, L, L, L, L, E, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
+    assert zero.labels == [X] * 9 + [20, 21, 30, 40, 41, 50, 60, 61, EOS]
+    assert layout(RECORD, SP, cfg, stage=1).input_ids == [1, 10, 11, S, L, L, L, L, E, 30, 40, 41, 50, 60, 61, EOS]
+    assert layout(RECORD, SP, cfg, stage=3).input_ids == [1, 10, 11, S, L, L, L, L, E, 60, 61, EOS]
+    for stage in (0, 1, 3):         # group 0: step 1; steps 2.. merged into the last group
+        assert layout(RECORD, SP, cfg, stage=stage).step_targets == [[20, 21], [30, 40, 41, 50]]
+    assert layout(SHORT, SP, cfg, stage=0).step_targets == [[20], [20, 60, 62]]     # then the pseudo thought
+
+
 def test_codi_student_teacher_and_distillation_columns():
     cfg = LayoutConfig("codi", num_latent=3, simcot=True)
     # answer_ids [60, 61] with prefix [60]: the answer text starts at index 1

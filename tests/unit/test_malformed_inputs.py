@@ -103,3 +103,20 @@ def test_unknown_kind_and_unknown_split_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="append @train"):
         parse_source_spec(f"gsm8k-aug:{tmp_path}/problems.txt")
     assert parse_source_spec("gsm8k-aug:problems.txt@valid").split == "valid"
+
+
+def test_gsm8k_aug_nl_steps_are_sentences_and_malformed_rows_are_rejected(tmp_path):
+    from data_prep.sources import SourceSpec, read_source
+
+    rows = [{"question": "Ann has 2 pens and gets 3. How many?", "cot": "Ann has 2 pens. She gets 3 more. 2 + 3 = 5.",
+             "answer": "5"},
+            {"question": "Q?", "cot": "Two and three make five.", "answer": 5},
+            {"question": "Q?", "cot": "Some words."},
+            {"question": "Q?", "cot": "Some words.", "answer": "five"}]
+    path = tmp_path / "nl_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parsed = list(read_source(SourceSpec("gsm8k-aug-nl", str(path), "train")))
+    assert parsed[0].problem.steps == ["Ann has 2 pens.", "She gets 3 more.", "2 + 3 = 5."]
+    assert parsed[0].problem.answer == "5" and parsed[1].problem.steps == ["Two and three make five."]
+    assert parsed[1].problem.answer == "5" and not parsed[0].problem.flags        # no arithmetic to check
+    assert [p.reject for p in parsed[2:]] == ["missing field 'answer'", "non-numeric answer 'five'"]

@@ -70,30 +70,40 @@ def test_every_recipe_builds_resolves_and_plans_on_its_hardware(recipe):
                            bf16=recipe != "tiny-cpu", trainable_params=sizes.trainable)
     assert "auto" not in str(ds)
     plan = make_plan(run, sizes, ds, hardware)
+    assert plan.fits, plan.render()
     if recipe == "llama3.1-70b-codi-simcot":
-        # Documented in the recipe and the README: the latent loop keeps the whole 70B base gathered
-        # under ZeRO-3 (266 GiB with its full-size step decoder), more than one 80 GB GPU.
-        assert not plan.fits and "gathered" in plan.reason and plan.gathered[GATHERED] > 80
-    else:
-        assert plan.fits, plan.render()
+        # the whole model (its full-size step decoder included) would be 266 GiB gathered: it streams
+        assert plan.policy == STREAMED and plan.gathered[GATHERED] > 80 > plan.device_gib
 
 
-def test_a_latent_method_that_cannot_hold_the_gathered_model_does_not_fit_whatever_the_gpu_count():
-    for nodes in (1, 2, 8):
-        plan, _ = plan_for(str(REPO / "configs" / "llama3.1-8b-codi-simcot.yaml"), ["train.micro_batch_size=1"],
-                           nodes, 8, 24.0, 1024.0)
-        assert not plan.fits and plan.policy == GATHERED
-        assert any("more GPUs do not shrink it" in line for line in plan.advice)
+def test_a_latent_method_streams_pass_by_pass_when_the_gathered_model_does_not_fit():
+    recipe = str(REPO / "configs" / "llama3.1-8b-codi-simcot.yaml")
+    roomy, _ = plan_for(recipe, [], 1, 8, 80.0, 1024.0)
+    tight, sizes = plan_for(recipe, ["deepspeed=ds_configs/zero3_offload.json"], 1, 8, 24.0, 1024.0)
+    assert roomy.fits and roomy.policy == GATHERED
+    assert tight.fits and tight.policy == STREAMED
+    # every pass gathers the base again: 7 passes (question, 6 latents... ) + teacher, forward,
+    # recompute and backward, against one gather of the whole model
+    assert tight.gather_volume[STREAMED] > 10 * tight.gather_volume[GATHERED]
+
+
+def test_a_full_fine_tune_of_a_latent_method_holds_the_base_gradients_its_passes_add_to():
+    lora, _ = plan_for(str(REPO / "configs" / "llama3.1-8b-codi-simcot.yaml"), [], 1, 8, 80.0, 1024.0)
+    full, sizes = plan_for(str(REPO / "configs" / "llama3.1-8b-codi-simcot-full.yaml"), [], 1, 8, 80.0, 1024.0)
+    assert full.pass_grads_gib == pytest.approx(sizes.loop_trainable * 2 / GIB)    # bf16, the base and projection
+    assert full.pass_grads_gib > 14 and lora.pass_grads_gib < 1                     # LoRA: adapter gradients only
+    cot, _ = plan_for(None, [f"model.name_or_path={LLAMA['8b']}", "method.name=cot"], 1, 8, 80.0, 1024.0)
+    assert cot.pass_grads_gib == 0                    # one pass: ZeRO reduces each gradient as it is made
 
 
 def test_a_single_pass_method_streams_when_the_gathered_model_does_not_fit():
     args = [f"model.name_or_path={LLAMA['8b']}", "method.name=cot", "model.gradient_checkpointing=true",
             "train.micro_batch_size=2"]
     roomy, _ = plan_for(None, args, 1, 8, 80.0, 1024.0)
-    tight, _ = plan_for(None, args, 1, 8, 24.0, 1024.0)
+    tight, _ = plan_for(None, args, 1, 8, 32.0, 1024.0)
     assert roomy.fits and roomy.policy == GATHERED
     assert tight.fits and tight.policy == STREAMED
-    assert tight.gathered[STREAMED] < tight.gathered[GATHERED] / 5
+    assert tight.gathered[STREAMED] < tight.gathered[GATHERED] / 4
 
 
 def test_checkpointing_shrinks_the_planned_activations_and_the_advice_says_so():

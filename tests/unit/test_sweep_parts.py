@@ -97,8 +97,9 @@ def test_the_job_graph_gives_both_methods_the_same_runs_and_budgets(tmp_path):
         f"{kind}-{m}-{n}" for kind in ("train", "eval") for m in CHAINED for n in (1, 3)} | {
         f"train-{m}-chain" for m in CHAINED}
     coconut, simcot = _overrides(jobs["train-coconut-chain"]), _overrides(jobs["train-simcot-chain"])
-    assert {k: v for k, v in simcot.items() if k not in ("name", "method.simcot")} == \
+    assert {k: v for k, v in simcot.items() if k not in ("name", "method.simcot", "method.decoder_init")} == \
            {k: v for k, v in coconut.items() if k != "name"}
+    assert simcot["method.decoder_init"] == "base"          # the recorded sweep's decoder: the CoT weights
     assert coconut["method.max_latent_stage"] == "3" and coconut["train.max_steps"] == "150"
     assert coconut["train.steps_per_epoch"] == "50" and coconut["checkpoint.keep_last"] == "0"
     final = _overrides(jobs["train-simcot-3"])

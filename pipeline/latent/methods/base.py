@@ -44,6 +44,7 @@ class LayoutConfig:
     simcot: bool = False
     latent_update: str = "sequential"   # or "jacobi": every latent at once, jacobi_iterations times
     jacobi_iterations: int = 3
+    progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
 
     def __post_init__(self):
         get_method(self.method)
@@ -97,7 +98,10 @@ class Method:
     supports_simcot = False     # has decoder slots a step decoder can supervise
     needs_projection = False    # CODI's ``prj`` between a hidden state and the next latent
     needs_teacher = False       # a teacher pass over the explicit CoT (CODI self-distillation)
+    has_curriculum = False      # stages replace steps by latents (Coconut)
     seed_rows_from = None       # text whose token rows the latent tokens' rows start as (Coconut: "<<")
+    decoder_first_position = 0  # position id of the step decoder's first input (the reference Coconut's: 1)
+    decoder_dropout = True      # the step decoder trains in train mode (the reference Coconut's stays in eval)
 
     # -------------------------------------------------------------- layout
     def n_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:

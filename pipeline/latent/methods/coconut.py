@@ -4,6 +4,11 @@
 
 From stage ``max_latent_stage + 1`` on every step is latent. With SIM-CoT each group of c
 latents is a decoder slot that must reproduce the step it replaced.
+
+``progressive_train`` (the SIM-CoT authors' variant for LLaMA, the reference's
+``get_cot_with_explainable_latent_dataset``): ``c * max_latent_stage`` latents at every stage,
+stage 0 included; stage k removes the first k steps from the text; the decoder slots reproduce
+*all* the steps from the start (by the same grouping), whatever the stage.
 """
 from __future__ import annotations
 
@@ -13,10 +18,16 @@ from .base import Method, SequenceShape, concat, register
 @register
 class Coconut(Method):
     name = "coconut"
-    fills_latents = uses_latent_tokens = supports_simcot = True
+    fills_latents = uses_latent_tokens = supports_simcot = has_curriculum = True
     seed_rows_from = "<<"
+    # The reference's decoder reads positions 1..L and stays in eval mode (its wrapper's train()
+    # toggles only the base): no dropout in it. Equal for RoPE models; GPT-2's positions are learned.
+    decoder_first_position = 1
+    decoder_dropout = False
 
     def n_latents(self, cfg, stage, n_steps):
+        if cfg.progressive_train:
+            return cfg.c_thought * cfg.max_latent_stage
         if stage == 0:
             return 0
         if stage <= cfg.max_latent_stage:
@@ -37,8 +48,8 @@ class Coconut(Method):
                                   n_latents)
         if cfg.simcot and n_latents:
             pseudo = concat(steps[skipped:]) + ans      # what follows <end>, without EOS
-            example.step_targets = step_targets(steps[:skipped], n_latents // cfg.c_thought,
-                                                cfg.max_latent_stage, pseudo)
+            explained = steps if cfg.progressive_train else steps[:skipped]
+            example.step_targets = step_targets(explained, n_latents // cfg.c_thought, cfg.max_latent_stage, pseudo)
         return example
 
     def slot_width(self, cfg):
