@@ -1,11 +1,21 @@
 """Benchmarks: ``python -m benchmarks {build,latent,generate,zero,overhead,gpu,jacobi} [options]``.
 
 Each figure is a ratio against a baseline run in the same process; the README lists the results.
-``make bench`` runs the ones this CPU can (P6 needs a GPU)."""
+``make bench`` runs the ones this CPU can (P6 needs a GPU). What a benchmark prints is also kept in
+``benchmarks/results/DATE-NAME-HARDWARE.txt`` (``--no-save``: not), headed by the command, the
+machine and the library versions, so a figure can be traced to where it was measured."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import importlib
+import os
+import platform
+import re
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # name -> (module, what it measures, whether it takes its own options)
 BENCHMARKS = {
@@ -24,12 +34,52 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=list(BENCHMARKS),
                         help="; ".join(f"{name}: {what}" for name, (_, what, _) in BENCHMARKS.items()))
+    parser.add_argument("--no-save", action="store_true", help="print only; keep no file in benchmarks/results")
     args, rest = parser.parse_known_args(argv)
     module, _, takes_options = BENCHMARKS[args.which]
     if rest and not takes_options:
         parser.error(f"{args.which} takes no options, got {' '.join(rest)}")
     run = importlib.import_module(module).main
-    run(rest) if takes_options else run()
+    if args.no_save:
+        run(rest) if takes_options else run()
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    name, header = hardware()
+    path = os.path.join(RESULTS, f"{datetime.date.today().isoformat()}-{args.which}-{name}.txt")
+    with open(path, "a", encoding="utf-8") as record, contextlib.redirect_stdout(Tee(sys.stdout, record)):
+        print(f"$ python -m benchmarks {args.which} {' '.join(rest)}".rstrip() + f"\n# {header}")
+        run(rest) if takes_options else run()
+    print(f"(kept in {os.path.relpath(path)})")
+
+
+class Tee:
+    """Writes to the terminal and to the result file."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> None:
+        for stream in self.streams:
+            stream.write(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def hardware() -> tuple[str, str]:
+    """-> (a file-name slug of the accelerator or CPU, a one-line description with versions)."""
+    import deepspeed
+    import torch
+    import transformers
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = f"cpu-{os.cpu_count()}cores"
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return slug, (f"{device} | {platform.machine()} {platform.system()} | torch {torch.__version__}, deepspeed "
+                  f"{deepspeed.__version__}, transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         "method.name=coconut", "method.simcot=true", "method.decoder_init=base",   # a tiny random model has no
         f"method.c_thought={C_THOUGHT}", f"method.max_latent_stage={LATENT_STAGES}",  # pretrained decoder to start from
         # an epoch of `stage` steps per stage; epochs past the last stage all put every step latent
-        "curriculum.start_stage=1", f"train.steps_per_epoch={stage}", f"train.epochs={LATENT_STAGES - (-final // stage)}",
-        f"train.max_steps={LATENT_STAGES * stage + final}", "train.lr=1e-3",
+        "curriculum.start_stage=1", f"train.steps_per_epoch={stage}",
+        f"train.epochs={LATENT_STAGES - (-final // stage)}", f"train.max_steps={LATENT_STAGES * stage + final}",
+        "train.lr=1e-3",
         f"checkpoint.init_from={os.path.join(runs['cot'], 'checkpoints')}"], args.nproc)
     print("[5/5] merge each run and evaluate it on the synthetic test split", flush=True)
     for run_dir in runs.values():

@@ -42,6 +42,7 @@ from experiments.demo import merge_eval_commands, prepare_data, train_command
 from experiments.jobs import Job, run_jobs
 from experiments.sweep_methods import CHAINED, JACOBI, METHODS, chained
 from experiments.sweep_report import EVAL_SET, write_results
+from pipeline.engine.checkpoint import epoch_tag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,7 +131,7 @@ def jobs_for(plan: SweepPlan, shards: str) -> list[Job]:
         if chained(method):             # the final stage, from the chain's checkpoint of stage n
             size = [f"method.max_latent_stage={n}", f"curriculum.start_stage={n + 1}"]
             after, start = f"train-{method}-chain", os.path.join(plan.run_dir(f"{method}-chain"), "checkpoints",
-                                                                f"epoch{n - 1}")
+                                                                epoch_tag(n - 1))
         else:                           # CODI: c x n latents from its first step, from the CoT weights
             size, after, start = [], "train-cot", cot_ckpt
         schedule = ["train.schedule=cosine", f"train.max_steps={steps}"]

@@ -70,12 +70,11 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     tag = tag or checkpoint.latest_tag(ckpt_dir)
     if tag is None:
         raise UserError(f"--run {run_dir}: no complete checkpoint in {ckpt_dir} yet; train (or resume) it first")
-    if not os.path.isfile(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE)):
+    if not checkpoint.is_complete(ckpt_dir, tag):
         raise UserError(f"--tag {tag}: no complete checkpoint {ckpt_dir}/{tag} (complete: "
                         f"{', '.join(checkpoint.complete_tags(ckpt_dir)) or 'none'})")
     state = checkpoint.consolidated(ckpt_dir, tag)
-    with open(os.path.join(ckpt_dir, tag, checkpoint.COMPLETE), encoding="utf-8") as handle:
-        client = json.load(handle)["client_state"]
+    client = checkpoint.client_state(ckpt_dir, tag)
     shards = load_shards(run.data)
     base, decoder, projection = rebuild(run, state, len(shards.tokenizer))
     out = out or os.path.join(run_dir, "merged")

@@ -86,12 +86,27 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return [name for _, name in sorted(tags)]
 
 
+def epoch_tag(epoch: int) -> str:
+    """The tag of the checkpoint saved at the end of ``epoch`` (0-based; a Coconut stage per epoch)."""
+    return f"epoch{epoch}"
+
+
+def client_state(ckpt_dir: str, tag: str) -> dict:
+    """What the trainer recorded with a complete checkpoint (epoch, step, stage, ...)."""
+    with open(os.path.join(ckpt_dir, tag, COMPLETE), encoding="utf-8") as handle:
+        return json.load(handle)["client_state"]
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE))
+
+
 def latest_tag(ckpt_dir: str) -> str | None:
     path = os.path.join(ckpt_dir, "latest")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             tag = handle.read().strip()
-        if os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
+        if is_complete(ckpt_dir, tag):
             return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None

@@ -174,7 +174,7 @@ class Trainer:
                     return code
                 p.epoch, p.micro_in_epoch = epoch + 1, 0
                 valid = self.validate(stage) if run.train.validate and self.valid_records else None
-                self._save(f"epoch{epoch}", valid)
+                self._save(checkpoint.epoch_tag(epoch), valid)
                 if self._done():
                     break
         finally:
