@@ -26,10 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_STAGES, C_THOUGHT = 3, 2   # Coconut + SIM-CoT ends with every step latent: 6 latents (2-4 steps a problem)
 
 
-def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None) -> str:
+def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None, n_valid: int = 200) -> str:
     data = os.path.join(out, "data")
     print(f"[1/5] synthetic problems -> {data}/synth", flush=True)
-    splits = generate_splits({"train": n_train, "valid": 200, "test": 500}, seed, task or SynthConfig())
+    splits = generate_splits({"train": n_train, "valid": n_valid, "test": 500}, seed, task or SynthConfig())
     paths = write_splits(os.path.join(data, "synth"), splits)
     print(f"[2/5] SentencePiece tokenizer + shards -> {data}/shards", flush=True)
     build_tokenizer([paths["train"]], 512, None, os.path.join(data, "tokenizer"))
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
+    parser.add_argument("--valid", type=int, default=200, help="synthetic valid problems (validated every epoch)")
     parser.add_argument("--cot-steps", type=int, default=1500, help="optimizer steps of the CoT run")
     parser.add_argument("--stage-steps", type=int, default=200, help="Coconut+SIM-CoT steps at each curriculum "
                         f"stage 1-{LATENT_STAGES} (default 200)")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(args.out)
     for name in ("cot", "coconut-simcot"):       # the demo always starts fresh
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    shards = prepare_data(out, args.train, args.seed)
+    shards = prepare_data(out, args.train, args.seed, n_valid=args.valid)
     print(f"[3/5] explicit CoT, {args.cot_steps} steps on {args.nproc} ranks", flush=True)
     runs = {"cot": train(out, shards, "cot", [f"train.max_steps={args.cot_steps}", "train.epochs=100"], args.nproc)}
     stage, final = args.stage_steps, args.final_steps

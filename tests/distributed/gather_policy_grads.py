@@ -19,7 +19,8 @@ LAYERS = 4         # the streamed window (about three layers and the embeddings)
 
 
 def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict, int]:
-    """-> (losses, full gradients, the starting weights, peak gathered elements in a second step)."""
+    """-> (losses, full gradients, the starting weights, and under ``streamed`` the peak of gathered
+    elements in a second step)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     from transformers.integrations import HfDeepSpeedConfig
@@ -44,8 +45,10 @@ def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict
         losses = engine(batch)
         engine.backward(losses["total"])
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
+    if policy != STREAMED:
+        return {k: v.item() for k, v in losses.items()}, grads, weights, 0
     engine.step()
-    with step_gather(engine, policy), LiveParams(params) as live:
+    with LiveParams(params) as live:
         engine.backward(engine(batch)["total"])
     return {k: v.item() for k, v in losses.items()}, grads, weights, live.peak
 
