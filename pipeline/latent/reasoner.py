@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.batch import Batch
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
@@ -96,13 +97,19 @@ class LatentReasoner(nn.Module):
             for lm in (self.base, self.step_decoder):
                 if lm is not None:
                     enable_cache_safe_checkpointing(lm)
+        self.train()        # a new module trains; the step decoder's dropout as the method's reference has it
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; a method whose reference keeps the step decoder in eval mode
-        (Coconut: no dropout in it while training) keeps it there."""
+        (Coconut: no dropout in it while training) gets a decoder without dropout: every module in
+        eval mode but the decoder layers themselves, whose training flag keeps per-layer
+        checkpointing on (they hold no dropout of their own)."""
         super().train(mode)
-        if self.step_decoder is not None and not self.method.decoder_dropout:
+        if mode and self.step_decoder is not None and not self.method.decoder_dropout:
             self.step_decoder.eval()
+            for module in self.step_decoder.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
         return self
 
     # ------------------------------------------------------------------ pieces
@@ -197,7 +204,8 @@ class LatentReasoner(nn.Module):
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
         positions = torch.arange(c + width, device=ids.device).add(self.method.decoder_first_position)
-        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask,
+        # no cache: a checkpointed layer replayed in backward would append to it a second time
+        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
                                                  position_ids=positions.expand(b * s, -1)).last_hidden_state
         # position c-1+j predicts target[j]
         predicting = hidden[:, c - 1:]
