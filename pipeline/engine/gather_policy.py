@@ -20,7 +20,7 @@ partition the gradients as before, so losses and gradients are bit-identical to 
 fetch and release with a bounded live window (the plan sets ``stage3_max_live_parameters`` /
 prefetch / reuse distance), *per pass*: a module's parameters are released after the backward
 of each of its calls. DeepSpeed 0.19.8 counts a module's pending input gradients in one counter
-that every forward call resets, so a module called in K+2 latent passes was released after the
+that every forward call resets, so a module called in K+1 latent passes was released after the
 backward of its last call only, then re-fetched and kept until the end of backward: the whole
 base LM stayed gathered (measured: peak 0.51 of the parameters for CODI + SIM-CoT at 4 layers).
 :func:`_release_per_call` gives each call its own counter; the peak is then about three layers

@@ -14,7 +14,7 @@ Gathered weights are the policy's question. ``gathered`` holds the whole model (
 step decoder) in the compute dtype from the first forward to the end of backward, and gathers it
 once per micro-batch. ``streamed`` holds a window of about three layers plus the embedding and LM
 head, released after each pass's backward (pipeline/engine/gather_policy.py), and gathers every
-layer again in each pass: up to (K+2) x 2 base-sized gathers per micro-batch for K sequential
+layer again in each pass: up to (K+1) x 2 base-sized gathers per micro-batch for K sequential
 latents (forward and backward; a checkpointed layer's recompute reuses the backward's gather).
 The plan picks ``gathered`` whenever it fits, else ``streamed``, else says the run does not fit
 and what to change. Under either policy a latent method also holds the gradients of the trainable
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pipeline.engine.config import RunConfig
 from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED
 from pipeline.engine.model_shapes import ModelSizes
+from pipeline.latent.loop import pass_count
 from pipeline.latent.methods import SequenceShape
 
 GIB = 2 ** 30
@@ -157,18 +158,17 @@ def _pass_grads(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> float:
 
 def base_passes(run: RunConfig) -> int:
     """Calls of every base layer per micro-batch at the longest stage: the latent loop's passes
-    (question, each latent or Jacobi iteration, the rest) and CODI's teacher pass."""
+    and CODI's teacher pass."""
     layout = run.method.layout()
     method = layout.spec
     latents = method.max_latents(layout) if method.fills_latents else 0
-    loop = 1 if not latents else (layout.jacobi if layout.jacobi is not None else latents) + 2
-    return loop + (1 if method.needs_teacher else 0)
+    return pass_count(latents, layout.jacobi) + (1 if method.needs_teacher else 0)
 
 
 def _gather_volume(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> dict[str, float]:
     """GiB all-gathered per micro-batch: ``gathered`` once; ``streamed`` at most twice per pass, in
     forward and in backward (a checkpointed layer's recompute reuses the backward's gather; P3
-    measured 0.8-0.9 of this bound, with and without checkpointing)."""
+    measured 0.75-0.88 of this bound, with and without checkpointing)."""
     streamed = (sizes.base * base_passes(run) + sizes.total - sizes.base) * 2
     return {GATHERED: sizes.total * dtype_bytes / GIB, STREAMED: streamed * dtype_bytes / GIB}
 

@@ -98,6 +98,14 @@ def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool 
     return out.last_hidden_state, cache.new_chunk(), layers
 
 
+def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
+    """Forward passes of the body per batch: one without latents; ``n_latents + 1`` filling them one
+    per pass (:func:`fill_latents`); ``jacobi_iterations + 2`` by Jacobi iteration (:func:`jacobi_latents`)."""
+    if n_latents == 0:
+        return 1
+    return n_latents + 1 if jacobi_iterations is None else jacobi_iterations + 2
+
+
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None) -> LatentPasses:

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned, positions_from_mask
-from pipeline.latent.loop import fill_latents
+from pipeline.latent.loop import fill_latents, pass_count
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, Projection, ReasonerConfig
 from tests.tiny_models import tiny_llama
@@ -120,3 +120,14 @@ def test_jacobi_is_refused_for_a_method_without_latents():
     config = load_config(None, ["method.name=coconut", "method.latent_update=jacobi", "method.jacobi_iterations=2"])
     assert config.method.layout().jacobi == 2 and dataclasses.replace(config.method.layout(),
                                                                        latent_update="sequential").jacobi is None
+
+
+@pytest.mark.parametrize("iterations", [None, 0, 2, M])
+def test_pass_count_is_the_number_of_body_calls_the_memory_plan_budgets(iterations):
+    model, batch, embeds = _inputs()
+    body, calls = model.get_decoder(), []
+    body.register_forward_pre_hook(lambda *_: calls.append(1))
+    fill_latents(body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, M,
+                 jacobi_iterations=iterations)
+    assert len(calls) == pass_count(M, iterations) == (M + 1 if iterations is None else iterations + 2)
+    assert pass_count(0) == 1

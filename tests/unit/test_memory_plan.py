@@ -9,7 +9,7 @@ import pytest
 from pipeline.engine.config import load_config
 from pipeline.engine.ds_config import resolve_ds_config
 from pipeline.engine.gather_policy import GATHERED, STREAMED
-from pipeline.engine.memory_plan import GIB, Hardware, make_plan, model_states
+from pipeline.engine.memory_plan import GIB, Hardware, base_passes, make_plan, model_states
 from pipeline.engine.model_shapes import meta_reasoner, model_sizes
 from pipeline.plan import plan_for
 from tests.conftest import REPO
@@ -82,9 +82,14 @@ def test_a_latent_method_streams_pass_by_pass_when_the_gathered_model_does_not_f
     tight, sizes = plan_for(recipe, ["deepspeed=ds_configs/zero3_offload.json"], 1, 8, 24.0, 1024.0)
     assert roomy.fits and roomy.policy == GATHERED
     assert tight.fits and tight.policy == STREAMED
-    # every pass gathers the base again: 7 passes (question, 6 latents... ) + teacher, forward,
-    # recompute and backward, against one gather of the whole model
-    assert tight.gather_volume[STREAMED] > 10 * tight.gather_volume[GATHERED]
+    # every pass gathers the base again, in forward and in backward: 7 latent-loop passes (6 latents)
+    # and the teacher's, against one gather of the whole model
+    assert base_passes(load_config(recipe)) == 8
+    bf16_gib = 2 / GIB
+    assert tight.gather_volume[GATHERED] == pytest.approx(sizes.total * bf16_gib)
+    rest = sizes.total - sizes.base                   # the step decoder (one pass) and the projection
+    assert tight.gather_volume[STREAMED] == pytest.approx(2 * (8 * sizes.base + rest) * bf16_gib)
+    assert tight.gather_volume[STREAMED] > 9 * tight.gather_volume[GATHERED]
 
 
 def test_a_full_fine_tune_of_a_latent_method_holds_the_base_gradients_its_passes_add_to():
