@@ -1,15 +1,18 @@
 """GPU check P6 (``python -m benchmarks gpu``): throughput and MFU of the SIM-CoT(CODI) step
-on one GPU under DeepSpeed ZeRO-3, bf16 (fp32 master weights), SDPA attention, against the plain
-CoT recipe on the same model. The model is LLaMA-3.2-1B-shaped and randomly initialised (hidden
-2048, 16 layers, 32/8 heads, MLP 8192, vocab 128,256, tied embeddings); the data is synthetic
-GSM8k-Aug-shaped (question ~40 tokens, 3-4 steps of ~10 tokens). FLOPs count every latent pass,
-the teacher, every decoder token and the LM heads where labels exist (pipeline/engine/telemetry.py).
+on one GPU under DeepSpeed ZeRO-3, bf16 (fp32 master weights), against the plain CoT recipe on
+the same model, over a sweep of batch sizes and attention kernels. The model is LLaMA-3.2-1B-shaped
+and randomly initialised (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocab 128,256, tied
+embeddings); the data is synthetic GSM8k-Aug-shaped (question ~40 tokens, 3-4 steps of ~10 tokens).
+FLOPs count every latent pass, the teacher, every decoder token and the LM heads where labels
+exist (pipeline/engine/telemetry.py). One engine per (recipe, attention) runs every batch size, and
+a least-squares line through (batch, step time) gives the fixed per-step cost.
 
-    python -m benchmarks gpu [--steps 50] [--batch 32] [--shape 1b|tiny]
+    python -m benchmarks gpu [--batches 16,32,64] [--attention sdpa,auto] [--steps 10] [--profile DIR]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -17,8 +20,9 @@ import torch
 from benchmarks.fixtures import PREFIX, SPECIAL, synthetic_records
 from pipeline.engine.build_model import build_reasoner
 from pipeline.engine.config import load_config
-from pipeline.engine.ds_config import resolve_ds_config
-from pipeline.engine.gather_policy import GATHERED, apply_gather_policy, step_gather
+from pipeline.engine.ds_config import resolve_ds_config, zero_stage
+from pipeline.engine.gather_policy import GATHERED, REPLICATED, apply_gather_policy, step_gather
+from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.telemetry import FlopModel, body_params, peak_flops, step_flops
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import layout
@@ -28,86 +32,162 @@ SHAPES = {
            "model.tiny.num_kv_heads=8", "model.tiny.intermediate_size=8192"],
     "tiny": ["model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.intermediate_size=128"],
 }
+RECIPES = {"cot": ("CoT (baseline)", ["method.name=cot"]),
+           "codi": ("SIM-CoT(CODI), 6 latents", ["method.name=codi", "method.simcot=true", "method.num_latent=6",
+                                                 "method.distill_factor=20"])}
 VOCAB = 128_256
 
 
-def run_recipe(method: list[str], shape: str, steps: int, batch: int, on_cuda: bool) -> dict:
+def build_engine(method: list[str], args, attention: str, on_cuda: bool):
+    """-> (engine, the attention that runs, FlopModel, layout) for one recipe, configured as the
+    trainer configures it (gradient buckets sized to the trainable parameters, the optimizer the
+    DeepSpeed JSON resolves to: DeepSpeed's fused Adam on CUDA, JIT-compiled on first use)."""
     import deepspeed
 
-    run = load_config(None, [*SHAPES[shape], *method, f"train.micro_batch_size={batch}", "train.lr=1e-4",
-                             "train.max_grad_norm=1.0", "model.attn_implementation=sdpa"])
-    ds = resolve_ds_config("ds_configs/zero3.json", run, 1, run.model.tiny.hidden_size, on_cuda, bf16=on_cuda)
-    ds["optimizer"]["params"]["torch_adam"] = True   # no fused-Adam JIT compile on a fresh machine
+    run = load_config(None, [*SHAPES[args.shape], *method, "train.micro_batch_size=16", "train.lr=1e-4",
+                             "train.max_grad_norm=1.0", f"model.attn_implementation={attention}",
+                             f"deepspeed={args.ds_config}"])
+    sizes = model_sizes(run, VOCAB)
+    ds = resolve_ds_config(run.deepspeed, run, 1, sizes.hidden, on_cuda, bf16=on_cuda,
+                           trainable_params=sizes.trainable)
+    if args.torch_adam:
+        ds["optimizer"]["params"]["torch_adam"] = True
     model, attention, _keep = build_reasoner(run, VOCAB, SPECIAL["eos"], ds, on_cuda)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
-    apply_gather_policy(engine, GATHERED)
-    cfg = run.method.layout()
+    apply_gather_policy(engine, policy_of(ds))
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
-    device = engine.device
-    batches = []
+    return engine, attention, flop_model, run.method.layout()
+
+
+def policy_of(ds: dict) -> str:
+    """The trainer's choice on a model that fits: pinned under ZeRO-3, nothing to gather below it."""
+    return GATHERED if zero_stage(ds) == 3 else REPLICATED
+
+
+def make_batches(batch: int, cfg, device) -> list:
+    out = []
     for seed in range(4):
         records = synthetic_records(batch, VOCAB, seed=seed)
         b = collate_aligned([layout(r, SPECIAL, cfg, 0, PREFIX) for r in records], SPECIAL["latent"], SPECIAL["pad"])
-        batches.append(b.to(device))
-    warmup, times, flops, tokens = 5, [], 0.0, 0
+        out.append(b.to(device))
+    return out
+
+
+def train_step(engine, b):
+    with step_gather(engine, policy_of(engine.config)):
+        losses = engine(b)
+        engine.backward(losses["total"])
+    engine.step()
+    return losses
+
+
+def time_steps(engine, batches, warmup: int, steps: int, flop_model, on_cuda: bool) -> dict:
+    """Totals over ``steps`` timed steps after ``warmup``: MFU is all their FLOPs over all their time."""
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
+    elapsed, flops, tokens = 0.0, 0.0, 0
     for step in range(warmup + steps):
         b = batches[step % len(batches)]
-        if on_cuda:
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
-        with step_gather(engine, GATHERED):
-            losses = engine(b)
-            engine.backward(losses["total"])
-        engine.step()
-        if on_cuda:
-            torch.cuda.synchronize()
+        losses = train_step(engine, b)
+        sync()
         if step >= warmup:
-            times.append(time.perf_counter() - start)
+            elapsed += time.perf_counter() - start
             flops += step_flops(b, flop_model)
             teacher = b.teacher_attention_mask
             tokens += int(b.attention_mask.sum()) + (int(teacher.sum()) if teacher is not None else 0)
-    elapsed = sum(times)
     peak, peak_name = peak_flops(on_cuda)
-    result = {"attention": attention, "step_s": elapsed / steps, "tokens_per_s": tokens / elapsed,
-              "tflops": flops / elapsed / 1e12, "mfu": flops / elapsed / peak, "peak": peak_name,
-              "final_loss": float(losses["total"].detach()),
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")}
-    del engine, model
+    return {"step_s": elapsed / steps, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
+            "mfu": flops / elapsed / peak, "peak": peak_name, "final_loss": float(losses["total"].detach()),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")}
+
+
+def fixed_cost(points: dict[int, float]) -> tuple[float, float] | None:
+    """Least-squares ``step = fixed + per_sample * batch`` -> (fixed seconds, per-sample seconds)."""
+    if len(points) < 2:
+        return None
+    xs, ys = list(points), list(points.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def profile_steps(engine, batches, path: str, on_cuda: bool) -> None:
+    """Three steps under torch.profiler; the op table sorted by device (else CPU) time goes to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for b in batches[:3]:
+            train_step(engine, b)
+        if on_cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    with open(path, "w", encoding="utf-8") as f:
+        for key in (["cuda_time_total"] if on_cuda else []) + ["cpu_time_total"]:
+            f.write(f"# 3 steps, sorted by {key}\n{averages.table(sort_by=key, row_limit=40)}\n")
+    print(f"  profile of 3 steps: {path}", flush=True)
+
+
+def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
+    name, method = RECIPES[key]
+    engine, ran, flop_model, cfg = build_engine(method, args, attention, on_cuda)
+    points, batches = {}, []
+    for batch in args.batches:
+        try:
+            batches = make_batches(batch, cfg, engine.device)
+            r = time_steps(engine, batches, args.warmup, args.steps, flop_model, on_cuda)
+        except torch.OutOfMemoryError:
+            print(f"{name} [{ran}] batch {batch}: out of memory", flush=True)
+            break
+        points[batch] = r["step_s"]
+        print(f"{name} [{ran}] batch {batch}: {r['step_s'] * 1000:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f}% of {r['peak']}, "
+              f"peak memory {r['peak_mem_gib']:.1f} GiB, final loss {r['final_loss']:.3f}", flush=True)
+    fit = fixed_cost(points)
+    if fit:
+        ref = points.get(32, max(points.values()))
+        print(f"{name} [{ran}] fixed cost per step {fit[0] * 1000:.0f} ms = {100 * fit[0] / ref:.0f}% of the "
+              f"batch-{32 if 32 in points else max(points)} step; {fit[1] * 1000:.2f} ms per sample", flush=True)
+    if args.profile and batches:
+        os.makedirs(args.profile, exist_ok=True)
+        profile_steps(engine, batches, os.path.join(args.profile, f"profile-{key}-{ran}.txt"), on_cuda)
+    del engine
     if on_cuda:
         torch.cuda.empty_cache()
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64])
+    parser.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
+                        help="model.attn_implementation values to run, comma-separated (sdpa, flash_attention_4, ...)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--recipe", choices=["cot", "codi", "both"], default="both",
-                        help="run one recipe per process to measure each one's peak memory alone")
+    parser.add_argument("--recipe", choices=[*RECIPES, "both"], default="both")
+    parser.add_argument("--ds-config", default="ds_configs/zero3.json",
+                        help="the DeepSpeed JSON (ds_configs/zero2.json: no gathers)")
+    parser.add_argument("--torch-adam", action="store_true",
+                        help="torch's AdamW instead of DeepSpeed's fused Adam (no JIT compile on a fresh machine)")
+    parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of 3 steps per run here")
     args = parser.parse_args(argv)
+    from pipeline.engine.build_model import pick_attention
     from pipeline.engine.distributed import init_distributed
 
     _, _, device = init_distributed()
     on_cuda = device.type == "cuda"
     if on_cuda:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    recipes = {"cot": ("CoT (baseline)", ["method.name=cot"]),
-               "codi": ("SIM-CoT(CODI), 6 latents", ["method.name=codi", "method.simcot=true", "method.num_latent=6",
-                                                     "method.distill_factor=20"])}
-    for key, (name, method) in recipes.items():
-        if args.recipe not in (key, "both"):
-            continue
-        r = run_recipe(method, args.shape, args.steps, args.batch, on_cuda)
-        print(f"{name}: {r['step_s'] * 1000:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
-              f"{r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']:.1f}% of {r['peak']}, "
-              f"peak memory {r['peak_mem_gib']:.1f} GiB, attention {r['attention']}, final loss {r['final_loss']:.3f}",
-              flush=True)
+    for attention in dict.fromkeys(pick_attention(a, on_cuda) for a in args.attention):
+        for key in RECIPES:
+            if args.recipe in (key, "both"):
+                sweep(key, attention, args, on_cuda)
 
 
 if __name__ == "__main__":

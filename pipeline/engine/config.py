@@ -43,7 +43,7 @@ class LoraSettings:
 class ModelSettings:
     name_or_path: str = ""   # HF id or directory; empty: build `tiny`
     tiny: TinyModel = field(default_factory=TinyModel)
-    attn_implementation: str = "auto"   # auto: flash_attention_2 where importable on CUDA, else sdpa
+    attn_implementation: str = "auto"   # auto = sdpa (fastest measured); flash_attention_4|flash_attention_2
     dtype: str = "auto"                 # auto: bf16 on CUDA (fp32 master weights), fp32 on CPU
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)

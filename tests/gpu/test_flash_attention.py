@@ -3,7 +3,7 @@ same logits (bf16). Skipped without CUDA or without an installed flash attention
 import pytest
 import torch
 
-from pipeline.engine.build_model import pick_attention
+from pipeline.engine.build_model import flash_kernels
 from pipeline.inference.generate import latent_generate, left_pad_prompts
 from pipeline.latent.collate import positions_from_mask
 from pipeline.latent.loop import fill_latents, latent_columns
@@ -15,8 +15,8 @@ LATENT = 7
 def _flash() -> str:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    name = pick_attention("auto", on_cuda=True)
-    if name == "sdpa":
+    name = next((kernel for kernel, ok in flash_kernels(on_cuda=True).items() if ok), None)
+    if name is None:
         pytest.skip("no flash attention installed (pip install -r requirements-gpu.txt)")
     return name
 
