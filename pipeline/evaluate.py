@@ -94,13 +94,15 @@ def merged_layout(latent: dict) -> LayoutConfig:
     """The layout a merged model was trained with, from its latent_config.json."""
     return LayoutConfig(method=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
                         simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
-                        jacobi_iterations=latent.get("jacobi_iterations", 0))
+                        jacobi_iterations=latent.get("jacobi_iterations", 0),
+                        remove_eos=latent.get("remove_eos", True))
 
 
 def prompt_for(record: dict, latent: dict) -> list[int]:
     """The question, then the latent block the model was trained with: the training layout's own
     ``prompt`` (count from latent_config)."""
-    return get_method(latent["method"]).prompt(record["question_ids"], latent["special_tokens"], latent["n_latents"])
+    cfg = merged_layout(latent)
+    return cfg.spec.prompt(cfg, record["question_ids"], latent["special_tokens"], latent["n_latents"])
 
 
 def filled_latent_id(latent: dict) -> int | None:

@@ -91,7 +91,8 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
         save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
               "c_thought": run.method.c_thought, "latent_update": run.method.latent_update,
-              "jacobi_iterations": run.method.jacobi_iterations, "stage": client["stage"],
+              "jacobi_iterations": run.method.jacobi_iterations, "remove_eos": run.method.remove_eos,
+              "stage": client["stage"],
               "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
               "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},

@@ -55,7 +55,7 @@ class ModelSettings:
 class MethodSettings:
     """The method and its losses (see pipeline.latent.methods.LayoutConfig and
     pipeline.latent.reasoner.ReasonerConfig)."""
-    name: str = "cot"                   # cot | nocot | coconut | codi | pause (pipeline/latent/methods/)
+    name: str = "cot"                   # cot | nocot | coconut | codi | pause | nothought (pipeline/latent/methods/)
     simcot: bool = False
     c_thought: int = 2
     max_latent_stage: int = 3
@@ -66,6 +66,7 @@ class MethodSettings:
     jacobi_iterations: int = 3          # jacobi: parallel passes (= the latent count: the sequential result)
     progressive_train: bool = False     # coconut: c x max_latent_stage latents at every stage, stages only remove
                                         # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
+    remove_eos: bool = True             # codi: false = the reference's EOS after the question, CoT and <eot>
     decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
                                         # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
@@ -84,7 +85,7 @@ class MethodSettings:
                             pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
                             include_last_step=self.include_last_step, simcot=self.simcot,
                             latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
-                            progressive_train=self.progressive_train)
+                            progressive_train=self.progressive_train, remove_eos=self.remove_eos)
 
 
 @dataclass
@@ -237,12 +238,14 @@ def validate(config: RunConfig) -> None:
          f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
         (m.decoder_init in ("pretrained", "base"), "method.decoder_init: pretrained or base"),
-        (m.pad_latent_to_max or not get_method(m.name).has_curriculum,
+        (m.pad_latent_to_max or not (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          "method.pad_latent_to_max=false gives problems of one batch different latent counts, which training "
          "does not support yet (every row must run the same latent passes); keep it true"),
         (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
-        (not m.progressive_train or get_method(m.name).has_curriculum,
+        (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
+        (m.remove_eos or get_method(m.name).needs_teacher,
+         f"method.remove_eos=false is CODI's option (EOS between question, CoT and answer), not {m.name}'s"),
         (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),
         (m.latent_update in ("sequential", "jacobi"), "method.latent_update: sequential or jacobi"),
         (m.latent_update == "sequential" or get_method(m.name).fills_latents,

@@ -24,10 +24,11 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("train.lr=fast", "train.lr: expected float"),
     ("method.simcot=maybe", "method.simcot: expected bool"),
     ("train.epochs=1.5", "train.epochs: expected int"),
-    ("method.name=icot", "expected one of coconut, codi, cot, nocot, pause"),
+    ("method.name=icot", "expected one of coconut, codi, cot, nocot, nothought, pause"),
     ("method.name=cot", None),
     ("method.decoder_init=random", "method.decoder_init: pretrained or base"),
     ("method.distill_loss=l1", "method.distill_loss: smooth_l1 or l2"),
+    ("method.remove_eos=false", "method.remove_eos=false is CODI's option"),
     ("method.progressive_train=true", "needs a method with a curriculum"),
     ("method.pad_latent_to_max=false", "does not support yet"),
 ])

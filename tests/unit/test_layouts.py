@@ -35,6 +35,18 @@ def test_coconut_short_problem_still_gets_k_latents():
     assert ex.input_ids == [1, 12, S] + [L] * 6 + [E, 60, 62, EOS]
 
 
+def test_nothought_follows_coconuts_curriculum_with_nothing_in_place_of_the_steps():
+    from pipeline.latent.methods import get_method
+
+    cfg = LayoutConfig("nothought", max_latent_stage=3)
+    assert [layout(RECORD, SP, cfg, stage=k).input_ids for k in (0, 2, 4)] == [
+        [1, 10, 11, 20, 21, 30, 40, 41, 50, 60, 61, EOS], [1, 10, 11, 40, 41, 50, 60, 61, EOS],
+        [1, 10, 11, 60, 61, EOS]]
+    assert layout(RECORD, SP, cfg, stage=2).labels == [X] * 3 + [40, 41, 50, 60, 61, EOS]
+    assert layout(RECORD, SP, cfg, stage=2).n_latents == 0
+    assert get_method("nothought").stage_for_epoch(3, 1, 2) == get_method("coconut").stage_for_epoch(3, 1, 2) == 2
+
+
 def test_coconut_final_stage_all_steps_latent_padded_to_max():
     cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3)
     assert layout(RECORD, SP, cfg, stage=4).input_ids == [1, 10, 11, S] + [L] * 6 + [E, 60, 61, EOS]
@@ -80,6 +92,23 @@ def test_codi_student_teacher_and_distillation_columns():
     assert ex.step_targets == [[20, 21], [30], [40, 41], []]                 # 4 slots, last masked
 
 
+def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_does():
+    """CODI/train.py with remove_eos False: sources + EOS, cot + EOS, decoder <eot> EOS answer EOS,
+    every decoder token labelled; test.py's prompt ends <eot> EOS."""
+    from pipeline.evaluate import prompt_for
+
+    cfg = LayoutConfig("codi", num_latent=3, simcot=True, remove_eos=False)
+    ex = layout(RECORD, SP, cfg, prefix_ids=[60])
+    assert ex.input_ids == [1, 10, 11, EOS, 93, L, L, L, 94, EOS, 60, 61, EOS]
+    assert ex.labels == [X] * 9 + [EOS, 60, 61, EOS]
+    assert ex.teacher_ids == [1, 10, 11, EOS, 20, 21, 30, 40, 41, EOS, 60, 61, EOS]
+    assert ex.teacher_labels == [X] * 4 + [20, 21, 30, 40, 41, EOS, 60, 61, EOS]
+    assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
+    latent = {"method": "codi", "special_tokens": SP, "n_latents": 3, "c_thought": 1, "simcot": True,
+              "remove_eos": False}
+    assert prompt_for(RECORD, latent) == ex.input_ids[:10]
+
+
 def test_codi_slots_merge_overflow_into_the_last_slot():
     assert slot_targets([[1], [2], [3], [4], [5]], 3) == [[1], [2], [3, 4, 5]]
     assert slot_targets([], 2) == [[], []]
@@ -94,13 +123,15 @@ def test_pause_keeps_the_codi_block_filled_with_one_token_and_labels_only_the_an
 
 @pytest.mark.parametrize("cfg, stage", [
     (LayoutConfig("cot"), 0), (LayoutConfig("nocot"), 0), (LayoutConfig("coconut", c_thought=2), 2),
-    (LayoutConfig("codi", num_latent=3), 0), (LayoutConfig("pause", num_latent=4), 0)])
+    (LayoutConfig("codi", num_latent=3), 0), (LayoutConfig("pause", num_latent=4), 0),
+    (LayoutConfig("nothought"), 2)])
 def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
     """evaluate.prompt_for asks the method the training layout asks: they cannot drift apart."""
     from pipeline.evaluate import prompt_for
 
     ex = layout(RECORD, SP, cfg, stage, prefix_ids=[60])
-    latent_config = {"method": cfg.method, "special_tokens": SP, "n_latents": ex.n_latents}
+    latent_config = {"method": cfg.method, "special_tokens": SP, "n_latents": ex.n_latents, "c_thought": cfg.c_thought,
+                     "simcot": cfg.simcot}
     prompt = prompt_for(RECORD, latent_config)
     assert ex.input_ids[:len(prompt)] == prompt and ex.labels[len(prompt) - 1] == X
     assert all(label != X for label in ex.labels[len(prompt):])

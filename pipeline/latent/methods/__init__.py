@@ -5,7 +5,7 @@ registers them all.
     from pipeline.latent.methods import LayoutConfig, get_method, layout
     example = layout(record, special_tokens, LayoutConfig("codi", num_latent=6, simcot=True), prefix_ids=ids)
 """
-from . import coconut, codi, cot, nocot, pause  # noqa: F401  (each registers itself)
+from . import coconut, codi, cot, nocot, nothought, pause  # noqa: F401  (each registers itself)
 from .base import IGNORE, Example, LayoutConfig, Method, SequenceShape, get_method, layout, method_names
 
 __all__ = ["IGNORE", "Example", "LayoutConfig", "Method", "SequenceShape", "get_method", "layout", "method_names"]

@@ -45,6 +45,7 @@ class LayoutConfig:
     latent_update: str = "sequential"   # or "jacobi": every latent at once, jacobi_iterations times
     jacobi_iterations: int = 3
     progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
+    remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
 
     def __post_init__(self):
         get_method(self.method)
@@ -110,7 +111,7 @@ class Method:
     def stage_for_epoch(self, epoch: int, start_stage: int, epochs_per_stage: int) -> int:
         return 0
 
-    def prompt(self, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
+    def prompt(self, cfg: LayoutConfig, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
         """The model's input before the text it generates: training layouts start with it."""
         return list(question)
 

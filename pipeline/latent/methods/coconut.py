@@ -38,14 +38,14 @@ class Coconut(Method):
     def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
         return start_stage + epoch // epochs_per_stage
 
-    def prompt(self, question, special, n_latents):
+    def prompt(self, cfg, question, special, n_latents):
         return list(question) + [special["start_latent"]] + [special["latent"]] * n_latents + [special["end_latent"]]
 
     def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
         n_latents = cfg.n_latents(stage, len(steps))
         skipped = stage if stage <= cfg.max_latent_stage else len(steps)
-        example = self.supervised(self.prompt(q, special, n_latents), concat(steps[skipped:]) + ans + [special["eos"]],
-                                  n_latents)
+        example = self.supervised(self.prompt(cfg, q, special, n_latents),
+                                  concat(steps[skipped:]) + ans + [special["eos"]], n_latents)
         if cfg.simcot and n_latents:
             pseudo = concat(steps[skipped:]) + ans      # what follows <end>, without EOS
             explained = steps if cfg.progressive_train else steps[:skipped]

@@ -4,6 +4,12 @@ of the one before, and a teacher pass over the explicit CoT distilled into the s
     student: question <bot> <latent> x N <eot> answer EOS
     teacher: question steps[:-1] answer EOS
 
+With ``remove_eos: false`` (the reference's option; its released scripts all remove it) EOS also
+separates the parts, and the student learns to say the EOS after <eot> that its prompt then holds:
+
+    student: question EOS <bot> <latent> x N <eot> EOS answer EOS
+    teacher: question EOS steps[:-1] EOS answer EOS
+
 With SIM-CoT the N fed latents and the one the last latent produces are N + 1 decoder slots:
 one step each, the overflow merged into the last slot, missing slots masked.
 """
@@ -23,19 +29,24 @@ class CODI(Method):
     def n_latents(self, cfg, stage, n_steps):
         return cfg.num_latent
 
-    def prompt(self, question, special, n_latents):
-        return list(question) + [special["bot"]] + [special["latent"]] * n_latents + [special["eot"]]
+    def prompt(self, cfg, question, special, n_latents):
+        sep = [] if cfg.remove_eos else [special["eos"]]
+        return list(question) + sep + [special["bot"]] + [special["latent"]] * n_latents + [special["eot"]] + sep
 
     def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
         if prefix_ids is None:
             raise ValueError("CODI layout needs prefix_ids (the tokenised answer prefix)")
         start, eos, n = answer_start(ans, prefix_ids), special["eos"], cfg.num_latent
         teacher_steps = steps if cfg.include_last_step else steps[:-1]
-        cot = concat(teacher_steps)
-        head = self.prompt(q, special, n)
-        example = Example(head + ans + [eos], [IGNORE] * len(head) + ans + [eos], n,
-                          teacher_ids=q + cot + ans + [eos], teacher_labels=[IGNORE] * len(q) + cot + ans + [eos],
-                          distill_index=len(head) + start - 1, teacher_distill_index=len(q) + len(cot) + start - 1)
+        sep = [] if cfg.remove_eos else [eos]
+        question, cot = q + sep, concat(teacher_steps) + sep
+        head = self.prompt(cfg, q, special, n)
+        unlabelled = len(head) - len(sep)       # the EOS after <eot> is the student's first label
+        example = Example(head + ans + [eos], [IGNORE] * unlabelled + sep + ans + [eos], n,
+                          teacher_ids=question + cot + ans + [eos],
+                          teacher_labels=[IGNORE] * len(question) + cot + ans + [eos],
+                          distill_index=len(head) + start - 1,
+                          teacher_distill_index=len(question) + len(cot) + start - 1)
         if cfg.simcot:
             example.step_targets = slot_targets(teacher_steps, n + 1)
         return example
@@ -50,10 +61,10 @@ class CODI(Method):
         return cfg.num_latent + 1
 
     def base_tokens(self, cfg, seq: SequenceShape):
-        return seq.question + cfg.num_latent + 2 + seq.answer + 1
+        return seq.question + cfg.num_latent + 2 + seq.answer + 1 + (0 if cfg.remove_eos else 2)
 
     def teacher_tokens(self, cfg, seq: SequenceShape):
-        return seq.question + seq.steps * seq.step + seq.answer + 1
+        return seq.question + seq.steps * seq.step + seq.answer + 1 + (0 if cfg.remove_eos else 2)
 
     def labelled_tokens(self, cfg, seq: SequenceShape):
         return seq.answer + 1 + self.teacher_tokens(cfg, seq) - seq.question

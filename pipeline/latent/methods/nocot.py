@@ -9,4 +9,4 @@ class NoCoT(Method):
     name = "nocot"
 
     def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        return self.supervised(self.prompt(q, special, 0), ans + [special["eos"]])
+        return self.supervised(self.prompt(cfg, q, special, 0), ans + [special["eos"]])

@@ -24,7 +24,7 @@ class Pause(Method):
     prompt = CODI.prompt        # the same block, so a pause run and a CODI run see the same ids
 
     def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        return self.supervised(self.prompt(q, special, cfg.num_latent), ans + [special["eos"]], cfg.num_latent)
+        return self.supervised(self.prompt(cfg, q, special, cfg.num_latent), ans + [special["eos"]], cfg.num_latent)
 
     def max_latents(self, cfg):
         return cfg.num_latent
