@@ -22,9 +22,13 @@ def synthetic_records(n: int, vocab: int, seed: int = 0) -> list[dict]:
     """Problems shaped like GSM8k-Aug: ~40 question tokens, 3-4 steps of ~10 tokens, short answer."""
     rng = random.Random(seed)
     tok = lambda k: [rng.randrange(20, vocab) for _ in range(k)]  # noqa: E731
-    return [{"question_ids": [1] + tok(rng.randint(36, 44)),
-             "step_ids": [tok(rng.randint(8, 12)) for _ in range(rng.randint(3, 4))],
-             "answer_ids": PREFIX + tok(2)} for _ in range(n)]
+    records = [{"question_ids": [1] + tok(rng.randint(36, 44)),
+                "step_ids": [tok(rng.randint(8, 12)) for _ in range(rng.randint(3, 4))],
+                "answer_ids": PREFIX + tok(2)} for _ in range(n)]
+    for r in records:       # CODI's teacher text: here the pieces' ids (no tokenizer to merge them)
+        r["teacher_cot_ids"] = [t for s in r["step_ids"][:-1] for t in s]
+        r["cot_ids"] = [t for s in r["step_ids"] for t in s]
+    return records
 
 
 def latent_prompts(n: int, vocab: int, n_latents: int, seed: int = 0) -> list[list[int]]:

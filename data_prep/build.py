@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .cli_errors import UserError
 from .manifest import MANIFEST, REJECTS, SCHEMA_VERSION, TOKENIZER_DIR, sha256_file
 from .sources import SourceSpec, parse_source_spec, read_source
-from .templates import Templates, tokenize_problems
+from .templates import Templates, tokenize_joined_cots, tokenize_problems
 from .tokenizer import add_latent_tokens, fingerprint, load_pretrained
 
 SPLITS = ("train", "valid", "test")
@@ -94,14 +94,16 @@ def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
             row["question"] = opts.templates.question_text(row["question"])
         q, s, a = tokenize_problems(tok, opts.templates, [r["question"] for r in rows],
                                     [r["steps"] for r in rows], [r["answer"] for r in rows])
+        teacher_cots, cots = tokenize_joined_cots(tok, opts.templates, [r["steps"] for r in rows])
         kept = []
-        for row, q_ids, s_ids, a_ids in zip(rows, q, s, a):
+        for row, q_ids, s_ids, a_ids, teacher_cot, cot in zip(rows, q, s, a, teacher_cots, cots):
             length = record_tokens(q_ids, s_ids, a_ids)
             reason = _rejected(opts, split, row["answer"], length)
             if reason:
                 _reject(got, row, reason, opts.strict)
                 continue
-            row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, n_tokens=length)
+            row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, teacher_cot_ids=teacher_cot, cot_ids=cot,
+                       n_tokens=length)
             kept.append(row)
         got.rows[split] = kept
         for index, row in enumerate(kept):

@@ -22,6 +22,9 @@ FEATURES = datasets.Features({
     "question_ids": datasets.List(datasets.Value("int32")),
     "step_ids": datasets.List(datasets.List(datasets.Value("int32"))),
     "answer_ids": datasets.List(datasets.Value("int32")),
+    # CODI's teacher text: the steps but the last / all steps joined by the separator, tokenised once
+    "teacher_cot_ids": datasets.List(datasets.Value("int32")),
+    "cot_ids": datasets.List(datasets.Value("int32")),
     "source": datasets.Value("string"),
     "flags": datasets.List(datasets.Value("string")),
 })

@@ -6,3 +6,6 @@ RECORDS = [
     {"question_ids": [1, 13], "step_ids": [[22]], "answer_ids": [60, 61, 63]},
     {"question_ids": [1, 14, 15, 16, 17, 18], "step_ids": [[23, 24, 25], [31]], "answer_ids": [60, 61, 64]},
 ]
+for _r in RECORDS:      # a tokenizer that merges nothing across steps: the joined CoT is the pieces'
+    _r["teacher_cot_ids"] = [t for s in _r["step_ids"][:-1] for t in s]
+    _r["cot_ids"] = [t for s in _r["step_ids"] for t in s]

@@ -67,6 +67,7 @@ class MethodSettings:
     progressive_train: bool = False     # coconut: c x max_latent_stage latents at every stage, stages only remove
                                         # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
     remove_eos: bool = True             # codi: false = the reference's EOS after the question, CoT and <eot>
+    teacher_cot: str = "joined"         # codi: the teacher's CoT tokenised as one string (reference) | pieces
     decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
                                         # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
@@ -85,7 +86,8 @@ class MethodSettings:
                             pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
                             include_last_step=self.include_last_step, simcot=self.simcot,
                             latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
-                            progressive_train=self.progressive_train, remove_eos=self.remove_eos)
+                            progressive_train=self.progressive_train, remove_eos=self.remove_eos,
+                            teacher_cot=self.teacher_cot)
 
 
 @dataclass
@@ -242,6 +244,7 @@ def validate(config: RunConfig) -> None:
          "method.pad_latent_to_max=false gives problems of one batch different latent counts, which training "
          "does not support yet (every row must run the same latent passes); keep it true"),
         (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
+        (m.teacher_cot in ("joined", "pieces"), "method.teacher_cot: joined or pieces"),
         (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
         (m.remove_eos or get_method(m.name).needs_teacher,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep import load_shards
+from data_prep.cli_errors import UserError
 from data_prep.tokenizer import LATENT_TOKENS
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
@@ -28,6 +29,7 @@ from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.sampler import BatchPlan, iter_batches, rank_indices, stage_for_epoch
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
+from pipeline.latent.methods import layout
 
 
 class PlanError(RuntimeError):
@@ -64,6 +66,7 @@ class Trainer:
         self.train_records = self.shards.split("train").to_list()
         self.valid_records = self.shards.split("valid").to_list() if "valid" in self.shards.splits else []
         self.layout = run.method.layout()
+        self._check_shards_feed_the_method()
         self._build_engine(len(tok))
         self.log = MetricsLog(self.run_dir, self.rank == 0)
         self.progress = Progress(stage=stage_for_epoch(0, run.curriculum, run.method.name))
@@ -73,6 +76,17 @@ class Trainer:
         self._resume()
 
     # ---------------------------------------------------------------- setup
+    def _check_shards_feed_the_method(self) -> None:
+        """Lay out one record now: shards that cannot feed this method stop here with the reason,
+        not at the first batch."""
+        run = self.run
+        stage = stage_for_epoch(0, run.curriculum, run.method.name)
+        try:
+            for record in self.train_records[:1]:
+                layout(record, self.special, self.layout, stage, self.prefix_ids)
+        except ValueError as err:           # e.g. shards without CODI's fields or with another answer prefix
+            raise UserError(f"{run.data}: {err}") from err
+
     def say(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)

@@ -45,6 +45,8 @@ def test_records_hold_ids_made_with_the_saved_tokenizer(built):
     assert row["question_ids"] == tok(row["question"] + "\n")["input_ids"]
     assert row["step_ids"] == [tok(s + "\n", add_special_tokens=False)["input_ids"] for s in row["steps"]]
     assert row["answer_ids"] == tok("### " + row["answer"], add_special_tokens=False)["input_ids"]
+    assert row["teacher_cot_ids"] == tok("\n".join(row["steps"][:-1]), add_special_tokens=False)["input_ids"]
+    assert row["cot_ids"] == tok("\n".join(row["steps"]), add_special_tokens=False)["input_ids"]
     assert row["source"].endswith("test.txt:1") and row["id"] == "test-000000"
 
 

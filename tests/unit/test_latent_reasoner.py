@@ -10,7 +10,8 @@ from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
 
 pytestmark = pytest.mark.unit
-NO_STEPS = [{"question_ids": [1, 19, 18], "step_ids": [], "answer_ids": [60, 61, 65]}] * 3
+NO_STEPS = [{"question_ids": [1, 19, 18], "step_ids": [], "answer_ids": [60, 61, 65], "teacher_cot_ids": [],
+             "cot_ids": []}] * 3
 METHODS = {
     "cot": (LayoutConfig("cot"), 0),
     "coconut": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3), 2),

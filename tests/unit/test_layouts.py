@@ -10,7 +10,9 @@ from tests.toy_records import SPECIAL as SP
 
 pytestmark = pytest.mark.unit
 S, L, E, EOS = 90, 91, 92, 2
-RECORD = {"question_ids": [1, 10, 11], "step_ids": [[20, 21], [30], [40, 41], [50]], "answer_ids": [60, 61]}
+RECORD = {"question_ids": [1, 10, 11], "step_ids": [[20, 21], [30], [40, 41], [50]], "answer_ids": [60, 61],
+          # CODI's teacher text tokenised as one string: a BPE merged step 2's end and step 3's start into 70
+          "teacher_cot_ids": [20, 21, 70, 41], "cot_ids": [20, 21, 70, 41, 50]}
 SHORT = {"question_ids": [1, 12], "step_ids": [[20]], "answer_ids": [60, 62]}
 
 
@@ -86,8 +88,8 @@ def test_codi_student_teacher_and_distillation_columns():
     ex = layout(RECORD, SP, cfg, prefix_ids=[60])
     assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
     assert ex.labels == [X] * 8 + [60, 61, EOS]
-    assert ex.teacher_ids == [1, 10, 11, 20, 21, 30, 40, 41, 60, 61, EOS]     # last step dropped
-    assert ex.teacher_labels == [X, X, X, 20, 21, 30, 40, 41, 60, 61, EOS]
+    assert ex.teacher_ids == [1, 10, 11, 20, 21, 70, 41, 60, 61, EOS]     # joined CoT, last step dropped
+    assert ex.teacher_labels == [X, X, X, 20, 21, 70, 41, 60, 61, EOS]
     assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
     assert ex.step_targets == [[20, 21], [30], [40, 41], []]                 # 4 slots, last masked
 
@@ -101,12 +103,26 @@ def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_d
     ex = layout(RECORD, SP, cfg, prefix_ids=[60])
     assert ex.input_ids == [1, 10, 11, EOS, 93, L, L, L, 94, EOS, 60, 61, EOS]
     assert ex.labels == [X] * 9 + [EOS, 60, 61, EOS]
-    assert ex.teacher_ids == [1, 10, 11, EOS, 20, 21, 30, 40, 41, EOS, 60, 61, EOS]
-    assert ex.teacher_labels == [X] * 4 + [20, 21, 30, 40, 41, EOS, 60, 61, EOS]
+    assert ex.teacher_ids == [1, 10, 11, EOS, 20, 21, 70, 41, EOS, 60, 61, EOS]
+    assert ex.teacher_labels == [X] * 4 + [20, 21, 70, 41, EOS, 60, 61, EOS]
     assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
     latent = {"method": "codi", "special_tokens": SP, "n_latents": 3, "c_thought": 1, "simcot": True,
               "remove_eos": False}
     assert prompt_for(RECORD, latent) == ex.input_ids[:10]
+
+
+def test_codi_teacher_cot_pieces_or_joined_and_shards_without_the_joined_ids():
+    pieces = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, teacher_cot="pieces"), prefix_ids=[60])
+    assert pieces.teacher_ids == [1, 10, 11, 20, 21, 30, 40, 41, 60, 61, EOS]
+    assert pieces.teacher_ids[pieces.teacher_distill_index] == 60
+    last = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, include_last_step=True), prefix_ids=[60])
+    assert last.teacher_ids == [1, 10, 11, 20, 21, 70, 41, 50, 60, 61, EOS]
+    old = {k: v for k, v in RECORD.items() if k not in ("teacher_cot_ids", "cot_ids")}
+    with pytest.raises(ValueError, match="rebuild them with python -m data_prep build, or set method.teacher_cot"):
+        layout(old, SP, LayoutConfig("codi", num_latent=3), prefix_ids=[60])
+    # the step decoder's targets stay the per-step ids either way
+    joined = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60])
+    assert joined.step_targets == [[20, 21], [30], [40, 41], []]
 
 
 def test_codi_slots_merge_overflow_into_the_last_slot():

@@ -69,3 +69,22 @@ def test_llama3_style_bpe_merges_across_pieces_with_space_separated_steps(synth_
     assert not any(_piecewise_equals_whole(tok, CODI, multi_step))
     assert " <<" in tok.convert_tokens_to_string(tok.tokenize(" <<1+1=2>>")) and \
         tok.tokenize(" <<1")[0] == "Ġ<<"
+
+
+def test_codi_teacher_cot_is_tokenised_once_as_the_reference_does(synth_dir):
+    """The reference's teacher reads ``" ".join(steps[:-1])`` tokenised as one string: with a
+    byte-level BPE that holds the merged `` <<`` that per-step pieces never contain."""
+    from data_prep.templates import tokenize_joined_cots
+
+    texts = corpus_texts([str(synth_dir / "train.txt")])
+    texts += [CODI.cot_text(q, s, a) for q, s, a in _problems(synth_dir, 2000)]
+    tok = llama3_style_bpe(texts)
+    rows = [r for r in _problems(synth_dir) if len(r[1]) > 2]
+    steps = [r[1] for r in rows]
+    teacher, whole = tokenize_joined_cots(tok, CODI, steps)
+    _, pieces, _ = tokenize_problems(tok, CODI, *map(list, zip(*rows)))
+    for chain, teacher_ids, whole_ids, piece_ids in zip(steps, teacher, whole, pieces):
+        assert teacher_ids == tok(" ".join(chain[:-1]), add_special_tokens=False)["input_ids"]
+        assert whole_ids == tok(" ".join(chain), add_special_tokens=False)["input_ids"]
+        assert teacher_ids != sum(piece_ids[:-1], [])          # the pieces end in a lone " " and lack " <<"
+        assert tok.convert_ids_to_tokens(teacher_ids).count("Ġ<<") == len(chain) - 2

@@ -9,6 +9,7 @@ adding a method is one module here plus its recipe and tests (see ``pause.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -46,9 +47,12 @@ class LayoutConfig:
     jacobi_iterations: int = 3
     progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
     remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
+    teacher_cot: str = "joined"     # CODI: the teacher's CoT tokenised as one string (reference), or "pieces"
 
     def __post_init__(self):
         get_method(self.method)
+        if self.teacher_cot not in ("joined", "pieces"):
+            raise ValueError(f"teacher_cot {self.teacher_cot!r}: expected joined or pieces")
         if self.latent_update not in ("sequential", "jacobi"):
             raise ValueError(f"latent_update {self.latent_update!r}: expected sequential or jacobi")
 
@@ -66,6 +70,16 @@ class LayoutConfig:
 
     def slot_width(self) -> int:
         return self.spec.slot_width(self)
+
+
+class Problem(NamedTuple):
+    """One shard record's ids. ``joined_cot``: the CoT without its last step and the whole CoT, each
+    joined by the step separator and tokenised as one string (CODI's teacher text); None for shards
+    built before the field existed."""
+    question: list[int]
+    steps: list[list[int]]
+    answer: list[int]               # without EOS: layouts append it
+    joined_cot: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
@@ -115,9 +129,9 @@ class Method:
         """The model's input before the text it generates: training layouts start with it."""
         return list(question)
 
-    def layout(self, q: list[int], steps: list[list[int]], ans: list[int], special: dict[str, int],
-               cfg: LayoutConfig, stage: int, prefix_ids: list[int] | None) -> Example:
-        """One problem's ids (question, steps, answer without EOS) laid out for training."""
+    def layout(self, p: Problem, special: dict[str, int], cfg: LayoutConfig, stage: int,
+               prefix_ids: list[int] | None) -> Example:
+        """One problem's ids laid out for training."""
         raise NotImplementedError
 
     def supervised(self, head: list[int], tail: list[int], n_latents: int = 0) -> Example:
@@ -171,8 +185,10 @@ def layout(record: dict, special: dict[str, int], cfg: LayoutConfig, stage: int 
     """A shard record laid out for ``cfg.method`` at curriculum ``stage``. Every id comes from the
     manifest's ``special_tokens`` or the record, never from constants; ``answer_ids`` in a record
     carry no EOS: layouts append ``eos``."""
-    q, steps = list(record["question_ids"]), [list(s) for s in record["step_ids"]]
-    return cfg.spec.layout(q, steps, list(record["answer_ids"]), special, cfg, stage, prefix_ids)
+    joined = record.get("teacher_cot_ids"), record.get("cot_ids")
+    problem = Problem(list(record["question_ids"]), [list(s) for s in record["step_ids"]], list(record["answer_ids"]),
+                      None if joined[0] is None else (list(joined[0]), list(joined[1])))
+    return cfg.spec.layout(problem, special, cfg, stage, prefix_ids)
 
 
 def concat(steps: list[list[int]]) -> list[int]:

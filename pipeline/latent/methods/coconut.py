@@ -41,7 +41,8 @@ class Coconut(Method):
     def prompt(self, cfg, question, special, n_latents):
         return list(question) + [special["start_latent"]] + [special["latent"]] * n_latents + [special["end_latent"]]
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        q, steps, ans = p.question, p.steps, p.answer
         n_latents = cfg.n_latents(stage, len(steps))
         skipped = stage if stage <= cfg.max_latent_stage else len(steps)
         example = self.supervised(self.prompt(cfg, q, special, n_latents),

@@ -4,6 +4,10 @@ of the one before, and a teacher pass over the explicit CoT distilled into the s
     student: question <bot> <latent> x N <eot> answer EOS
     teacher: question steps[:-1] answer EOS
 
+The teacher's CoT is the steps joined by the separator and tokenised as one string, as the
+reference does (``method.teacher_cot: pieces``: the per-step ids); the SIM-CoT slot targets are
+always the per-step ids.
+
 With ``remove_eos: false`` (the reference's option; its released scripts all remove it) EOS also
 separates the parts, and the student learns to say the EOS after <eot> that its prompt then holds:
 
@@ -16,6 +20,8 @@ one step each, the overflow merged into the last slot, missing slots masked.
 from __future__ import annotations
 
 import torch
+
+from data_prep.cli_errors import UserError
 
 from .base import IGNORE, Example, Method, SequenceShape, concat, register
 
@@ -33,13 +39,14 @@ class CODI(Method):
         sep = [] if cfg.remove_eos else [special["eos"]]
         return list(question) + sep + [special["bot"]] + [special["latent"]] * n_latents + [special["eot"]] + sep
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        q, steps, ans = p.question, p.steps, p.answer
         if prefix_ids is None:
             raise ValueError("CODI layout needs prefix_ids (the tokenised answer prefix)")
         start, eos, n = answer_start(ans, prefix_ids), special["eos"], cfg.num_latent
         teacher_steps = steps if cfg.include_last_step else steps[:-1]
         sep = [] if cfg.remove_eos else [eos]
-        question, cot = q + sep, concat(teacher_steps) + sep
+        question, cot = q + sep, teacher_cot(p, cfg, teacher_steps) + sep
         head = self.prompt(cfg, q, special, n)
         unlabelled = len(head) - len(sep)       # the EOS after <eot> is the student's first label
         example = Example(head + ans + [eos], [IGNORE] * unlabelled + sep + ans + [eos], n,
@@ -80,6 +87,18 @@ def answer_start(answer_ids: list[int], prefix_ids: list[int]) -> int:
     if n == 0 or n >= len(answer_ids):
         raise ValueError("answer ids do not start with the answer prefix; rebuild shards with this template")
     return n
+
+
+def teacher_cot(p, cfg, teacher_steps: list[list[int]]) -> list[int]:
+    """The teacher's CoT ids: ``joined`` (the reference's ``" ".join(steps)`` tokenised once, so a
+    byte-level BPE merges across steps and no separator trails the last one) or ``pieces`` (the
+    per-step ids the step decoder's targets use)."""
+    if cfg.teacher_cot == "pieces":
+        return concat(teacher_steps)
+    if p.joined_cot is None:
+        raise UserError("these shards have no teacher_cot_ids (built before the field existed): rebuild them "
+                         "with python -m data_prep build, or set method.teacher_cot=pieces")
+    return list(p.joined_cot[1] if cfg.include_last_step else p.joined_cot[0])
 
 
 def slot_targets(steps: list[list[int]], n_slots: int) -> list[list[int]]:

@@ -8,5 +8,5 @@ from .base import Method, concat, register
 class CoT(Method):
     name = "cot"
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        return self.supervised(self.prompt(cfg, q, special, 0), concat(steps) + ans + [special["eos"]])
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        return self.supervised(self.prompt(cfg, p.question, special, 0), concat(p.steps) + p.answer + [special["eos"]])

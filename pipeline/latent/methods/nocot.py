@@ -8,5 +8,5 @@ from .base import Method, register
 class NoCoT(Method):
     name = "nocot"
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        return self.supervised(self.prompt(cfg, q, special, 0), ans + [special["eos"]])
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        return self.supervised(self.prompt(cfg, p.question, special, 0), p.answer + [special["eos"]])

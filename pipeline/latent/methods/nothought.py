@@ -20,6 +20,7 @@ class NoThought(Method):
     def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
         return start_stage + epoch // epochs_per_stage
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        skipped = stage if stage <= cfg.max_latent_stage else len(steps)
-        return self.supervised(self.prompt(cfg, q, special, 0), concat(steps[skipped:]) + ans + [special["eos"]])
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        skipped = stage if stage <= cfg.max_latent_stage else len(p.steps)
+        tail = concat(p.steps[skipped:]) + p.answer + [special["eos"]]
+        return self.supervised(self.prompt(cfg, p.question, special, 0), tail)

@@ -23,8 +23,9 @@ class Pause(Method):
 
     prompt = CODI.prompt        # the same block, so a pause run and a CODI run see the same ids
 
-    def layout(self, q, steps, ans, special, cfg, stage, prefix_ids):
-        return self.supervised(self.prompt(cfg, q, special, cfg.num_latent), ans + [special["eos"]], cfg.num_latent)
+    def layout(self, p, special, cfg, stage, prefix_ids):
+        n = cfg.num_latent
+        return self.supervised(self.prompt(cfg, p.question, special, n), p.answer + [special["eos"]], n)
 
     def max_latents(self, cfg):
         return cfg.num_latent
