@@ -95,7 +95,8 @@ def merged_layout(latent: dict) -> LayoutConfig:
     return LayoutConfig(method=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
                         simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
                         jacobi_iterations=latent.get("jacobi_iterations", 0),
-                        remove_eos=latent.get("remove_eos", True))
+                        remove_eos=latent.get("remove_eos", True),
+                        reference_attention=latent.get("reference_attention", False))
 
 
 def prompt_for(record: dict, latent: dict) -> list[int]:
@@ -129,7 +130,8 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         prompts = [prompt_for(r, latent) for r in chunk]
         outputs, latents = generate_with_latents(model, prompts, filled_latent_id(latent), sp["eos"], max_new,
                                                  pad_id=sp["pad"], project=projection, sync_ranks=True,
-                                                 jacobi_iterations=merged_layout(latent).jacobi)
+                                                 jacobi_iterations=merged_layout(latent).jacobi,
+                                                 reference_attention=merged_layout(latent).reference_attention)
         geometry = per_problem(latents, centre) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
@@ -161,7 +163,8 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
     ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
     device = model.get_input_embeddings().weight.device
-    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection, layout.jacobi)
+    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection, layout.jacobi,
+                            layout.reference_attention)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = layout.slot_width()
     groups = latents.size(1) // c

@@ -92,6 +92,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
               "c_thought": run.method.c_thought, "latent_update": run.method.latent_update,
               "jacobi_iterations": run.method.jacobi_iterations, "remove_eos": run.method.remove_eos,
+              "reference_attention": run.method.reference_attention,
               "stage": client["stage"],
               "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,

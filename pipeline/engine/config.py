@@ -68,6 +68,8 @@ class MethodSettings:
                                         # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
     remove_eos: bool = True             # codi: false = the reference's EOS after the question, CoT and <eot>
     teacher_cot: str = "joined"         # codi: the teacher's CoT tokenised as one string (reference) | pieces
+    reference_attention: bool = False   # codi: emulate the released code's attention: after the question pass no
+                                        # mask (left pads attended), positions = columns (for matching its numbers)
     decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
                                         # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
@@ -87,7 +89,7 @@ class MethodSettings:
                             include_last_step=self.include_last_step, simcot=self.simcot,
                             latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
                             progressive_train=self.progressive_train, remove_eos=self.remove_eos,
-                            teacher_cot=self.teacher_cot)
+                            teacher_cot=self.teacher_cot, reference_attention=self.reference_attention)
 
 
 @dataclass
@@ -247,6 +249,8 @@ def validate(config: RunConfig) -> None:
         (m.teacher_cot in ("joined", "pieces"), "method.teacher_cot: joined or pieces"),
         (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
+        (not m.reference_attention or (get_method(m.name).needs_teacher and m.latent_update == "sequential"),
+         "method.reference_attention emulates CODI's released code: method.name=codi, latent_update=sequential"),
         (m.remove_eos or get_method(m.name).needs_teacher,
          f"method.remove_eos=false is CODI's option (EOS between question, CoT and answer), not {m.name}'s"),
         (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),

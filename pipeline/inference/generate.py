@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from pipeline.latent.collate import align_rows, positions_from_mask
 from pipeline.latent.loop import PassCache, fill_latents, latent_columns
+from pipeline.latent.loop import reference_attention as reference_attention_of
 
 
 def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
@@ -31,10 +32,11 @@ def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int | None, project: Callable | None,
-            jacobi_iterations: int | None = None):
+            jacobi_iterations: int | None = None, reference_attention: bool = False):
     """Run the prompt (filling the ``latent_id`` columns; None: one pass) -> (next-token logits
-    [B, V], cache chunks, latents or None)."""
-    positions = positions_from_mask(mask)
+    [B, V], cache chunks, latents or None). ``reference_attention``: the CODI reference's
+    (:func:`pipeline.latent.loop.reference_attention`)."""
+    positions, later_mask = reference_attention_of(mask) if reference_attention else (positions_from_mask(mask), None)
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(ids)
     first, n = latent_columns(ids, latent_id) if latent_id is not None else (0, 0)
@@ -43,35 +45,40 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int | None,
         hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True).last_hidden_state
         return head(hidden[:, -1]), [cache.new_chunk()], None
-    passes = fill_latents(body, embeds, mask, positions, first, n, project=project, jacobi_iterations=jacobi_iterations)
+    passes = fill_latents(body, embeds, mask, positions, first, n, project=project, jacobi_iterations=jacobi_iterations,
+                          later_mask=later_mask)
     return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents
 
 
 def latent_generate(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
                     pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
-                    jacobi_iterations: int | None = None) -> list[list[int]]:
+                    jacobi_iterations: int | None = None, reference_attention: bool = False) -> list[list[int]]:
     """Greedy new tokens for each prompt (without the EOS). ``sync_ranks``: keep decoding until
     every rank is done, so data-parallel ranks make the same number of forward calls;
-    ``jacobi_iterations``: fill the latents by Jacobi iteration (as the model was trained)."""
+    ``jacobi_iterations``: fill the latents by Jacobi iteration (as the model was trained);
+    ``reference_attention``: attend as the CODI reference does (left pads after the question pass)."""
     return generate_with_latents(model, prompts, latent_id, eos_id, max_new_tokens, pad_id, project, sync_ranks,
-                                 jacobi_iterations)[0]
+                                 jacobi_iterations, reference_attention)[0]
 
 
 @torch.no_grad()
 def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
                           pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
-                          jacobi_iterations: int | None = None):
+                          jacobi_iterations: int | None = None, reference_attention: bool = False):
     """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without)."""
     device = model.get_input_embeddings().weight.device
     ids, mask = left_pad_prompts(prompts, latent_id, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    logits, chunks, latents = prefill(model, ids, mask, latent_id, project, jacobi_iterations)
+    logits, chunks, latents = prefill(model, ids, mask, latent_id, project, jacobi_iterations, reference_attention)
     body = model.get_decoder()
     cache = DynamicCache()            # decoding appends one column per step: an ordinary cache
     for layer in range(body.config.num_hidden_layers):
         cache.update(torch.cat([c[layer][0] for c in chunks], dim=2), torch.cat([c[layer][1] for c in chunks], dim=2),
                      layer)
-    position = positions_from_mask(mask).max(dim=1).values
+    if reference_attention:           # decoding attends every column, positions count columns
+        position, mask = reference_attention_of(mask)[0][:, -1], torch.ones_like(mask)
+    else:
+        position = positions_from_mask(mask).max(dim=1).values
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out = [[] for _ in prompts]
     for _ in range(max_new_tokens):

@@ -98,6 +98,14 @@ def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool 
     return out.last_hidden_state, cache.new_chunk(), layers
 
 
+def reference_attention(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CODI reference's attention on a left-padded batch -> (position ids, later passes' mask):
+    HF's default positions, the column index (left pads shift a row's positions), and no mask
+    after the question pass (the later passes attend the question's pads)."""
+    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
+    return positions, torch.ones_like(mask)
+
+
 def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
     """Forward passes of the body per batch: one without latents; ``n_latents + 1`` filling them one
     per pass (:func:`fill_latents`); ``jacobi_iterations + 2`` by Jacobi iteration (:func:`jacobi_latents`)."""
@@ -108,21 +116,26 @@ def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
 
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None) -> LatentPasses:
+                 keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None,
+                 later_mask: torch.Tensor | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
     The number of passes is ``n_latents + 1`` whatever the data, so every rank makes the same calls.
     ``keep_layers_at``: one tail column per row ([B]) whose every-layer hidden states are returned.
     ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
-    one latent per pass.
+    one latent per pass. ``later_mask``: the mask of every pass after the first (default
+    ``attention_mask``; all ones emulates the CODI reference, whose later passes attend left pads).
     """
     project = project or (lambda h: h)
     if n_latents == 0:
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
     if jacobi_iterations is not None:
+        if later_mask is not None:
+            raise ValueError("later_mask (the CODI reference's attention) is not defined for Jacobi updates")
         return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
                               keep_layers_at, jacobi_iterations)
+    later_mask = attention_mask if later_mask is None else later_mask
     chunks: list[KV] = []
     hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
                              chunks)
@@ -132,8 +145,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     for i in range(n_latents - 1):
         latents.append(latent)
         col = first + i
-        hidden, kv, _ = run_pass(body, latent, attention_mask[:, :col + 1], position_ids[:, col:col + 1],
-                                 chunks)
+        hidden, kv, _ = run_pass(body, latent, later_mask[:, :col + 1], position_ids[:, col:col + 1], chunks)
         chunks.append(kv)
         pieces.append(hidden)
         latent = project(hidden)
@@ -141,7 +153,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
     want_layers = keep_layers_at is not None
-    hidden, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, last:], chunks, want_layers)
+    hidden, kv, layers = run_pass(body, tail, later_mask, position_ids[:, last:], chunks, want_layers)
     chunks.append(kv)
     pieces.append(hidden)
     rows = torch.arange(embeds.size(0), device=embeds.device)

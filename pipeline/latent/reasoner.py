@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.batch import Batch
-from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
+from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents, reference_attention
 from pipeline.latent.methods import IGNORE, LayoutConfig
 
 
@@ -138,9 +138,12 @@ class LatentReasoner(nn.Module):
             hidden = self.body(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids).last_hidden_state
             return hidden, None
-        passes = fill_latents(self.body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, n,
-                              project=self.projection, keep_layers_at=batch.distill_index,
-                              jacobi_iterations=self.config.layout.jacobi)
+        mask, positions, later_mask = batch.attention_mask, batch.position_ids, None
+        if self.config.layout.reference_attention:
+            positions, later_mask = reference_attention(mask)
+        passes = fill_latents(self.body, embeds, mask, positions, batch.first_latent, n, project=self.projection,
+                              keep_layers_at=batch.distill_index, jacobi_iterations=self.config.layout.jacobi,
+                              later_mask=later_mask)
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward

@@ -29,6 +29,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("method.decoder_init=random", "method.decoder_init: pretrained or base"),
     ("method.distill_loss=l1", "method.distill_loss: smooth_l1 or l2"),
     ("method.remove_eos=false", "method.remove_eos=false is CODI's option"),
+    ("method.reference_attention=true", "method.reference_attention emulates CODI's released code"),
     ("method.progressive_train=true", "needs a method with a curriculum"),
     ("method.pad_latent_to_max=false", "does not support yet"),
 ])

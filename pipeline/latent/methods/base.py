@@ -48,6 +48,7 @@ class LayoutConfig:
     progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
     remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
     teacher_cot: str = "joined"     # CODI: the teacher's CoT tokenised as one string (reference), or "pieces"
+    reference_attention: bool = False  # CODI: the released code's attention (pads attended after the question)
 
     def __post_init__(self):
         get_method(self.method)
