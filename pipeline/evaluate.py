@@ -32,7 +32,7 @@ from pipeline.inference.report import write_report
 from pipeline.inference.scoring import hash_match, number_match
 from pipeline.latent.geometry import per_problem, summarise, vocab_centre
 from pipeline.latent.methods import LayoutConfig, get_method
-from pipeline.merge import LATENT_CONFIG
+from pipeline.merge import DECODER_INPUT, LATENT_CONFIG
 
 
 def eval_device(requested: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -84,10 +84,27 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
                                 layernorm=shape.get("layernorm", True))
         projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
         projection.to(device, dtype).eval()
-    decoder_dir = os.path.join(model_dir, "step_decoder")
-    decoder = (AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(device).eval()
-               if os.path.isdir(decoder_dir) else None)
-    return model, AutoTokenizer.from_pretrained(model_dir), latent, projection, decoder
+    decoder, decoder_in = load_step_decoder(os.path.join(model_dir, "step_decoder"), device, dtype)
+    return model, AutoTokenizer.from_pretrained(model_dir), latent, projection, decoder, decoder_in
+
+
+def load_step_decoder(decoder_dir: str, device: torch.device, dtype: torch.dtype):
+    """-> (the step decoder or None, the map from the base's width into it or None: a decoder of
+    another model, ``model.decoder_path``)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(decoder_dir):
+        return None, None
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(device).eval()
+    path = os.path.join(decoder_dir, DECODER_INPUT)
+    if not os.path.isfile(path):
+        return decoder, None
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    decoder_in = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+    decoder_in.load_state_dict(weights)
+    return decoder, decoder_in.to(device, dtype).eval()
 
 
 def merged_layout(latent: dict) -> LayoutConfig:
@@ -154,9 +171,11 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
 
 
 @torch.no_grad()
-def decode_latents(model, tok, decoder, latent, projection, records, n_problems: int = 3, max_len: int = 24) -> list:
-    """Each latent (Coconut: each group of c) decoded greedily by the step decoder, and the
-    logit-lens top-5 tokens of each latent through the base LM head."""
+def decode_latents(model, tok, decoder, latent, projection, records, n_problems: int = 3, max_len: int = 24,
+                   decoder_in=None) -> list:
+    """Each latent (Coconut: each group of c) decoded greedily by the step decoder (through
+    ``decoder_in`` when it is narrower than the base), and the logit-lens top-5 tokens of each
+    latent through the base LM head."""
     sp, layout = latent["special_tokens"], merged_layout(latent)
     if latent["n_latents"] == 0 or not layout.spec.fills_latents or n_problems <= 0:
         return []
@@ -171,7 +190,9 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     steps = [None] * (len(prompts) * groups)
     if decoder is not None:     # every group of every problem at once: [problems x groups, c, d]
         prefixes = latents[:, :groups * c].reshape(len(prompts) * groups, c, latents.size(-1))
-        steps = _greedy_steps(decoder, embed, prefixes, sp["eos"], max_len, tok, layout.spec.decoder_first_position)
+        into = decoder_in or (lambda x: x)
+        steps = _greedy_steps(decoder, lambda ids: into(embed(ids)), into(prefixes), sp["eos"], max_len, tok,
+                              layout.spec.decoder_first_position)
     out = []
     for row, record in enumerate(records[:n_problems]):
         lens = [tok.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in latents[row]]
@@ -251,7 +272,7 @@ def _main(argv: list[str] | None) -> int:
         from pipeline.engine.distributed import init_distributed
         init_distributed()
     sets = eval_sets(args.set)
-    model, tok, latent, projection, decoder = load_merged(args.model, *eval_device(args.device, args.dtype))
+    model, tok, latent, projection, decoder, decoder_in = load_merged(args.model, *eval_device(args.device, args.dtype))
     report = {"model": os.path.abspath(args.model), "model_fingerprint": _fingerprint(args.model),
               "latent_config": {k: v for k, v in latent.items() if k != "special_tokens"}, "split": args.split,
               "sets": {}, "latents": []}
@@ -268,7 +289,8 @@ def _main(argv: list[str] | None) -> int:
               f"{100 * result['accuracy_number']:.1f}% (last number) on {result['n']} problems, "
               f"{result['problems_per_s']:.1f} problems/s", flush=True)
         if not report["latents"]:
-            report["latents"] = decode_latents(model, tok, decoder, latent, projection, records, args.decode_latents)
+            report["latents"] = decode_latents(model, tok, decoder, latent, projection, records, args.decode_latents,
+                                               decoder_in=decoder_in)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_report(report, out)

@@ -26,6 +26,7 @@ from pipeline.engine.build_model import apply_lora, build_lm
 from pipeline.engine.config import load_config
 
 LATENT_CONFIG = "latent_config.json"
+DECODER_INPUT = "decoder_in.safetensors"   # the map from the base's width to a smaller step decoder's
 
 
 class MergeError(RuntimeError):
@@ -37,7 +38,8 @@ def _take(state: dict, prefix: str) -> dict:
 
 
 def rebuild(run, state: dict, vocab_size: int):
-    """Base LM (LoRA merged), step decoder, projection weights from a consolidated state dict."""
+    """Base LM (LoRA merged), step decoder, the weights of its input map (a step decoder of another
+    width: ``model.decoder_path``) and of CODI's projection, from a consolidated state dict."""
     state = dict(state)
     base = build_lm(run.model, vocab_size, "sdpa")
     if run.model.lora.enabled:
@@ -48,12 +50,13 @@ def rebuild(run, state: dict, vocab_size: int):
         checkpoint.load_exact(base, _take(state, "base."), "base")
     decoder = None
     if run.method.simcot:
-        decoder = build_lm(run.model, vocab_size, "sdpa")
+        decoder = build_lm(run.model.step_decoder(), vocab_size, "sdpa")
         checkpoint.load_exact(decoder, _take(state, "step_decoder."), "step_decoder")
+    decoder_in = _take(state, "decoder_in.")
     projection = _take(state, "projection.")
     if state:
         raise MergeError(f"checkpoint keys that belong nowhere: {sorted(state)[:5]}")
-    return base, decoder, projection
+    return base, decoder, decoder_in, projection
 
 
 def latent_count(run, stage: int) -> int:
@@ -76,7 +79,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     state = checkpoint.consolidated(ckpt_dir, tag)
     client = checkpoint.client_state(ckpt_dir, tag)
     shards = load_shards(run.data)
-    base, decoder, projection = rebuild(run, state, len(shards.tokenizer))
+    base, decoder, decoder_in, projection = rebuild(run, state, len(shards.tokenizer))
     out = out or os.path.join(run_dir, "merged")
     tmp = f"{out}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,6 +88,11 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     shards.tokenizer.save_pretrained(tmp)
     if decoder is not None:
         decoder.to(torch_dtype).save_pretrained(os.path.join(tmp, "step_decoder"), safe_serialization=True)
+        if decoder_in:
+            from safetensors.torch import save_file
+
+            save_file({k: v.to(torch_dtype).contiguous() for k, v in decoder_in.items()},
+                      os.path.join(tmp, "step_decoder", DECODER_INPUT))
     if projection:
         from safetensors.torch import save_file
 

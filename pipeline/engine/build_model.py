@@ -140,8 +140,9 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
         keep_alive = HfDeepSpeedConfig(ds_config)
     attention = pick_attention(run.model.attn_implementation, on_cuda)
     base = build_lm(run.model, vocab_size, attention)
-    # The step decoder is the base architecture with the base's starting weights, never LoRA.
-    decoder = build_lm(run.model, vocab_size, attention) if run.method.simcot else None
+    # The step decoder is the base architecture with the base's starting weights (or the model of
+    # model.decoder_path), never LoRA.
+    decoder = build_lm(run.model.step_decoder(), vocab_size, attention) if run.method.simcot else None
     if run.checkpoint.init_from:
         from pipeline.engine.checkpoint import load_base_weights
 

@@ -49,6 +49,17 @@ class ModelSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     init_seed: int = 0
+    decoder_path: str = ""              # SIM-CoT step decoder: "" a copy of the base (the reference's default);
+                                        # an HF id/dir (the reference's decoder_path), or "tiny": `decoder_tiny`
+    decoder_tiny: TinyModel = field(default_factory=TinyModel)
+
+    def step_decoder(self) -> ModelSettings:
+        """How the SIM-CoT step decoder is built: the base's own settings unless ``decoder_path``."""
+        if not self.decoder_path:
+            return self
+        if self.decoder_path == "tiny":
+            return dataclasses.replace(self, name_or_path="", tiny=self.decoder_tiny)
+        return dataclasses.replace(self, name_or_path=self.decoder_path)
 
 
 @dataclass
@@ -242,6 +253,10 @@ def validate(config: RunConfig) -> None:
          f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
         (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
         (m.decoder_init in ("pretrained", "base"), "method.decoder_init: pretrained or base"),
+        (not config.model.decoder_path or m.simcot,
+         "model.decoder_path is the SIM-CoT step decoder: set method.simcot"),
+        (not (config.model.decoder_path and m.decoder_init == "base"),
+         "method.decoder_init=base copies the base into the decoder, which model.decoder_path makes another model"),
         (m.pad_latent_to_max or not (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          "method.pad_latent_to_max=false gives problems of one batch different latent counts, which training "
          "does not support yet (every row must run the same latent passes); keep it true"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engine.config import ConfigError, RunConfig
+from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
 
 # Published shapes (config.json of each hub model): hidden, intermediate, layers, heads, kv heads, tied.
 _LLAMA3 = {"vocab_size": 128_256, "rope_theta": 500_000.0, "max_position_embeddings": 131_072}
@@ -60,11 +60,12 @@ class ModelSizes:
     vocab: int
 
 
-def lm_config(run: RunConfig, vocab_size: int | None = None):
-    """The base LM's HF config: tiny from the run, else local/cached ``config.json``, else a known shape."""
+def lm_config(run: RunConfig, vocab_size: int | None = None, settings: ModelSettings | None = None):
+    """The base LM's HF config (or that of ``settings``: the step decoder's): tiny from the run, else
+    local/cached ``config.json``, else a known shape."""
     from transformers import AutoConfig, LlamaConfig
 
-    m = run.model
+    m = settings or run.model
     if not m.name_or_path:
         t = m.tiny
         return LlamaConfig(vocab_size=vocab_size or 512, hidden_size=t.hidden_size,
@@ -96,7 +97,8 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None):
     cfg = lm_config(run, vocab_size)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(cfg)
-        decoder = AutoModelForCausalLM.from_config(cfg) if run.method.simcot else None
+        decoder = (AutoModelForCausalLM.from_config(lm_config(run, vocab_size, run.model.step_decoder()))
+                   if run.method.simcot else None)
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)
         return LatentReasoner(base, reasoner_config(run), eos_id=0, step_decoder=decoder)

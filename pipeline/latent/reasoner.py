@@ -92,12 +92,25 @@ class LatentReasoner(nn.Module):
         if config.layout.simcot and step_decoder is None:
             step_decoder = copy.deepcopy(base)
         self.step_decoder = step_decoder if config.layout.simcot else None
+        self.decoder_in = self._decoder_input(hidden)
         self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
         if config.gradient_checkpointing:
             for lm in (self.base, self.step_decoder):
                 if lm is not None:
                     enable_cache_safe_checkpointing(lm)
         self.train()        # a new module trains; the step decoder's dropout as the method's reference has it
+
+    def _decoder_input(self, hidden: int) -> nn.Linear | None:
+        """A step decoder of another model (``model.decoder_path``) reads the base's vectors through a
+        learned linear map when the widths differ (the reference's ``pj_in``). Its vocabulary must be
+        the tokenizer's: the step targets are the base tokenizer's ids."""
+        if self.step_decoder is None:
+            return None
+        cfg = self.step_decoder.config
+        if cfg.vocab_size != self.base.config.vocab_size:
+            raise ValueError(f"the step decoder's vocabulary ({cfg.vocab_size}) is not the base's "
+                             f"({self.base.config.vocab_size}): use a decoder of the same tokenizer")
+        return nn.Linear(hidden, cfg.hidden_size) if cfg.hidden_size != hidden else None
 
     def train(self, mode: bool = True):
         """As ``nn.Module.train``; a method whose reference keeps the step decoder in eval mode
@@ -204,6 +217,8 @@ class LatentReasoner(nn.Module):
         target = torch.where(cols == lengths[:, None], self.eos_id, target)
         valid = (cols <= lengths[:, None]) & (lengths[:, None] > 0)                  # [BS, width+1]
         embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
+        if self.decoder_in is not None:
+            embeds = self.decoder_in(embeds)
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
         positions = torch.arange(c + width, device=ids.device).add(self.method.decoder_first_position)

@@ -19,7 +19,10 @@ def trained(tiny_shards, tmp_path_factory):
     logits = runs / "engine_logits.pt"
     overrides = [f"data={tiny_shards}", f"runs_dir={runs}", "name=codi", "model.tiny.hidden_size=64",
                  "model.tiny.intermediate_size=128", "method.name=codi", "method.simcot=true", "method.num_latent=2",
-                 "train.max_steps=4", "train.micro_batch_size=8", "train.validate=false"]
+                 "train.max_steps=4", "train.micro_batch_size=8", "train.validate=false",
+                 # a narrower step decoder (model.decoder_path; smollm2's test covers the base's copy)
+                 "model.decoder_path=tiny", "model.decoder_tiny.hidden_size=32", "model.decoder_tiny.num_layers=1",
+                 "model.decoder_tiny.intermediate_size=64"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tests.distributed.engine_logits", str(logits), "--config", "configs/tiny-cpu.yaml", *overrides]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -45,6 +48,8 @@ def test_merged_model_gives_the_engines_logits(trained):
     latent = json.loads((merged / "latent_config.json").read_text())
     assert latent["method"] == "codi" and latent["n_latents"] == 2 and latent["projection"]
     assert (merged / "step_decoder" / "model.safetensors").exists() and (merged / "projection.safetensors").exists()
+    assert json.loads((merged / "step_decoder" / "config.json").read_text())["hidden_size"] == 32
+    assert (merged / "step_decoder" / "decoder_in.safetensors").exists()
     assert (merged / "tokenizer.json").exists()
 
 

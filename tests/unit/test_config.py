@@ -30,6 +30,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("method.distill_loss=l1", "method.distill_loss: smooth_l1 or l2"),
     ("method.remove_eos=false", "method.remove_eos=false is CODI's option"),
     ("method.reference_attention=true", "method.reference_attention emulates CODI's released code"),
+    ("model.decoder_path=tiny", "model.decoder_path is the SIM-CoT step decoder: set method.simcot"),
     ("method.progressive_train=true", "needs a method with a curriculum"),
     ("method.pad_latent_to_max=false", "does not support yet"),
 ])

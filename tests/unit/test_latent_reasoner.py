@@ -187,3 +187,30 @@ def test_the_projection_options_keep_its_checkpoint_keys():
     cfg, _ = METHODS["codi+simcot"]
     model = LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg, prj_dim=48, prj_layernorm=False), eos_id=2)
     assert model.projection[0].weight.shape == (48, model.base.config.hidden_size)
+
+
+def test_a_step_decoder_of_another_width_reads_the_latents_through_a_learned_map():
+    """model.decoder_path (the reference's decoder-size ablation): a narrower decoder, pj_in between."""
+    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
+    model = LatentReasoner(tiny_llama(100, hidden=32), ReasonerConfig(layout=cfg), eos_id=SP["eos"],
+                           step_decoder=tiny_llama(100, hidden=16, layers=1, seed=1))
+    assert (model.decoder_in.in_features, model.decoder_in.out_features) == (32, 16)
+    losses = model(_batch(RECORDS, cfg, 0))
+    losses["total"].backward()
+    assert losses["step_ce"] > 0 and model.decoder_in.weight.grad.abs().sum() > 0
+    assert model.base.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert _model(cfg).decoder_in is None                       # the same width: no map (the reference's Identity)
+    with pytest.raises(ValueError, match="vocabulary .* is not the base's"):
+        LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg), step_decoder=tiny_llama(120))
+
+
+def test_the_recipe_switch_builds_the_other_decoder():
+    from pipeline.engine.build_model import build_reasoner
+    from pipeline.engine.config import load_config
+
+    run = load_config(None, ["method.name=codi", "method.simcot=true", "model.tiny.hidden_size=32",
+                             "model.decoder_path=tiny", "model.decoder_tiny.hidden_size=16",
+                             "model.decoder_tiny.num_layers=1", "model.decoder_tiny.intermediate_size=32"])
+    model, _, _ = build_reasoner(run, 100, SP["eos"], None, on_cuda=False)
+    assert model.step_decoder.config.hidden_size == 16 and model.decoder_in.out_features == 16
+    assert model.base.config.hidden_size == 32
