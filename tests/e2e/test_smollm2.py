@@ -81,11 +81,15 @@ def test_step_decoder_targets_decode_back_to_the_step_text(shards):
 def test_codi_simcot_trains_merges_reloads_and_answers(smollm2, shards, tmp_path):
     runs = tmp_path / "runs"
     logits_file = tmp_path / "engine_logits.pt"
-    # 16 steps of 4 = one epoch of the 64 problems: one checkpoint (2.5 GB: the step decoder's Adam states)
+    # 16 steps of 4 = one epoch of the 64 problems: one checkpoint. The step decoder is a narrow
+    # random LLaMA (model.decoder_path=tiny, read through decoder_in): a 135M copy made this test
+    # write 2.5 GB of Adam states; the copy is covered by tests/distributed/test_jacobi_run.py.
     overrides = [f"data={shards}", f"runs_dir={runs}", "name=codi", f"model.name_or_path={smollm2}",
                  "train.max_steps=16", "train.lr=2e-3", "train.micro_batch_size=2",
                  "train.global_batch_size=4", "train.log_every=1",
-                 "train.validate=false", "train.warmup_ratio=0"]
+                 "train.validate=false", "train.warmup_ratio=0",
+                 "model.decoder_path=tiny", "model.decoder_tiny.hidden_size=128", "model.decoder_tiny.num_layers=2",
+                 "model.decoder_tiny.intermediate_size=256"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "tests.distributed.engine_logits", str(logits_file),
                              "--config", "configs/smollm2-135m-codi-simcot.yaml", *overrides],
