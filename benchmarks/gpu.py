@@ -39,7 +39,7 @@ VOCAB = 128_256
 
 
 def build_engine(method: list[str], args, attention: str, on_cuda: bool):
-    """-> (engine, the attention that runs, FlopModel, layout) for one recipe, configured as the
+    """-> (engine, the attention that runs, FlopModel, layout, gather policy) for one recipe, configured as the
     trainer configures it (gradient buckets sized to the trainable parameters, the optimizer the
     DeepSpeed JSON resolves to: DeepSpeed's fused Adam on CUDA, JIT-compiled on first use)."""
     import deepspeed
@@ -55,10 +55,11 @@ def build_engine(method: list[str], args, attention: str, on_cuda: bool):
     model, attention, _keep = build_reasoner(run, VOCAB, SPECIAL["eos"], ds, on_cuda)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
-    apply_gather_policy(engine, policy_of(ds))
+    policy = policy_of(ds)
+    apply_gather_policy(engine, policy)
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
-    return engine, attention, flop_model, run.method.layout()
+    return engine, attention, flop_model, run.method.layout(), policy
 
 
 def policy_of(ds: dict) -> str:
@@ -75,15 +76,15 @@ def make_batches(batch: int, cfg, device) -> list:
     return out
 
 
-def train_step(engine, b):
-    with step_gather(engine, policy_of(engine.config)):
+def train_step(engine, b, policy: str):
+    with step_gather(engine, policy):
         losses = engine(b)
         engine.backward(losses["total"])
     engine.step()
     return losses
 
 
-def time_steps(engine, batches, warmup: int, steps: int, flop_model, on_cuda: bool) -> dict:
+def time_steps(engine, policy: str, batches, warmup: int, steps: int, flop_model, on_cuda: bool) -> dict:
     """Totals over ``steps`` timed steps after ``warmup``: MFU is all their FLOPs over all their time."""
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:
@@ -93,7 +94,7 @@ def time_steps(engine, batches, warmup: int, steps: int, flop_model, on_cuda: bo
         b = batches[step % len(batches)]
         sync()
         start = time.perf_counter()
-        losses = train_step(engine, b)
+        losses = train_step(engine, b, policy)
         sync()
         if step >= warmup:
             elapsed += time.perf_counter() - start
@@ -116,14 +117,14 @@ def fixed_cost(points: dict[int, float]) -> tuple[float, float] | None:
     return my - slope * mx, slope
 
 
-def profile_steps(engine, batches, path: str, on_cuda: bool) -> None:
+def profile_steps(engine, policy: str, batches, path: str, on_cuda: bool) -> None:
     """Three steps under torch.profiler; the op table sorted by device (else CPU) time goes to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         for b in batches[:3]:
-            train_step(engine, b)
+            train_step(engine, b, policy)
         if on_cuda:
             torch.cuda.synchronize()
     averages = prof.key_averages()
@@ -135,12 +136,12 @@ def profile_steps(engine, batches, path: str, on_cuda: bool) -> None:
 
 def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
     name, method = RECIPES[key]
-    engine, ran, flop_model, cfg = build_engine(method, args, attention, on_cuda)
+    engine, ran, flop_model, cfg, policy = build_engine(method, args, attention, on_cuda)
     points, batches = {}, []
     for batch in args.batches:
         try:
             batches = make_batches(batch, cfg, engine.device)
-            r = time_steps(engine, batches, args.warmup, args.steps, flop_model, on_cuda)
+            r = time_steps(engine, policy, batches, args.warmup, args.steps, flop_model, on_cuda)
         except torch.OutOfMemoryError:
             print(f"{name} [{ran}] batch {batch}: out of memory", flush=True)
             break
@@ -155,7 +156,7 @@ def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
               f"batch-{32 if 32 in points else max(points)} step; {fit[1] * 1000:.2f} ms per sample", flush=True)
     if args.profile and batches:
         os.makedirs(args.profile, exist_ok=True)
-        profile_steps(engine, batches, os.path.join(args.profile, f"profile-{key}-{ran}.txt"), on_cuda)
+        profile_steps(engine, policy, batches, os.path.join(args.profile, f"profile-{key}-{ran}.txt"), on_cuda)
     del engine
     if on_cuda:
         torch.cuda.empty_cache()

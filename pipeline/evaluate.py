@@ -136,7 +136,7 @@ def _rank_slice(n: int) -> tuple[range, int]:
 
 
 def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_new: int) -> dict:
-    sp = latent["special_tokens"]
+    sp, layout = latent["special_tokens"], merged_layout(latent)
     mine, per_rank = _rank_slice(len(records))
     centre, embedding_to_centre = vocab_centre(model.get_input_embeddings().weight)
     rows, start = [], time.perf_counter()
@@ -147,8 +147,8 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         prompts = [prompt_for(r, latent) for r in chunk]
         outputs, latents = generate_with_latents(model, prompts, filled_latent_id(latent), sp["eos"], max_new,
                                                  pad_id=sp["pad"], project=projection, sync_ranks=True,
-                                                 jacobi_iterations=merged_layout(latent).jacobi,
-                                                 reference_attention=merged_layout(latent).reference_attention)
+                                                 jacobi_iterations=layout.jacobi,
+                                                 reference_attention=layout.reference_attention)
         geometry = per_problem(latents, centre) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)

@@ -19,6 +19,7 @@ import shutil
 import sys
 
 import torch
+from safetensors.torch import save_file
 
 from data_prep import UserError, load_shards, run_cli
 from pipeline.engine import checkpoint
@@ -89,13 +90,9 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     if decoder is not None:
         decoder.to(torch_dtype).save_pretrained(os.path.join(tmp, "step_decoder"), safe_serialization=True)
         if decoder_in:
-            from safetensors.torch import save_file
-
             save_file({k: v.to(torch_dtype).contiguous() for k, v in decoder_in.items()},
                       os.path.join(tmp, "step_decoder", DECODER_INPUT))
     if projection:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
               "c_thought": run.method.c_thought, "latent_update": run.method.latent_update,

@@ -97,8 +97,8 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None):
     cfg = lm_config(run, vocab_size)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(cfg)
-        decoder = (AutoModelForCausalLM.from_config(lm_config(run, vocab_size, run.model.step_decoder()))
-                   if run.method.simcot else None)
+        decoder_cfg = lm_config(run, vocab_size, run.model.step_decoder()) if run.model.decoder_path else cfg
+        decoder = AutoModelForCausalLM.from_config(decoder_cfg) if run.method.simcot else None
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)
         return LatentReasoner(base, reasoner_config(run), eos_id=0, step_decoder=decoder)
