@@ -5,8 +5,9 @@ the ZeRO-3 engine step as the trainer runs it (``engine(b)``, ``engine.backward`
 inside the memory plan's ``gathered`` policy) against the very same ``LatentReasoner``, batches
 and AdamW in plain PyTorch eager (``model(b)``, ``backward``, ``clip_grad_norm_``, ``opt.step``),
 for CoT, Coconut + SIM-CoT (16 latents) and CODI + SIM-CoT (6 latents) at 2 and 8 layers. Median
-and min-max of 20 timed steps after 5 warm-up, the two alternated case by case. One line per
-case, in a fixed form to compare run to run:
+and min-max of 20 timed steps after 5 warm-up. The two run in the same process, step by step in
+turn (zero3, plain, zero3, ...), so a slower spell of a shared machine slows both alike rather than
+one whole side. One line per case, in a fixed form to compare run to run:
 
     overhead <method> layers=<n> zero3=<ms> plain=<ms> ratio=<r>x
 """
@@ -93,24 +94,26 @@ def plain_step(model: LatentReasoner, lr: float = 1e-4):
     return step
 
 
-def timed(step, data: list[dict], steps: int, warmup: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step(data[i % len(data)])
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+def timed_in_turn(steps: dict, data: list[Batch], n: int, warmup: int) -> dict[str, list[float]]:
+    """Each step of ``steps`` on the same batch, one after the other, ``warmup + n`` times."""
+    times = {name: [] for name in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(data[i % len(data)])
+            times[name].append(time.perf_counter() - start)
+    return {name: ts[warmup:] for name, ts in times.items()}
 
 
 def measure(name: str, layers: int, steps: int = 20, warmup: int = 5) -> dict:
     cfg, stage = CASES[name]
     data = batches(cfg, stage)
     engine, policy = zero3_engine(cfg, layers)
-    zero3 = timed(zero3_step(engine, policy), data, steps, warmup)
-    plain = timed(plain_step(reasoner(cfg, layers)), data, steps, warmup)
+    times = timed_in_turn({"zero3": zero3_step(engine, policy), "plain": plain_step(reasoner(cfg, layers))},
+                          data, steps, warmup)
     del engine
     gc.collect()
-    return {"zero3": zero3, "plain": plain, "ratio": statistics.median(zero3) / statistics.median(plain)}
+    return {**times, "ratio": statistics.median(times["zero3"]) / statistics.median(times["plain"])}
 
 
 def line(name: str, layers: int, r: dict) -> str:
