@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.fixtures import SPECIAL, bench_model, latent_prompts
 from pipeline.inference.generate import latent_generate
-from pipeline.latent.loop import fill_latents, latent_columns
+from pipeline.latent.loop import fill_latents, latent_block
 
 
 @torch.no_grad()
@@ -21,7 +21,7 @@ def reference_generate(model, prompt: list[int], latent_id: int, max_new_tokens:
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.size(1))[None]
     embeds = model.get_input_embeddings()(ids)
-    first, n = latent_columns(ids, latent_id)
+    first, n, _ = latent_block(ids, latent_id)
     passes = fill_latents(model.get_decoder(), embeds, mask, positions, first, n)
     filled = embeds.clone()
     filled[:, first:first + n] = passes.latents

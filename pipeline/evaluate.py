@@ -110,6 +110,9 @@ def load_step_decoder(decoder_dir: str, device: torch.device, dtype: torch.dtype
 def merged_layout(latent: dict) -> LayoutConfig:
     """The layout a merged model was trained with, from its latent_config.json."""
     return LayoutConfig(method=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
+                        max_latent_stage=latent.get("max_latent_stage", 3),
+                        pad_latent_to_max=latent.get("pad_latent_to_max", True),
+                        progressive_train=latent.get("progressive_train", False),
                         simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
                         jacobi_iterations=latent.get("jacobi_iterations", 0),
                         remove_eos=latent.get("remove_eos", True),
@@ -118,9 +121,19 @@ def merged_layout(latent: dict) -> LayoutConfig:
 
 def prompt_for(record: dict, latent: dict) -> list[int]:
     """The question, then the latent block the model was trained with: the training layout's own
-    ``prompt`` (count from latent_config)."""
+    ``prompt`` with :func:`latents_for` latents."""
     cfg = merged_layout(latent)
-    return cfg.spec.prompt(cfg, record["question_ids"], latent["special_tokens"], latent["n_latents"])
+    return cfg.spec.prompt(cfg, record["question_ids"], latent["special_tokens"], latents_for(record, latent))
+
+
+def latents_for(record: dict, latent: dict) -> int:
+    """The model's latent count (latent_config), or the problem's own where the model was trained so
+    (Coconut without ``pad_latent_to_max``: capped by its steps, as the reference evaluates). A
+    problem without steps (an answer-only set) gets the model's count."""
+    if latent.get("pad_latent_to_max", True) or not record["step_ids"]:
+        return latent["n_latents"]
+    cfg = merged_layout(latent)
+    return cfg.spec.prompt_latents(cfg, latent["stage"], len(record["step_ids"]))
 
 
 def filled_latent_id(latent: dict) -> int | None:
@@ -145,14 +158,14 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         real = len(chunk)
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
         prompts = [prompt_for(r, latent) for r in chunk]
-        outputs, latents = generate_with_latents(model, prompts, filled_latent_id(latent), sp["eos"], max_new,
-                                                 pad_id=sp["pad"], project=projection, sync_ranks=True,
-                                                 jacobi_iterations=layout.jacobi,
-                                                 reference_attention=layout.reference_attention)
-        geometry = per_problem(latents, centre) if latents is not None else None
+        outputs, latents, latent_mask = generate_with_latents(
+            model, prompts, filled_latent_id(latent), sp["eos"], max_new, pad_id=sp["pad"], project=projection,
+            sync_ranks=True, jacobi_iterations=layout.jacobi, reference_attention=layout.reference_attention)
+        geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
             rows.append({"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
+                         "latents": latents_for(record, latent),
                          "hash": hash_match(text, record["answer"]), "number": number_match(text, record["answer"])})
             if geometry is not None:
                 rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
@@ -165,7 +178,7 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
     n = len(rows)
     return {"n": n, "accuracy_hash": sum(r["hash"] for r in rows) / max(1, n),
             "accuracy_number": sum(r["number"] for r in rows) / max(1, n),
-            "mean_tokens": latent["n_latents"] + sum(r["tokens"] for r in rows) / max(1, n),
+            "mean_tokens": sum(r["latents"] + r["tokens"] for r in rows) / max(1, n),
             "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
             "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5]}
 
@@ -180,25 +193,27 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     if latent["n_latents"] == 0 or not layout.spec.fills_latents or n_problems <= 0:
         return []
     prompts = [prompt_for(r, latent) for r in records[:n_problems]]
-    ids, mask = left_pad_prompts(prompts, sp["latent"], sp["pad"])
+    ids, mask = left_pad_prompts(prompts, sp["pad"])
     device = model.get_input_embeddings().weight.device
-    _, _, latents = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection, layout.jacobi,
-                            layout.reference_attention)
+    _, _, latents, latent_mask = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection,
+                                         layout.jacobi, layout.reference_attention)
+    per_row = list(latents) if latent_mask is None else [v[m] for v, m in zip(latents, latent_mask)]
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = layout.slot_width()
-    groups = latents.size(1) // c
-    steps = [None] * (len(prompts) * groups)
-    if decoder is not None:     # every group of every problem at once: [problems x groups, c, d]
-        prefixes = latents[:, :groups * c].reshape(len(prompts) * groups, c, latents.size(-1))
+    groups = [len(v) // c for v in per_row]
+    steps = [None] * sum(groups)
+    if decoder is not None and sum(groups):     # every group of every problem at once: [groups, c, d]
+        prefixes = torch.cat([v[:g * c].reshape(g, c, v.size(-1)) for v, g in zip(per_row, groups)])
         into = decoder_in or (lambda x: x)
         steps = _greedy_steps(decoder, lambda ids: into(embed(ids)), into(prefixes), sp["eos"], max_len, tok,
                               layout.spec.decoder_first_position)
-    out = []
+    out, cursor = [], 0
     for row, record in enumerate(records[:n_problems]):
-        lens = [tok.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in latents[row]]
+        lens = [tok.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in per_row[row]]
         out.append({"id": record["id"], "question": record["question"], "gold_steps": record["steps"],
-                    "decoded_steps": steps[row * groups:(row + 1) * groups], "logit_lens_top5": lens,
-                    "latents": latents[row].float().tolist()})
+                    "decoded_steps": steps[cursor:cursor + groups[row]], "logit_lens_top5": lens,
+                    "latents": per_row[row].float().tolist()})
+        cursor += groups[row]
     return out
 
 

@@ -95,7 +95,9 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     if projection:
         save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
     config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
-              "c_thought": run.method.c_thought, "latent_update": run.method.latent_update,
+              "c_thought": run.method.c_thought, "max_latent_stage": run.method.max_latent_stage,
+              "pad_latent_to_max": run.method.pad_latent_to_max, "progressive_train": run.method.progressive_train,
+              "latent_update": run.method.latent_update,
               "jacobi_iterations": run.method.jacobi_iterations, "remove_eos": run.method.remove_eos,
               "reference_attention": run.method.reference_attention,
               "stage": client["stage"],

@@ -125,7 +125,8 @@ def reasoner_config(run: RunConfig) -> ReasonerConfig:
                           distill_div_std=m.distill_div_std, distill_loss=m.distill_loss, prj_dim=m.prj_dim,
                           prj_dropout=m.prj_dropout, prj_layernorm=m.prj_layernorm,
                           teacher_loss_weight=m.teacher_loss_weight,
-                          gradient_checkpointing=run.model.gradient_checkpointing)
+                          gradient_checkpointing=run.model.gradient_checkpointing,
+                          reference_step_truncation=m.reference_step_truncation)
 
 
 def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,

@@ -70,7 +70,8 @@ class MethodSettings:
     simcot: bool = False
     c_thought: int = 2
     max_latent_stage: int = 3
-    pad_latent_to_max: bool = True
+    pad_latent_to_max: bool = True      # coconut: false = after the last stage min(steps, max_latent_stage) x c latents
+    uniform_prob: float = 0.0           # coconut: an example's stage is drawn from 0..its steps with this chance
     num_latent: int = 6
     include_last_step: bool = False
     latent_update: str = "sequential"   # sequential | jacobi (all latents at once, PCCoT; pipeline/latent/loop.py)
@@ -81,6 +82,9 @@ class MethodSettings:
     teacher_cot: str = "joined"         # codi: the teacher's CoT tokenised as one string (reference) | pieces
     reference_attention: bool = False   # codi: emulate the released code's attention: after the question pass no
                                         # mask (left pads attended), positions = columns (for matching its numbers)
+    reference_step_truncation: bool = False  # codi + simcot: emulate the released code's dedup_trailing_pads bug
+                                        # (each slot's step targets cut to row 0's width; batch order decides)
+    reference_quirks: bool = False      # codi: every emulated reference bug at once (the two switches above)
     decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
                                         # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
@@ -93,6 +97,10 @@ class MethodSettings:
     prj_layernorm: bool = True          # false: the reference's prj_no_ln
     teacher_loss_weight: float = 1.0
 
+    def __post_init__(self):
+        if self.reference_quirks:       # one switch to compare with the released numbers
+            self.reference_attention, self.reference_step_truncation = True, self.simcot
+
     def layout(self) -> LayoutConfig:
         """The options that shape the examples, for ``pipeline.latent.methods``."""
         return LayoutConfig(method=self.name, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
@@ -100,7 +108,8 @@ class MethodSettings:
                             include_last_step=self.include_last_step, simcot=self.simcot,
                             latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
                             progressive_train=self.progressive_train, remove_eos=self.remove_eos,
-                            teacher_cot=self.teacher_cot, reference_attention=self.reference_attention)
+                            teacher_cot=self.teacher_cot, reference_attention=self.reference_attention,
+                            uniform_prob=self.uniform_prob)
 
 
 @dataclass
@@ -257,15 +266,19 @@ def validate(config: RunConfig) -> None:
          "model.decoder_path is the SIM-CoT step decoder: set method.simcot"),
         (not (config.model.decoder_path and m.decoder_init == "base"),
          "method.decoder_init=base copies the base into the decoder, which model.decoder_path makes another model"),
-        (m.pad_latent_to_max or not (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
-         "method.pad_latent_to_max=false gives problems of one batch different latent counts, which training "
-         "does not support yet (every row must run the same latent passes); keep it true"),
+        (0 <= m.uniform_prob <= 1, "method.uniform_prob must be in [0, 1]"),
+        (m.uniform_prob == 0 or get_method(m.name).has_curriculum,
+         f"method.uniform_prob draws curriculum stages: a method with a curriculum (coconut), not {m.name}"),
         (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
         (m.teacher_cot in ("joined", "pieces"), "method.teacher_cot: joined or pieces"),
         (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
+        (not m.reference_quirks or get_method(m.name).needs_teacher,
+         f"method.reference_quirks emulates bugs of CODI's released code; {m.name} has none left to emulate"),
         (not m.reference_attention or (get_method(m.name).needs_teacher and m.latent_update == "sequential"),
          "method.reference_attention emulates CODI's released code: method.name=codi, latent_update=sequential"),
+        (not m.reference_step_truncation or (get_method(m.name).needs_teacher and m.simcot),
+         "method.reference_step_truncation emulates CODI's released SIM-CoT code: method.name=codi, method.simcot"),
         (m.remove_eos or get_method(m.name).needs_teacher,
          f"method.remove_eos=false is CODI's option (EOS between question, CoT and answer), not {m.name}'s"),
         (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),

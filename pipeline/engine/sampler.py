@@ -6,6 +6,7 @@ the accumulation steps): no rank waits on a collective the others never reach.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +48,23 @@ def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool, max
 
 
 def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: LayoutConfig,
-                 stage: int, prefix_ids: list[int]):
-    """Lay out and collate lazily, one micro-batch at a time."""
+                 stage: int, prefix_ids: list[int], draw_seed: str | None = None):
+    """Lay out and collate lazily, one micro-batch at a time. ``draw_seed`` (training): with
+    ``cfg.uniform_prob`` an example trains at a stage drawn for it from this seed and its index."""
+    span = cfg.latent_span(stage)
     for batch_indices in indices:
-        rows = [records[i] for i in batch_indices]
-        examples = [layout(r, special, cfg, stage, prefix_ids) for r in rows]
-        batch = collate_aligned(examples, special["latent"], special["pad"])
-        yield batch
+        examples = [layout(records[i], special, cfg, example_stage(cfg, stage, records[i], draw_seed, i), prefix_ids)
+                    for i in batch_indices]
+        yield collate_aligned(examples, special["latent"], special["pad"], latent_span=span)
+
+
+def example_stage(cfg: LayoutConfig, stage: int, record: dict, draw_seed: str | None, index: int) -> int:
+    """``stage``, or with probability ``cfg.uniform_prob`` one drawn uniformly from 0..the record's
+    steps (the reference's ``uniform_prob``); the same draw for the same seed and record on every
+    rank and after a resume."""
+    if draw_seed is None or cfg.uniform_prob == 0:
+        return stage
+    rng = random.Random(f"{draw_seed}/{index}")
+    if rng.random() >= cfg.uniform_prob:
+        return stage
+    return rng.randrange(len(record["step_ids"]) + 1)

@@ -212,7 +212,7 @@ class Trainer:
         p, t = self.progress, self.run.train
         indices = self._indices(epoch)
         batches = iter_batches(self.train_records, indices[p.micro_in_epoch:], self.special, self.layout, stage,
-                               self.prefix_ids)
+                               self.prefix_ids, draw_seed=f"{self.run.train.seed}/{epoch}")
         self.engine.train()
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:

@@ -6,7 +6,8 @@
 Each prompt is a list of token ids that already holds its latent placeholders
 (``question <start> <latent>xn <end>`` for Coconut, ``question <bot> <latent>xn <eot>`` for
 CODI). Latents are filled exactly as in training (pipeline.latent.loop), then tokens are decoded
-greedily from the cache; each row stops before its EOS. Batched output equals running each
+greedily from the cache; each row stops before its EOS. Prompts may hold different latent counts
+(a Coconut model trained with ``pad_latent_to_max: false``). Batched output equals running each
 prompt alone (tested).
 """
 from __future__ import annotations
@@ -18,15 +19,15 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 from pipeline.latent.collate import align_rows, positions_from_mask
-from pipeline.latent.loop import PassCache, fill_latents, latent_columns
+from pipeline.latent.loop import PassCache, fill_latents, latent_block
 from pipeline.latent.loop import reference_attention as reference_attention_of
 
 
-def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
-    """Align the first latent column (or the last token when there are none, or ``latent_id`` is
-    None) -> (ids, mask)."""
-    anchors = [p.index(latent_id) if latent_id in p else len(p) for p in prompts]
-    ids, mask, _ = align_rows(prompts, anchors, pad_id)
+def left_pad_prompts(prompts: list[list[int]], pad_id: int):
+    """Left-pad so every prompt ends in the last column (decoding starts there) -> (ids, mask).
+    Prompts of one latent count then hold their latents in the same columns; prompts of different
+    counts end theirs together (:func:`pipeline.latent.loop.latent_block`)."""
+    ids, mask, _ = align_rows(prompts, [len(p) for p in prompts], pad_id)
     return ids, mask
 
 
@@ -34,20 +35,21 @@ def left_pad_prompts(prompts: list[list[int]], latent_id: int, pad_id: int):
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int | None, project: Callable | None,
             jacobi_iterations: int | None = None, reference_attention: bool = False):
     """Run the prompt (filling the ``latent_id`` columns; None: one pass) -> (next-token logits
-    [B, V], cache chunks, latents or None). ``reference_attention``: the CODI reference's
+    [B, V], cache chunks, latents [B, n, H] or None, which of them are each row's latents [B, n] or
+    None for all). ``reference_attention``: the CODI reference's
     (:func:`pipeline.latent.loop.reference_attention`)."""
     positions, later_mask = reference_attention_of(mask) if reference_attention else (positions_from_mask(mask), None)
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(ids)
-    first, n = latent_columns(ids, latent_id) if latent_id is not None else (0, 0)
+    first, n, latent_mask = latent_block(ids, latent_id) if latent_id is not None else (0, 0, None)
     if n == 0:
         cache = PassCache([], body.config.num_hidden_layers)
         hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True).last_hidden_state
-        return head(hidden[:, -1]), [cache.new_chunk()], None
+        return head(hidden[:, -1]), [cache.new_chunk()], None, None
     passes = fill_latents(body, embeds, mask, positions, first, n, project=project, jacobi_iterations=jacobi_iterations,
-                          later_mask=later_mask)
-    return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents
+                          later_mask=later_mask, latent_mask=latent_mask)
+    return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents, latent_mask
 
 
 def latent_generate(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
@@ -65,11 +67,13 @@ def latent_generate(model, prompts: list[list[int]], latent_id: int | None, eos_
 def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
                           pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
                           jacobi_iterations: int | None = None, reference_attention: bool = False):
-    """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without)."""
+    """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without) and
+    which of them are each row's ([B, K]; None: all, every prompt holding K)."""
     device = model.get_input_embeddings().weight.device
-    ids, mask = left_pad_prompts(prompts, latent_id, pad_id)
+    ids, mask = left_pad_prompts(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    logits, chunks, latents = prefill(model, ids, mask, latent_id, project, jacobi_iterations, reference_attention)
+    logits, chunks, latents, latent_mask = prefill(model, ids, mask, latent_id, project, jacobi_iterations,
+                                                   reference_attention)
     body = model.get_decoder()
     cache = DynamicCache()            # decoding appends one column per step: an ordinary cache
     for layer in range(body.config.num_hidden_layers):
@@ -95,7 +99,7 @@ def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None
         hidden = body(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache,
                       use_cache=True).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, -1])
-    return out, latents
+    return out, latents, latent_mask
 
 
 def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:

@@ -1,5 +1,10 @@
 """Batch examples so the first latent sits in the same column in every row (KV reuse, one
-latent loop for the whole batch), then right-pad; position ids 0 on pads, 0..len-1 on tokens."""
+latent loop for the whole batch), then right-pad; position ids 0 on pads, 0..len-1 on tokens.
+
+Rows may hold fewer latents than the batch runs (Coconut's ``pad_latent_to_max: false`` and
+``uniform_prob``): ``latent_counts`` then says how many each has, and the loop feeds the other
+columns their tokens (pipeline/latent/loop.py). As the reference collator does, a row without
+latents is not shifted."""
 from __future__ import annotations
 
 import torch
@@ -33,28 +38,52 @@ def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pa
             "labels": _pad_rows(labels, left, IGNORE)}
 
 
-def collate_aligned(examples: list[Example], latent_id: int, pad_id: int) -> Batch:
-    """Tensors for a batch; rows must share one latent count (pad it to the stage maximum)."""
-    counts = {e.n_latents for e in examples}
-    if len(counts) != 1:
-        raise ValueError(f"latent counts {sorted(counts)} differ in one batch; use pad_latent_to_max")
-    first = [e.input_ids.index(latent_id) if e.n_latents else 0 for e in examples]
-    parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], first, pad_id)
-    parts.update(n_latents=examples[0].n_latents, first_latent=max(first))
+def collate_aligned(examples: list[Example], latent_id: int, pad_id: int, latent_span: int | None = None) -> Batch:
+    """Tensors for a batch. ``latent_span``: the latent columns the batch runs (the stage's maximum,
+    the same on every rank: ZeRO-3 lockstep), at least every row's count; None: every row must
+    hold the same count."""
+    counts = [e.n_latents for e in examples]
+    span = max(counts) if latent_span is None else latent_span
+    if latent_span is None and len(set(counts)) != 1:
+        raise ValueError(f"latent counts {sorted(set(counts))} differ in one batch; give latent_span "
+                         "(the stage's maximum) or use pad_latent_to_max")
+    if max(counts) > span:
+        raise ValueError(f"an example holds {max(counts)} latents, more than the batch's latent_span {span}")
+    anchors = [e.input_ids.index(latent_id) for e in examples if e.n_latents]
+    first = max(anchors, default=1 if span else 0)    # no row holds one: any column after the first runs them
+    rows = [e.input_ids.index(latent_id) if e.n_latents else first for e in examples]
+    parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], rows, pad_id)
+    parts = _widen(parts, first + span, pad_id)
+    ragged = any(c != span for c in counts)
+    parts.update(n_latents=span, first_latent=first,
+                 latent_counts=torch.tensor(counts) if ragged and span else None)
     if examples[0].teacher_ids:
         teacher = _aligned([e.teacher_ids for e in examples], [e.teacher_labels for e in examples],
                            [0] * len(examples), pad_id)
         parts.update({f"teacher_{k}": v for k, v in teacher.items()})
-        shift = max(first)
-        parts["distill_index"] = torch.tensor([e.distill_index + shift - f for e, f in zip(examples, first)])
+        parts["distill_index"] = torch.tensor([e.distill_index + first - f for e, f in zip(examples, rows)])
         parts["teacher_distill_index"] = torch.tensor([e.teacher_distill_index for e in examples])
-    if examples[0].step_targets:
+    if examples[0].step_targets is not None:
         parts.update(collate_step_targets([e.step_targets for e in examples], pad_id))
     return Batch(**parts)
 
 
+def _widen(parts: dict, width: int, pad_id: int) -> dict:
+    """Right-pad to at least ``width`` columns: the latent columns every row runs must exist."""
+    extra = width - parts["input_ids"].size(1)
+    if extra <= 0:
+        return parts
+    fill = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": IGNORE}
+    return {k: torch.cat([v, v.new_full((v.size(0), extra), fill[k])], dim=1) for k, v in parts.items()}
+
+
 def collate_step_targets(targets: list[list[list[int]]], pad_id: int) -> dict:
-    """``step_ids`` [B, S, L] (pad-filled) and ``step_lengths`` [B, S] (0 = masked slot)."""
-    width = max(1, max(len(t) for row in targets for t in row))
+    """``step_ids`` [B, S, L] (pad-filled) and ``step_lengths`` [B, S] (0 = masked slot); rows with
+    fewer slots (fewer latents) are padded with masked ones."""
+    slots = max(len(row) for row in targets)
+    targets = [row + [[]] * (slots - len(row)) for row in targets]
+    width = max([1] + [len(t) for row in targets for t in row])
     ids = [[t + [pad_id] * (width - len(t)) for t in row] for row in targets]
-    return {"step_ids": torch.tensor(ids), "step_lengths": torch.tensor([[len(t) for t in row] for row in targets])}
+    return {"step_ids": torch.tensor(ids, dtype=torch.long).reshape(len(targets), slots, width),
+            "step_lengths": torch.tensor([[len(t) for t in row] for row in targets], dtype=torch.long
+                                         ).reshape(len(targets), slots)}

@@ -13,16 +13,18 @@ from __future__ import annotations
 import torch
 
 
-def per_problem(latents: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """latents [B, K, H], centre [H] -> (inter-latent distance [B] (NaN when K < 2), distance to centre [B])."""
+def per_problem(latents: torch.Tensor, centre: torch.Tensor, latent_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """latents [B, K, H], centre [H], ``latent_mask`` [B, K] (which are each problem's latents; None:
+    all) -> (inter-latent distance [B] (NaN with fewer than 2), distance to centre [B])."""
     latents = latents.float()
-    to_centre = (latents - centre.float()).norm(dim=-1).mean(dim=1)
-    k = latents.size(1)
-    if k < 2:
-        return torch.full_like(to_centre, float("nan")), to_centre
-    pairwise = torch.cdist(latents, latents)                       # [B, K, K], zero diagonal
-    inter = pairwise.sum(dim=(1, 2)) / (k * (k - 1))
-    return inter, to_centre
+    real = (torch.ones(latents.shape[:2], device=latents.device) if latent_mask is None
+            else latent_mask.to(latents.device).float())
+    k = real.sum(dim=1)
+    to_centre = ((latents - centre.float()).norm(dim=-1) * real).sum(dim=1) / k.clamp(min=1)
+    pairwise = torch.cdist(latents, latents) * real[:, :, None] * real[:, None, :]   # [B, K, K], zero diagonal
+    inter = pairwise.sum(dim=(1, 2)) / (k * (k - 1)).clamp(min=1)
+    return torch.where(k >= 2, inter, torch.full_like(inter, float("nan"))), to_centre
 
 
 def vocab_centre(embedding: torch.Tensor) -> tuple[torch.Tensor, float]:

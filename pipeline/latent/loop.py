@@ -1,12 +1,18 @@
 """The one latent loop shared by every method (Coconut, CODI): fill latent slots pass by pass
 (or all at once by Jacobi iteration, :func:`jacobi_latents`).
 
-Semantics (the reference Coconut forward, pinned by the golden fixture test): the batch is
-aligned so latent ``i`` of every row sits in column ``first + i``. Pass 0 runs the columns before
-the first latent; pass ``i`` runs the single column of latent ``i-1``; latent ``i`` receives the
-last-layer (post-norm) hidden state of the column before it, through an optional projection
-(CODI's ``prj``); a final pass runs everything after the last filled latent. Keys and values are
-reused between passes and gradients flow through the whole chain.
+Semantics (the reference Coconut forward, pinned by the golden fixture test): the latents
+occupy columns ``[first, first + n)``. Pass 0 runs the columns before the first latent; pass
+``i`` runs the single column ``first + i - 1``; a latent receives the last-layer (post-norm)
+hidden state of the column before it, through an optional projection (CODI's ``prj``); a final
+pass runs everything after the last latent column. Keys and values are reused between passes and
+gradients flow through the whole chain.
+
+Rows with fewer latents (``latent_mask``: Coconut's ``pad_latent_to_max: false`` and
+``uniform_prob``) are filled as the reference fills them: a column that is not one of a row's
+latents is fed that row's token embedding, so each row computes exactly what it would alone. The
+number of passes is set by the caller (training: the stage's maximum, the same on every rank),
+never by the data.
 
 Checkpointing: HF's switch drops the KV cache inside each checkpointed layer, because replaying a
 layer in backward would append to a live cache a second time (silently wrong losses,
@@ -34,7 +40,8 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, fo
 class LatentPasses:
     """Outputs of the loop. ``hidden`` is the last-layer hidden state of every column
     ``[0, T)`` (the pre-latent, latent and tail passes concatenated); ``latents[:, i]`` is the
-    vector fed at latent ``i``; ``next_latent`` the one the last latent produced (never fed;
+    vector fed at column ``first + i`` (a row's token embedding where ``latent_mask`` says that
+    column is not one of its latents); ``next_latent`` the one the last latent produced (never fed;
     CODI's SIM-CoT supervises it). ``layer_states`` holds every layer's hidden state at the
     columns asked for with ``keep_layers_at`` (CODI distillation), else None; ``cache_chunks``
     the keys/values of every pass (generation continues from them)."""
@@ -43,6 +50,7 @@ class LatentPasses:
     next_latent: torch.Tensor
     layer_states: torch.Tensor | None
     cache_chunks: list = None         # the keys/values of every pass, for decoding after the prompt
+    latent_mask: torch.Tensor | None = None   # [B, n]: which of ``latents`` are latents (None: all)
 
 
 class _FrozenPastLayer(DynamicLayer):
@@ -117,7 +125,7 @@ def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None,
-                 later_mask: torch.Tensor | None = None) -> LatentPasses:
+                 later_mask: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
@@ -126,6 +134,8 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
     one latent per pass. ``later_mask``: the mask of every pass after the first (default
     ``attention_mask``; all ones emulates the CODI reference, whose later passes attend left pads).
+    ``latent_mask`` [B, n_latents]: True where column ``first + i`` is one of row b's latents, each
+    row's a contiguous run (None: every row, every column); the other columns keep their tokens.
     """
     project = project or (lambda h: h)
     if n_latents == 0:
@@ -134,21 +144,22 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
         if later_mask is not None:
             raise ValueError("later_mask (the CODI reference's attention) is not defined for Jacobi updates")
         return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
-                              keep_layers_at, jacobi_iterations)
+                              keep_layers_at, jacobi_iterations, latent_mask)
     later_mask = attention_mask if later_mask is None else later_mask
+    feed = _feeder(embeds, first, latent_mask)
     chunks: list[KV] = []
     hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
                              chunks)
     chunks.append(kv)
     pieces, latents = [hidden], []
-    latent = project(hidden[:, -1:])
+    latent = feed(0, project(hidden[:, -1:]))
     for i in range(n_latents - 1):
         latents.append(latent)
         col = first + i
         hidden, kv, _ = run_pass(body, latent, later_mask[:, :col + 1], position_ids[:, col:col + 1], chunks)
         chunks.append(kv)
         pieces.append(hidden)
-        latent = project(hidden)
+        latent = feed(i + 1, project(hidden))
     latents.append(latent)
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
@@ -159,11 +170,20 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None
     return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states,
-                        chunks)
+                        chunks, latent_mask)
+
+
+def _feeder(embeds: torch.Tensor, first: int, latent_mask: torch.Tensor | None):
+    """``feed(i, latent)``: what column ``first + i`` is fed, ``latent`` [B, 1, H] where it is a row's
+    latent, else the row's token embedding (the reference's per-row filling)."""
+    if latent_mask is None:
+        return lambda i, latent: latent
+    return lambda i, latent: torch.where(latent_mask[:, i, None, None], latent, embeds[:, first + i:first + i + 1])
 
 
 def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_latents: int, project,
-                   keep_layers_at: torch.Tensor | None, iterations: int) -> LatentPasses:
+                   keep_layers_at: torch.Tensor | None, iterations: int,
+                   latent_mask: torch.Tensor | None = None) -> LatentPasses:
     """Parallel (Jacobi) latent updates, as PCCoT: the slots start as their token embeddings (the
     latent token's), and each of ``iterations`` passes runs all slots at once (the question's keys
     and values reused), slot ``i`` then taking the last-layer state of column ``first + i - 1``:
@@ -171,37 +191,43 @@ def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_lat
     are exact after ``t`` passes, so ``iterations = n_latents`` gives the sequential latents and
     0 leaves the token embeddings (pause tokens). The final pass runs the filled slots and the
     tail. Passes: ``iterations + 2`` whatever the data (ZeRO-3 lockstep); gradients flow through
-    every iteration."""
+    every iteration. Columns ``latent_mask`` excludes keep their token embeddings throughout."""
     end = first + n_latents
     hidden, prefix, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first], [])
     from_question = project(hidden[:, -1:])
-    latents = embeds[:, first:end]
+    tokens = latents = embeds[:, first:end]
     for _ in range(iterations):
         slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix])
         latents = torch.cat([from_question, project(slots[:, :-1])], dim=1)
+        if latent_mask is not None:
+            latents = torch.where(latent_mask[..., None], latents, tokens)
     tail = torch.cat([latents, embeds[:, end:]], dim=1)
     want_layers = keep_layers_at is not None
     out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers)
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - first] if want_layers else None
     return LatentPasses(torch.cat([hidden, out], dim=1), latents, project(out[:, n_latents - 1:n_latents]),
-                        layer_states, [prefix, kv])
+                        layer_states, [prefix, kv], latent_mask)
 
 
-def latent_columns(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int]:
-    """(first latent column, latent count); every row must hold them in the same columns."""
+def latent_block(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int, torch.Tensor | None]:
+    """-> (first latent column, columns spanned, latent mask [B, n] or None when every row has a
+    latent in every one of them). Each row's latents must be one contiguous run; rows may start or
+    end theirs at different columns (prompts of different latent counts aligned at either end)."""
     is_latent = input_ids == latent_id
-    counts = is_latent.sum(dim=1)
-    n = int(counts[0])
-    if n == 0:
-        return 0, 0
-    first = int(is_latent[0].nonzero()[0])
-    expected = torch.zeros_like(is_latent)
-    expected[:, first:first + n] = True
-    if not torch.equal(is_latent, expected):
-        raise ValueError("latents must sit in the same contiguous columns in every row; "
+    columns = is_latent.any(dim=0).nonzero().flatten()
+    if len(columns) == 0:
+        return 0, 0, None
+    first, last = int(columns[0]), int(columns[-1])
+    mask = is_latent[:, first:last + 1]
+    counts = mask.sum(dim=1)
+    starts = torch.where(counts > 0, mask.int().argmax(dim=1), 0)
+    offsets = torch.arange(mask.size(1), device=mask.device)
+    contiguous = (offsets >= starts[:, None]) & (offsets < (starts + counts)[:, None])
+    if not torch.equal(mask, contiguous):
+        raise ValueError("each row's latents must be one contiguous run of columns; "
                          "collate with pipeline.latent.collate.collate_aligned")
-    return first, n
+    return first, last + 1 - first, None if bool(mask.all()) else mask
 
 
 def coconut_forward(model, input_ids, attention_mask, position_ids, labels, latent_id):
@@ -212,11 +238,11 @@ def coconut_forward(model, input_ids, attention_mask, position_ids, labels, late
     """
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(input_ids)
-    first, n = latent_columns(input_ids, latent_id)
+    first, n, mask = latent_block(input_ids, latent_id)
     if n == 0:
         hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     else:
-        hidden = fill_latents(body, embeds, attention_mask, position_ids, first, n).hidden
+        hidden = fill_latents(body, embeds, attention_mask, position_ids, first, n, latent_mask=mask).hidden
     logits = head(hidden)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
     return loss, logits

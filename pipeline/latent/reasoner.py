@@ -35,6 +35,7 @@ class ReasonerConfig:
     prj_layernorm: bool = True           # False: the reference's prj_no_ln
     teacher_loss_weight: float = 1.0
     gradient_checkpointing: bool = False
+    reference_step_truncation: bool = False  # CODI: the released code's step targets cut to row 0's width
 
     def __post_init__(self):
         if self.step_loss_norm not in ("token_mean", "sample_sum"):
@@ -74,6 +75,31 @@ def distill_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "smoot
     if div_std:
         per_layer = per_layer / target.std(dim=(1, 2)) ** (2 if l2 else 1)
     return per_layer.mean()
+
+
+def _every_slot(step_ids: torch.Tensor, step_embeds: torch.Tensor, lengths: torch.Tensor, slots: int):
+    """Step targets padded with masked slots up to the ``slots`` the loop produced: a batch whose rows
+    hold fewer latents than it runs has fewer targets, and the decoder still reads every slot (the
+    same calls on every rank)."""
+    extra = slots - step_ids.size(1)
+    if extra < 0:
+        raise ValueError(f"{step_ids.size(1)} step targets for {slots} decoder slots")
+    if extra == 0:
+        return step_ids, step_embeds, lengths
+    b, _, width = step_ids.shape
+    return (torch.cat([step_ids, step_ids.new_zeros(b, extra, width)], dim=1),
+            torch.cat([step_embeds, step_embeds.new_zeros(b, extra, width, step_embeds.size(-1))], dim=1),
+            torch.cat([lengths, lengths.new_zeros(b, extra)], dim=1))
+
+
+def _row0_width(lengths: torch.Tensor) -> torch.Tensor:
+    """[B, S] step lengths -> [B, S] labels each row keeps under the CODI reference's
+    ``dedup_trailing_pads`` bug (SPEC 8.6): in every slot, every row is cut to row 0's width, its
+    step and terminator plus one pad (a single label where row 0 has no step); row 0 keeps its own."""
+    row0 = lengths[:1]
+    width = torch.where(row0 > 0, row0 + 2, 1).expand_as(lengths).clone()
+    width[0] = lengths[0] + 1
+    return width
 
 
 class LatentReasoner(nn.Module):
@@ -141,7 +167,7 @@ class LatentReasoner(nn.Module):
         flat = self.embed(torch.cat([v.flatten() for v in ids.values()]))
         out, cursor = {}, 0
         for key, value in ids.items():
-            out[key] = flat[cursor:cursor + value.numel()].view(*value.shape, -1)
+            out[key] = flat[cursor:cursor + value.numel()].view(*value.shape, flat.size(-1))
             cursor += value.numel()
         return out
 
@@ -156,7 +182,7 @@ class LatentReasoner(nn.Module):
             positions, later_mask = reference_attention(mask)
         passes = fill_latents(self.body, embeds, mask, positions, batch.first_latent, n, project=self.projection,
                               keep_layers_at=batch.distill_index, jacobi_iterations=self.config.layout.jacobi,
-                              later_mask=later_mask)
+                              later_mask=later_mask, latent_mask=batch.latent_mask())
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward
@@ -175,9 +201,11 @@ class LatentReasoner(nn.Module):
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
         if self.step_decoder is not None and passes is not None:
             slots = self.method.slot_vectors(self.config.layout, passes.latents, passes.next_latent)
-            losses["step_ce"] = self.step_loss(slots, batch.step_ids, embeds["step_ids"], batch.step_lengths)
+            step_ids, step_embeds, lengths = _every_slot(batch.step_ids, embeds["step_ids"], batch.step_lengths,
+                                                         slots.size(1))
+            losses["step_ce"] = self.step_loss(slots, step_ids, step_embeds, lengths)
         if passes is not None:
-            losses.update(self.latent_health(passes.latents, embeds["input_ids"]))
+            losses.update(self.latent_health(passes.latents, embeds["input_ids"], passes.latent_mask))
         c = self.config
         losses["total"] = (losses["answer_ce"] + c.teacher_loss_weight * losses["teacher_ce"]
                            + c.distill_factor * losses["distill"] + c.step_loss_weight * losses["step_ce"])
@@ -185,13 +213,21 @@ class LatentReasoner(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def latent_health(latents: torch.Tensor, token_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Collapse diagnostics: latent norm over token-embedding norm, and the mean pairwise
-        cosine of one problem's latents (1.0 = every latent the same direction)."""
-        ratio = latents.norm(dim=-1).mean() / token_embeds.norm(dim=-1).mean().clamp(min=1e-12)
-        unit = F.normalize(latents.float(), dim=-1)
-        n = unit.size(1)
-        cosine = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(max(1, n * (n - 1))).mean()
+    def latent_health(latents: torch.Tensor, token_embeds: torch.Tensor,
+                      latent_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics over each row's latents (``latent_mask``; None: all): latent norm
+        over token-embedding norm, and the mean pairwise cosine of one problem's latents (1.0 =
+        every latent the same direction; problems with fewer than two latents left out)."""
+        if latent_mask is None:
+            latent_mask = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
+        real = latent_mask.to(latents.dtype)
+        norms = latents.norm(dim=-1)
+        ratio = (norms * real).sum() / real.sum().clamp(min=1) / token_embeds.norm(dim=-1).mean().clamp(min=1e-12)
+        unit = F.normalize(latents.float(), dim=-1) * real[..., None].float()
+        n = real.float().sum(dim=1)
+        pairs = n * (n - 1)
+        per_row = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(pairs.clamp(min=1))
+        cosine = (per_row * (pairs > 0)).sum() / (pairs > 0).sum().clamp(min=1)
         return {"latent_norm_ratio": ratio, "latent_cosine": cosine}
 
     def _teacher(self, batch: Batch, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +252,8 @@ class LatentReasoner(nn.Module):
         target = torch.cat([ids, ids.new_full((b * s, 1), self.eos_id)], dim=1)
         target = torch.where(cols == lengths[:, None], self.eos_id, target)
         valid = (cols <= lengths[:, None]) & (lengths[:, None] > 0)                  # [BS, width+1]
+        if self.config.reference_step_truncation:
+            valid &= cols < _row0_width(lengths.reshape(b, s)).reshape(b * s, 1)
         embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
         if self.decoder_in is not None:
             embeds = self.decoder_in(embeds)

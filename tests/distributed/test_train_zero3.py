@@ -93,6 +93,17 @@ def test_ranks_with_different_data_shapes_do_not_hang(tiny_shards, tmp_path, spm
                           "method.num_latent=2", "train.max_steps=3"], timeout=240)
     assert code == 0, out[-3000:]
     assert sorted(losses_by_step(tmp_path / "asym")) == [1, 2, 3]
+    # Coconut without pad_latent_to_max, after its last stage: rank 0's rows hold no latents, rank 1's
+    # four; with uniform_prob some rows train at a drawn stage. Under per-module gathers (streamed)
+    # a rank that ran fewer latent passes would wait forever in an all-gather the other never makes.
+    code, out = torchrun(["--config", "configs/tiny-cpu.yaml", f"data={shards}", f"runs_dir={tmp_path}",
+                          "name=ragged", *COMMON, "train.shuffle=false", "method.name=coconut", "method.simcot=true",
+                          "method.max_latent_stage=2", "curriculum.start_stage=3", "method.pad_latent_to_max=false",
+                          "method.uniform_prob=0.5", "train.zero3_gather=streamed", "train.max_steps=3",
+                          "train.validate=false"], timeout=240)
+    assert code == 0, out[-3000:]
+    assert "ZeRO-3 parameters: streamed (train.zero3_gather)" in out
+    assert sorted(losses_by_step(tmp_path / "ragged")) == [1, 2, 3]
 
 
 def test_simcot_continues_from_an_earlier_runs_checkpoint(tiny_shards, tmp_path):

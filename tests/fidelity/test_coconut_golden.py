@@ -43,3 +43,28 @@ def test_each_row_alone_gives_the_same_logits_as_the_batch(golden):
             _, alone = coconut_forward(model, one["input_ids"], one["attention_mask"], one["position_ids"],
                                        one["labels"], latent)
             assert (alone[0] - together[row, real]).abs().max().item() < 1e-5
+
+
+def test_rows_with_fewer_latents_are_filled_row_by_row_as_the_reference_does(golden):
+    """The reference's forward fills pass i only in rows that hold an i-th latent (its
+    pad_latent_to_max: false and uniform_prob batches): the golden rows with 4, 2 and 0 latents,
+    collated by its rules, each give the logits they give alone."""
+    from pipeline.latent.collate import align_rows
+
+    model, batch, expected = golden
+    latent = expected["token_ids"]["latent"]
+    rows = []
+    for row, keep in zip(range(3), (4, 2, 0)):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        first = ids.index(latent)
+        rows.append(ids[:first + keep] + ids[first + 4:])
+    anchors = [r.index(latent) if latent in r else -1 for r in rows]
+    anchors = [a if a >= 0 else max(anchors) for a in anchors]          # a row without latents is not shifted
+    ids, mask, positions = align_rows(rows, anchors, expected["token_ids"]["pad"])
+    labels = torch.where(mask.bool(), ids, -100)
+    with torch.no_grad():
+        _, together = coconut_forward(model, ids, mask, positions, labels, latent)
+        for row, tokens in enumerate(rows):
+            one = torch.tensor([tokens])
+            _, alone = coconut_forward(model, one, torch.ones_like(one), torch.arange(len(tokens))[None], one, latent)
+            assert (alone[0] - together[row, mask[row].bool()]).abs().max().item() < 1e-5

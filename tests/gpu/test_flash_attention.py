@@ -6,7 +6,7 @@ import torch
 from pipeline.engine.build_model import flash_kernels
 from pipeline.inference.generate import latent_generate, left_pad_prompts
 from pipeline.latent.collate import positions_from_mask
-from pipeline.latent.loop import fill_latents, latent_columns
+from pipeline.latent.loop import fill_latents, latent_block
 
 pytestmark = pytest.mark.gpu
 LATENT = 7
@@ -40,7 +40,7 @@ def _prompts():
 @torch.no_grad()
 def test_flash_attention_gives_sdpas_logits_on_a_padded_batch():
     sdpa, flash = _pair(_flash())
-    ids, mask = left_pad_prompts(_prompts(), LATENT, pad_id=0)
+    ids, mask = left_pad_prompts(_prompts(), pad_id=0)
     ids, mask = ids.cuda(), mask.cuda()
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
     a, b = sdpa(**kwargs).logits.float(), flash(**kwargs).logits.float()
@@ -51,13 +51,14 @@ def test_flash_attention_gives_sdpas_logits_on_a_padded_batch():
 @torch.no_grad()
 def test_flash_attention_gives_sdpas_logits_through_the_kv_cached_latent_passes():
     sdpa, flash = _pair(_flash())
-    ids, mask = left_pad_prompts(_prompts(), LATENT, pad_id=0)
+    ids, mask = left_pad_prompts(_prompts(), pad_id=0)
     ids, mask = ids.cuda(), mask.cuda()
-    first, n = latent_columns(ids, LATENT)
+    first, n, latent_mask = latent_block(ids, LATENT)
     hidden = []
     for model in (sdpa, flash):
         embeds = model.get_input_embeddings()(ids)
-        passes = fill_latents(model.get_decoder(), embeds, mask, positions_from_mask(mask), first, n)
+        passes = fill_latents(model.get_decoder(), embeds, mask, positions_from_mask(mask), first, n,
+                              latent_mask=latent_mask)
         hidden.append(model.get_output_embeddings()(passes.hidden).float())
     real = mask.bool()
     assert (hidden[0][real] - hidden[1][real]).abs().max().item() < 5e-2

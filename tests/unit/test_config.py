@@ -32,11 +32,12 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("method.reference_attention=true", "method.reference_attention emulates CODI's released code"),
     ("model.decoder_path=tiny", "model.decoder_path is the SIM-CoT step decoder: set method.simcot"),
     ("method.progressive_train=true", "needs a method with a curriculum"),
-    ("method.pad_latent_to_max=false", "does not support yet"),
+    ("method.reference_step_truncation=true", "emulates CODI's released SIM-CoT code"),
+    ("method.reference_quirks=true", "coconut has none left to emulate"),
 ])
 def test_config_errors_name_the_key_and_the_fix(override, message):
     overrides = [override] + (["method.simcot=true"] if override == "method.name=cot" else [])
-    overrides += ["method.name=coconut"] if override == "method.pad_latent_to_max=false" else []
+    overrides += ["method.name=coconut"] if override == "method.reference_quirks=true" else []
     with pytest.raises(ConfigError, match=message or "method.simcot needs"):
         load_config(None, overrides)
 
@@ -124,3 +125,10 @@ def test_launch_renders_a_slurm_script():
 def test_launch_rejects_unknown_stages():
     result = subprocess.run(["bash", str(REPO / "launch.sh"), "fly"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown stage 'fly'" in result.stderr
+
+
+def test_reference_quirks_is_one_switch_for_every_emulated_bug():
+    quirks = load_config(None, ["method.name=codi", "method.simcot=true", "method.reference_quirks=true"]).method
+    assert quirks.reference_attention and quirks.reference_step_truncation
+    plain = load_config(None, ["method.name=codi", "method.reference_quirks=true"]).method
+    assert plain.reference_attention and not plain.reference_step_truncation      # no step decoder to cut

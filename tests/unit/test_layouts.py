@@ -181,7 +181,7 @@ def test_collate_aligns_the_first_latent_column():
     assert batch.step_ids.tolist()[1] == [[20, 0], [60, 62]]
 
 
-def test_collate_refuses_mixed_latent_counts():
+def test_collate_refuses_mixed_latent_counts_without_a_span():
     cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=3)
-    with pytest.raises(ValueError, match="pad_latent_to_max"):
+    with pytest.raises(ValueError, match="latent_span"):
         collate_aligned([layout(RECORD, SP, cfg, 1), layout(RECORD, SP, cfg, 2)], L, 0)

@@ -32,6 +32,10 @@ def test_latent_geometry_against_hand_computed_distances():
     assert torch.allclose(to_centre, torch.tensor([5.0, 2 ** 0.5]))
     single, _ = per_problem(latents[:, :1], torch.zeros(2))
     assert torch.isnan(single).all()                                    # no pairs with one latent
+    mask = torch.tensor([[True, True, False], [True, False, False]])     # each problem's own latents only
+    inter, to_centre = per_problem(latents, torch.tensor([0.0, 0.0]), mask)
+    assert inter[0].item() == pytest.approx(5.0) and torch.isnan(inter[1])
+    assert torch.allclose(to_centre, torch.tensor([2.5, 2 ** 0.5]))
     centre, spread = vocab_centre(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
     assert torch.equal(centre, torch.zeros(2)) and spread == pytest.approx(1.5)
     rows = [{"inter_latent_l2": 2.0, "to_vocab_centre_l2": 4.0}, {"inter_latent_l2": float("nan"),

@@ -49,6 +49,7 @@ class LayoutConfig:
     remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
     teacher_cot: str = "joined"     # CODI: the teacher's CoT tokenised as one string (reference), or "pieces"
     reference_attention: bool = False  # CODI: the released code's attention (pads attended after the question)
+    uniform_prob: float = 0.0       # Coconut: the chance an example trains at a stage drawn from 0..its steps
 
     def __post_init__(self):
         get_method(self.method)
@@ -72,6 +73,13 @@ class LayoutConfig:
     def slot_width(self) -> int:
         return self.spec.slot_width(self)
 
+    def latent_span(self, stage: int) -> int:
+        """Latent columns every batch at ``stage`` runs, the most any of its examples can hold, so every
+        rank makes the same passes (ZeRO-3 lockstep) whatever its rows hold."""
+        if self.uniform_prob > 0:
+            return self.spec.max_latents(self)
+        return self.n_latents(stage, 10**6)
+
 
 class Problem(NamedTuple):
     """One shard record's ids. ``joined_cot``: the CoT without its last step and the whole CoT, each
@@ -85,11 +93,12 @@ class Problem(NamedTuple):
 
 @dataclass
 class Example:
-    """One laid-out problem. ``step_targets``: one id list per decoder slot ([] = masked)."""
+    """One laid-out problem. ``step_targets``: one id list per decoder slot ([] = masked); None for a
+    layout without decoder targets."""
     input_ids: list[int]
     labels: list[int]
     n_latents: int = 0
-    step_targets: list[list[int]] = field(default_factory=list)
+    step_targets: list[list[int]] | None = None
     teacher_ids: list[int] = field(default_factory=list)
     teacher_labels: list[int] = field(default_factory=list)
     distill_index: int = -1          # CODI: column of the token before the first answer token (student)
@@ -125,6 +134,10 @@ class Method:
 
     def stage_for_epoch(self, epoch: int, start_stage: int, epochs_per_stage: int) -> int:
         return 0
+
+    def prompt_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:
+        """Latents in an evaluation prompt for a problem of ``n_steps`` steps, at ``stage``."""
+        return self.n_latents(cfg, stage, n_steps)
 
     def prompt(self, cfg: LayoutConfig, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
         """The model's input before the text it generates: training layouts start with it."""

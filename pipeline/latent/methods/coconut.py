@@ -35,6 +35,14 @@ class Coconut(Method):
         groups = cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
         return cfg.c_thought * groups
 
+    def prompt_latents(self, cfg, stage, n_steps):
+        # the reference's get_question_latent_dataset: without pad_latent_to_max the count is capped by
+        # the problem's steps at every stage (training caps it only after the last stage)
+        if cfg.progressive_train:
+            return cfg.c_thought * cfg.max_latent_stage
+        groups = cfg.max_latent_stage if cfg.pad_latent_to_max else min(cfg.max_latent_stage, n_steps)
+        return cfg.c_thought * min(groups, stage)
+
     def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
         return start_stage + epoch // epochs_per_stage
 
@@ -47,7 +55,7 @@ class Coconut(Method):
         skipped = stage if stage <= cfg.max_latent_stage else len(steps)
         example = self.supervised(self.prompt(cfg, q, special, n_latents),
                                   concat(steps[skipped:]) + ans + [special["eos"]], n_latents)
-        if cfg.simcot and n_latents:
+        if cfg.simcot:                                   # no latents: no slots
             pseudo = concat(steps[skipped:]) + ans      # what follows <end>, without EOS
             explained = steps if cfg.progressive_train else steps[:skipped]
             example.step_targets = step_targets(explained, n_latents // cfg.c_thought, cfg.max_latent_stage, pseudo)
