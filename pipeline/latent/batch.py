@@ -30,6 +30,8 @@ class Batch(NamedTuple):
     step_ids: Tensor | None = None               # [B, S, L] SIM-CoT step targets per slot, pad-filled
     step_lengths: Tensor | None = None           # [B, S], 0 = masked slot
     latent_counts: Tensor | None = None          # [B] latents of each row when fewer than n_latents (None: all)
+    label_index: Tensor | None = None            # [N] flat positions b * T + t whose next token is labelled
+    teacher_label_index: Tensor | None = None    # the same for the teacher sequence
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(v.to(device) if torch.is_tensor(v) else v for v in self))

@@ -38,6 +38,13 @@ def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pa
             "labels": _pad_rows(labels, left, IGNORE)}
 
 
+def label_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``b * T + t`` whose next token ``labels[b, t + 1]`` is a label: found here, on
+    the host, so the loss selects them on a GPU without waiting for it."""
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.size(1) + cols
+
+
 def collate_aligned(examples: list[Example], latent_id: int, pad_id: int, latent_span: int | None = None) -> Batch:
     """Tensors for a batch. ``latent_span``: the latent columns the batch runs (the stage's maximum,
     the same on every rank: ZeRO-3 lockstep), at least every row's count; None: every row must
@@ -55,12 +62,13 @@ def collate_aligned(examples: list[Example], latent_id: int, pad_id: int, latent
     parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], rows, pad_id)
     parts = _widen(parts, first + span, pad_id)
     ragged = any(c != span for c in counts)
-    parts.update(n_latents=span, first_latent=first,
+    parts.update(n_latents=span, first_latent=first, label_index=label_index(parts["labels"]),
                  latent_counts=torch.tensor(counts) if ragged and span else None)
     if examples[0].teacher_ids:
         teacher = _aligned([e.teacher_ids for e in examples], [e.teacher_labels for e in examples],
                            [0] * len(examples), pad_id)
         parts.update({f"teacher_{k}": v for k, v in teacher.items()})
+        parts["teacher_label_index"] = label_index(teacher["labels"])
         parts["distill_index"] = torch.tensor([e.distill_index + first - f for e, f in zip(examples, rows)])
         parts["teacher_distill_index"] = torch.tensor([e.teacher_distill_index for e in examples])
     if examples[0].step_targets is not None:

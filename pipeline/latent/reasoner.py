@@ -59,11 +59,16 @@ class Projection(nn.Sequential):
         return super().forward(F.dropout(x, self.dropout, self.training) if self.dropout else x)
 
 
-def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor):
-    """Next-token CE computed only where a label exists: the LM head never sees other positions."""
-    keep = labels[:, 1:] != IGNORE
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
+    """Next-token CE computed only where a label exists: the LM head never sees other positions.
+    ``index`` (the collator's ``label_index``: flat positions ``b * T + t`` whose next token is a
+    label) selects them without a boolean mask, whose data-dependent size makes a GPU wait for
+    the device (one ``nonzero`` sync per call)."""
+    if index is None:
+        keep = labels[:, 1:] != IGNORE
+        return F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
+    logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, index))
+    return F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, index + 1))
 
 
 def distill_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1", div_std: bool = True):
@@ -195,7 +200,7 @@ class LatentReasoner(nn.Module):
         hidden, passes = self._answer_pass(batch, embeds["input_ids"])
         head = self.base.get_output_embeddings()
         zero = hidden.new_zeros(())
-        losses = {"answer_ce": labelled_ce(head, hidden, batch.labels), "teacher_ce": zero,
+        losses = {"answer_ce": labelled_ce(head, hidden, batch.labels, batch.label_index), "teacher_ce": zero,
                   "distill": zero, "step_ce": zero}
         if self.method.needs_teacher:
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
@@ -234,7 +239,8 @@ class LatentReasoner(nn.Module):
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
         out = self.body(inputs_embeds=embeds, attention_mask=batch.teacher_attention_mask,
                         position_ids=batch.teacher_position_ids, output_hidden_states=True)
-        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch.teacher_labels)
+        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch.teacher_labels,
+                                 batch.teacher_label_index)
         rows = torch.arange(len(batch.teacher_distill_index))
         target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]
@@ -263,16 +269,17 @@ class LatentReasoner(nn.Module):
         # no cache: a checkpointed layer replayed in backward would append to it a second time
         hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
                                                  position_ids=positions.expand(b * s, -1)).last_hidden_state
-        # position c-1+j predicts target[j]
-        predicting = hidden[:, c - 1:]
-        logits = self.step_decoder.get_output_embeddings()(predicting[valid])
-        token_loss = F.cross_entropy(logits.float(), target[valid], reduction="none")
-        slot_of = torch.arange(b * s, device=ids.device).remainder(s)[:, None].expand_as(valid)[valid]
+        # position c-1+j predicts target[j]; the labelled (row, j) found once (one device sync, not three)
+        rows, cols = valid.nonzero(as_tuple=True)
+        at = rows * hidden.size(1) + (c - 1) + cols
+        logits = self.step_decoder.get_output_embeddings()(hidden.reshape(-1, hidden.size(-1)).index_select(0, at))
+        token_loss = F.cross_entropy(logits.float(), target[rows, cols], reduction="none")
+        slot_of = rows.remainder(s)
         per_slot_sum = torch.zeros(s, device=ids.device).index_add(0, slot_of, token_loss)
         per_slot_tokens = torch.zeros(s, device=ids.device).index_add(0, slot_of, torch.ones_like(token_loss))
         labelled = per_slot_tokens > 0
         if self.config.step_loss_norm == "token_mean":
             per_slot = per_slot_sum / per_slot_tokens.clamp(min=1)
-            return per_slot[labelled].sum() / labelled.sum().clamp(min=1)
+            return torch.where(labelled, per_slot, 0).sum() / labelled.sum().clamp(min=1)
         rows_with_labels = (lengths > 0).reshape(b, s).sum(0)
         return (per_slot_sum / rows_with_labels.clamp(min=1)).sum() / s

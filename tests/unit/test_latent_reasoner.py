@@ -214,3 +214,20 @@ def test_the_recipe_switch_builds_the_other_decoder():
     model, _, _ = build_reasoner(run, 100, SP["eos"], None, on_cuda=False)
     assert model.step_decoder.config.hidden_size == 16 and model.decoder_in.out_features == 16
     assert model.base.config.hidden_size == 32
+
+
+def test_the_collators_label_index_selects_what_the_boolean_mask_selects():
+    """The host-side index (no device sync on a GPU) gives the boolean mask's losses and gradients."""
+    cfg, _ = METHODS["codi+simcot"]
+    batch = _batch(RECORDS, cfg, 0)
+    assert batch.label_index is not None and batch.teacher_label_index is not None
+    results = []
+    for b in (batch, batch._replace(label_index=None, teacher_label_index=None)):
+        model = _model(cfg)
+        losses = model(b)
+        losses["total"].backward()
+        results.append((losses, [p.grad for p in model.parameters() if p.grad is not None]))
+    (indexed, indexed_grads), (masked, masked_grads) = results
+    for key in ("answer_ce", "teacher_ce", "total"):
+        assert torch.equal(indexed[key], masked[key])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(indexed_grads, masked_grads))
