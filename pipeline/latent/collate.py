@@ -13,8 +13,8 @@ from pipeline.latent.batch import Batch
 from pipeline.latent.methods import IGNORE, Example
 
 
-def _pad_rows(rows: list[list[int]], left: list[int], fill: int) -> torch.Tensor:
-    width = max(pad + len(r) for pad, r in zip(left, rows))
+def _pad_rows(rows: list[list[int]], left: list[int], fill: int, min_width: int = 0) -> torch.Tensor:
+    width = max([min_width] + [pad + len(r) for pad, r in zip(left, rows)])
     return torch.tensor([[fill] * pad + r + [fill] * (width - pad - len(r)) for pad, r in zip(left, rows)])
 
 
@@ -23,19 +23,20 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return ((mask.cumsum(1) - 1) * mask).long()
 
 
-def align_rows(rows: list[list[int]], anchors: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Left-pad so every row's anchor index lands in one column, right-pad to the widest row;
-    -> (ids, attention mask, position ids)."""
+def align_rows(rows: list[list[int]], anchors: list[int], pad_id: int, min_width: int = 0) -> tuple[torch.Tensor, ...]:
+    """Left-pad so every row's anchor index lands in one column, right-pad to the widest row (at
+    least ``min_width`` columns); -> (ids, attention mask, position ids)."""
     left = [max(anchors) - a for a in anchors]
-    mask = _pad_rows([[1] * len(r) for r in rows], left, 0)
-    return _pad_rows(rows, left, pad_id), mask, positions_from_mask(mask)
+    mask = _pad_rows([[1] * len(r) for r in rows], left, 0, min_width)
+    return _pad_rows(rows, left, pad_id, min_width), mask, positions_from_mask(mask)
 
 
-def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pad_id: int) -> dict:
-    input_ids, mask, positions = align_rows(ids, first, pad_id)
+def _aligned(ids: list[list[int]], labels: list[list[int]], first: list[int], pad_id: int,
+             min_width: int = 0) -> dict:
+    input_ids, mask, positions = align_rows(ids, first, pad_id, min_width)
     left = [max(first) - f for f in first]
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
-            "labels": _pad_rows(labels, left, IGNORE)}
+            "labels": _pad_rows(labels, left, IGNORE, min_width)}
 
 
 def label_index(labels: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,8 @@ def collate_aligned(examples: list[Example], latent_id: int, pad_id: int, latent
     anchors = [e.input_ids.index(latent_id) for e in examples if e.n_latents]
     first = max(anchors, default=1 if span else 0)    # no row holds one: any column after the first runs them
     rows = [e.input_ids.index(latent_id) if e.n_latents else first for e in examples]
-    parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], rows, pad_id)
-    parts = _widen(parts, first + span, pad_id)
+    # at least first + span columns: the latent columns every row runs must exist
+    parts = _aligned([e.input_ids for e in examples], [e.labels for e in examples], rows, pad_id, first + span)
     ragged = any(c != span for c in counts)
     parts.update(n_latents=span, first_latent=first, label_index=label_index(parts["labels"]),
                  latent_counts=torch.tensor(counts) if ragged and span else None)
@@ -74,15 +75,6 @@ def collate_aligned(examples: list[Example], latent_id: int, pad_id: int, latent
     if examples[0].step_targets is not None:
         parts.update(collate_step_targets([e.step_targets for e in examples], pad_id))
     return Batch(**parts)
-
-
-def _widen(parts: dict, width: int, pad_id: int) -> dict:
-    """Right-pad to at least ``width`` columns: the latent columns every row runs must exist."""
-    extra = width - parts["input_ids"].size(1)
-    if extra <= 0:
-        return parts
-    fill = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "labels": IGNORE}
-    return {k: torch.cat([v, v.new_full((v.size(0), extra), fill[k])], dim=1) for k, v in parts.items()}
 
 
 def collate_step_targets(targets: list[list[list[int]]], pad_id: int) -> dict:
