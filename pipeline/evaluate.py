@@ -119,21 +119,22 @@ def merged_layout(latent: dict) -> LayoutConfig:
                         reference_attention=latent.get("reference_attention", False))
 
 
-def prompt_for(record: dict, latent: dict) -> list[int]:
+def prompt_for(record: dict, latent: dict, layout: LayoutConfig | None = None) -> list[int]:
     """The question, then the latent block the model was trained with: the training layout's own
-    ``prompt`` with :func:`latents_for` latents."""
-    cfg = merged_layout(latent)
-    return cfg.spec.prompt(cfg, record["question_ids"], latent["special_tokens"], latents_for(record, latent))
+    ``prompt`` with :func:`latents_for` latents (``layout``: ``merged_layout(latent)``, built once
+    by a caller that asks for many)."""
+    layout = layout or merged_layout(latent)
+    return layout.spec.prompt(layout, record["question_ids"], latent["special_tokens"],
+                              latents_for(record, latent, layout))
 
 
-def latents_for(record: dict, latent: dict) -> int:
+def latents_for(record: dict, latent: dict, layout: LayoutConfig) -> int:
     """The model's latent count (latent_config), or the problem's own where the model was trained so
     (Coconut without ``pad_latent_to_max``: capped by its steps, as the reference evaluates). A
     problem without steps (an answer-only set) gets the model's count."""
-    if latent.get("pad_latent_to_max", True) or not record["step_ids"]:
+    if layout.pad_latent_to_max or not record["step_ids"]:
         return latent["n_latents"]
-    cfg = merged_layout(latent)
-    return cfg.spec.prompt_latents(cfg, latent["stage"], len(record["step_ids"]))
+    return layout.spec.prompt_latents(layout, latent["stage"], len(record["step_ids"]))
 
 
 def filled_latent_id(latent: dict) -> int | None:
@@ -157,7 +158,7 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         chunk = [records[i] for i in mine[offset:offset + batch_size]]
         real = len(chunk)
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
-        prompts = [prompt_for(r, latent) for r in chunk]
+        prompts = [prompt_for(r, latent, layout) for r in chunk]
         outputs, latents, latent_mask = generate_with_latents(
             model, prompts, filled_latent_id(latent), sp["eos"], max_new, pad_id=sp["pad"], project=projection,
             sync_ranks=True, jacobi_iterations=layout.jacobi, reference_attention=layout.reference_attention)
@@ -165,7 +166,7 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)
             rows.append({"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
-                         "latents": latents_for(record, latent),
+                         "latents": latents_for(record, latent, layout),
                          "hash": hash_match(text, record["answer"]), "number": number_match(text, record["answer"])})
             if geometry is not None:
                 rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
@@ -192,7 +193,7 @@ def decode_latents(model, tok, decoder, latent, projection, records, n_problems:
     sp, layout = latent["special_tokens"], merged_layout(latent)
     if latent["n_latents"] == 0 or not layout.spec.fills_latents or n_problems <= 0:
         return []
-    prompts = [prompt_for(r, latent) for r in records[:n_problems]]
+    prompts = [prompt_for(r, latent, layout) for r in records[:n_problems]]
     ids, mask = left_pad_prompts(prompts, sp["pad"])
     device = model.get_input_embeddings().weight.device
     _, _, latents, latent_mask = prefill(model, ids.to(device), mask.to(device), sp["latent"], projection,
