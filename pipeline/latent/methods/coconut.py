@@ -52,7 +52,7 @@ class Coconut(Method):
     def layout(self, p, special, cfg, stage, prefix_ids):
         q, steps, ans = p.question, p.steps, p.answer
         n_latents = cfg.n_latents(stage, len(steps))
-        skipped = stage if stage <= cfg.max_latent_stage else len(steps)
+        skipped = removed_steps(cfg, stage, len(steps))
         example = self.supervised(self.prompt(cfg, q, special, n_latents),
                                   concat(steps[skipped:]) + ans + [special["eos"]], n_latents)
         if cfg.simcot:                                   # no latents: no slots
@@ -72,6 +72,12 @@ class Coconut(Method):
 
     def base_tokens(self, cfg, seq: SequenceShape):
         return super().base_tokens(cfg, seq) + self.max_latents(cfg) + 2
+
+
+def removed_steps(cfg, stage: int, n_steps: int) -> int:
+    """Steps the curriculum removes from the text at ``stage``: the first ``stage``, every one after
+    the last stage."""
+    return stage if stage <= cfg.max_latent_stage else n_steps
 
 
 def step_targets(replaced: list[list[int]], groups: int, max_stage: int, pseudo: list[int]) -> list[list[int]]:

@@ -10,6 +10,7 @@ chain is run (``method.name: nothought``, ``curriculum.start_stage: 1`` from CoT
 from __future__ import annotations
 
 from .base import Method, concat, register
+from .coconut import Coconut, removed_steps
 
 
 @register
@@ -17,10 +18,8 @@ class NoThought(Method):
     name = "nothought"
     has_curriculum = True
 
-    def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
-        return start_stage + epoch // epochs_per_stage
+    stage_for_epoch = Coconut.stage_for_epoch     # the same curriculum as Coconut's
 
     def layout(self, p, special, cfg, stage, prefix_ids):
-        skipped = stage if stage <= cfg.max_latent_stage else len(p.steps)
-        tail = concat(p.steps[skipped:]) + p.answer + [special["eos"]]
+        tail = concat(p.steps[removed_steps(cfg, stage, len(p.steps)):]) + p.answer + [special["eos"]]
         return self.supervised(self.prompt(cfg, p.question, special, 0), tail)
