@@ -18,10 +18,11 @@ import time
 import torch
 
 from benchmarks.fixtures import PREFIX, SPECIAL, synthetic_records
+from benchmarks.overhead import zero3_step
 from pipeline.engine.build_model import build_reasoner
 from pipeline.engine.config import load_config
 from pipeline.engine.ds_config import resolve_ds_config, zero_stage
-from pipeline.engine.gather_policy import GATHERED, REPLICATED, apply_gather_policy, step_gather
+from pipeline.engine.gather_policy import GATHERED, REPLICATED, apply_gather_policy
 from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.telemetry import FlopModel, body_params, peak_flops, step_flops
 from pipeline.latent.collate import collate_aligned
@@ -76,25 +77,18 @@ def make_batches(batch: int, cfg, device) -> list:
     return out
 
 
-def train_step(engine, b, policy: str):
-    with step_gather(engine, policy):
-        losses = engine(b)
-        engine.backward(losses["total"])
-    engine.step()
-    return losses
-
-
 def time_steps(engine, policy: str, batches, warmup: int, steps: int, flop_model, on_cuda: bool) -> dict:
     """Totals over ``steps`` timed steps after ``warmup``: MFU is all their FLOPs over all their time."""
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     elapsed, flops, tokens = 0.0, 0.0, 0
+    train_step = zero3_step(engine, policy)
     for step in range(warmup + steps):
         b = batches[step % len(batches)]
         sync()
         start = time.perf_counter()
-        losses = train_step(engine, b, policy)
+        loss = train_step(b)
         sync()
         if step >= warmup:
             elapsed += time.perf_counter() - start
@@ -103,7 +97,7 @@ def time_steps(engine, policy: str, batches, warmup: int, steps: int, flop_model
             tokens += int(b.attention_mask.sum()) + (int(teacher.sum()) if teacher is not None else 0)
     peak, peak_name = peak_flops(on_cuda)
     return {"step_s": elapsed / steps, "tokens_per_s": tokens / elapsed, "tflops": flops / elapsed / 1e12,
-            "mfu": flops / elapsed / peak, "peak": peak_name, "final_loss": float(losses["total"].detach()),
+            "mfu": flops / elapsed / peak, "peak": peak_name, "final_loss": float(loss),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")}
 
 
@@ -122,9 +116,10 @@ def profile_steps(engine, policy: str, batches, path: str, on_cuda: bool) -> Non
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    train_step = zero3_step(engine, policy)
     with profile(activities=activities) as prof:
         for b in batches[:3]:
-            train_step(engine, b, policy)
+            train_step(b)
         if on_cuda:
             torch.cuda.synchronize()
     averages = prof.key_averages()

@@ -70,6 +70,7 @@ def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4):
 
 
 def zero3_step(engine, policy: str):
+    """One training step as the trainer runs it (gather policy, forward, backward, step) -> the loss."""
     from pipeline.engine.gather_policy import step_gather
 
     def step(batch: Batch) -> torch.Tensor:
