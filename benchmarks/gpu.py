@@ -23,6 +23,7 @@ from pipeline.engine.build_model import build_reasoner
 from pipeline.engine.config import load_config
 from pipeline.engine.ds_config import resolve_ds_config, zero_stage
 from pipeline.engine.gather_policy import GATHERED, REPLICATED, apply_gather_policy
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
 from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.telemetry import FlopModel, body_params, peak_flops, step_flops
 from pipeline.latent.collate import collate_aligned
@@ -58,13 +59,15 @@ def build_engine(method: list[str], args, attention: str, on_cuda: bool):
                                       config=ds)
     policy = policy_of(ds)
     apply_gather_policy(engine, policy)
+    apply_grad_reduce(engine, AFTER_BACKWARD if policy == GATHERED else OVERLAPPED)
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
     return engine, attention, flop_model, run.method.layout(), policy
 
 
 def policy_of(ds: dict) -> str:
-    """The trainer's choice on a model that fits: pinned under ZeRO-3, nothing to gather below it."""
+    """The trainer's choice on a model that fits: pinned under ZeRO-3 (gradients then reduced after
+    backward), nothing to gather below it."""
     return GATHERED if zero_stage(ds) == 3 else REPLICATED
 
 

@@ -2,12 +2,14 @@
 
 In one process (1 rank, 1 thread, fp32, a host-bound tiny LLaMA: hidden 64, vocab 512, batch 4):
 the ZeRO-3 engine step as the trainer runs it (``engine(b)``, ``engine.backward``, ``engine.step``
-inside the memory plan's ``gathered`` policy) against the very same ``LatentReasoner``, batches
-and AdamW in plain PyTorch eager (``model(b)``, ``backward``, ``clip_grad_norm_``, ``opt.step``),
-for CoT, Coconut + SIM-CoT (16 latents) and CODI + SIM-CoT (6 latents) at 2 and 8 layers. Median
-and min-max of 20 timed steps after 5 warm-up. The two run in the same process, step by step in
-turn (zero3, plain, zero3, ...), so a slower spell of a shared machine slows both alike rather than
-one whole side. One line per case, in a fixed form to compare run to run:
+under what the memory plan picks for a model this small: the ``gathered`` policy, gradients
+reduced after backward; ``--grad-reduce overlapped`` times DeepSpeed's per-parameter hooks)
+against the very same ``LatentReasoner``, batches and AdamW in plain PyTorch eager (``model(b)``,
+``backward``, ``clip_grad_norm_``, ``opt.step``), for CoT, Coconut + SIM-CoT (16 latents) and
+CODI + SIM-CoT (6 latents) at 2 and 8 layers. Median and min-max of 20 timed steps after 5
+warm-up. The two run in the same process, step by step in turn (zero3, plain, zero3, ...), so a
+slower spell of a shared machine slows both alike rather than one whole side. One line per case,
+in a fixed form to compare run to run:
 
     overhead <method> layers=<n> zero3=<ms> plain=<ms> ratio=<r>x
 """
@@ -21,6 +23,7 @@ import time
 import torch
 
 from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, GRAD_REDUCES, apply_grad_reduce
 from pipeline.latent.batch import Batch
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
@@ -46,7 +49,7 @@ def batches(cfg: LayoutConfig, stage: int, n: int = 4) -> list[Batch]:
                             SPECIAL["latent"], SPECIAL["pad"]) for seed in range(n)]
 
 
-def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4):
+def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4, grad_reduce: str = AFTER_BACKWARD):
     """The trainer's engine: resolved zero3.json, model built under zero.Init, the gathered policy."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -64,6 +67,7 @@ def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4):
     model = reasoner(cfg, layers)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, GATHERED)
+    apply_grad_reduce(engine, grad_reduce)
     del keep_alive
     gc.collect()
     return engine, GATHERED
@@ -106,10 +110,10 @@ def timed_in_turn(steps: dict, data: list[Batch], n: int, warmup: int) -> dict[s
     return {name: ts[warmup:] for name, ts in times.items()}
 
 
-def measure(name: str, layers: int, steps: int = 20, warmup: int = 5) -> dict:
+def measure(name: str, layers: int, steps: int = 20, warmup: int = 5, grad_reduce: str = AFTER_BACKWARD) -> dict:
     cfg, stage = CASES[name]
     data = batches(cfg, stage)
-    engine, policy = zero3_engine(cfg, layers)
+    engine, policy = zero3_engine(cfg, layers, grad_reduce=grad_reduce)
     times = timed_in_turn({"zero3": zero3_step(engine, policy), "plain": plain_step(reasoner(cfg, layers))},
                           data, steps, warmup)
     del engine
@@ -130,13 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layers", default="2,8", help="comma-separated layer counts")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--grad-reduce", default=AFTER_BACKWARD, choices=GRAD_REDUCES,
+                        help="when ZeRO-3 reduces gradients (pipeline/engine/grad_reduce.py; default: the plan's pick)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from pipeline.engine.distributed import init_distributed
 
     init_distributed()
     print("P8 engine overhead: ZeRO-3 step vs plain PyTorch eager, 1 rank, 1 thread, fp32, hidden 64, vocab 512, "
-          "batch 4 (goal ratio <= 1.25x)", flush=True)
+          f"batch 4, gradients reduced {args.grad_reduce} (goal ratio <= 1.25x)", flush=True)
     for layers in (int(x) for x in args.layers.split(",")):
         for name in args.cases.split(","):
-            print(line(name, layers, measure(name, layers, args.steps)), flush=True)
+            print(line(name, layers, measure(name, layers, args.steps, grad_reduce=args.grad_reduce)), flush=True)

@@ -142,6 +142,7 @@ class TrainSettings:
     log_every: int = 10
     validate: bool = True
     zero3_gather: str = "auto"          # auto (the memory plan picks) | gathered | streamed (engine/gather_policy.py)
+    grad_reduce: str = "auto"           # auto (the plan picks) | overlapped | after_backward (engine/grad_reduce.py)
     memory_plan: str = "enforce"        # enforce: a plan that does not fit stops the run (exit 3) | warn
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
 
@@ -292,6 +293,8 @@ def validate(config: RunConfig) -> None:
         (c.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0"),
         (t.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0: every record once per epoch)"),
         (t.zero3_gather in ("auto", "gathered", "streamed"), "train.zero3_gather: auto, gathered or streamed"),
+        (t.grad_reduce in ("auto", "overlapped", "after_backward"),
+         "train.grad_reduce: auto, overlapped or after_backward"),
         (0 <= t.warmup_ratio < 1 and 0 <= t.min_lr_ratio <= 1,
          "train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]"),
         (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: micro x grad_accum x ranks)"),

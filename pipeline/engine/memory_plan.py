@@ -20,7 +20,10 @@ The plan picks ``gathered`` whenever it fits, else ``streamed``, else says the r
 and what to change. Under either policy a latent method also holds the gradients of the trainable
 parameters every pass uses (the base or its LoRA, the projection) at full size through backward:
 autograd sums a parameter's contributions from all passes before ZeRO's reduce hook sees them
-(small under LoRA, the whole base for full fine-tuning).
+(small under LoRA, the whole base for full fine-tuning). Under ``gathered`` the plan also picks
+when gradients are reduce-scattered (pipeline/engine/grad_reduce.py): once after backward, which
+holds every trainable parameter's full-size gradient until then and saves DeepSpeed's per-parameter
+hooks, when that fits; else bucket by bucket during backward (``overlapped``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 from pipeline.engine.config import RunConfig
 from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED
 from pipeline.engine.model_shapes import ModelSizes
 from pipeline.latent.loop import pass_count
 from pipeline.latent.methods import SequenceShape
@@ -61,16 +65,23 @@ class MemoryPlan:
     gathered: dict[str, float]           # GiB of gathered weights per policy
     gather_volume: dict[str, float]      # GiB all-gathered per micro-batch per policy
     pass_grads_gib: float                # full-size gradients summed over a latent step's passes
+    full_grads_gib: float                # every trainable parameter's full-size gradient (after_backward)
     activations: dict[str, float]        # GiB with and without checkpointing
     logits_gib: float
     buffers_gib: float
     checkpointing: bool
     budget_gib: float
     policy: str = GATHERED
+    grad_reduce: str = OVERLAPPED
     device_gib: float = 0.0
     fits: bool = True
     reason: str = ""
     advice: list[str] = field(default_factory=list)
+
+    @property
+    def held_grads_gib(self) -> float:
+        """Full-size gradients alive at the end of backward, before ZeRO reduces them."""
+        return self.full_grads_gib if self.grad_reduce == AFTER_BACKWARD else self.pass_grads_gib
 
     def render(self) -> str:
         s, g, a = self.states, self.gathered, self.activations
@@ -87,8 +98,10 @@ class MemoryPlan:
             f"  gathered weights: {gathered}",
             f"  activations of the latent loop: {a['full']:.2f} GiB without checkpointing, {a['checkpointed']:.2f} "
             f"GiB with (now {'on' if self.checkpointing else 'off'}) | logits {self.logits_gib:.2f} GiB | "
-            f"buckets {self.buffers_gib:.2f} GiB | gradients summed over passes {self.pass_grads_gib:.2f} GiB",
-            f"  policy {self.policy}: {self.device_gib:.1f} GiB per device of a {self.budget_gib:.1f} GiB budget "
+            f"buckets {self.buffers_gib:.2f} GiB | full-size gradients held {self.held_grads_gib:.2f} GiB "
+            f"({self.pass_grads_gib:.2f} summed over passes)",
+            f"  policy {self.policy}, gradients reduced {self.grad_reduce.replace('_', ' ')}: "
+            f"{self.device_gib:.1f} GiB per device of a {self.budget_gib:.1f} GiB budget "
             f"({act_now:.2f} GiB activations) -> {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
         if not self.fits:
@@ -192,6 +205,7 @@ def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hard
                       cpu_gib_per_node=cpu * hardware.gpus_per_node, gathered=gathered,
                       gather_volume=_gather_volume(run, sizes, dtype_bytes),
                       pass_grads_gib=_pass_grads(run, sizes, dtype_bytes),
+                      full_grads_gib=sizes.trainable * dtype_bytes / GIB,
                       activations=activation_gib(run, sizes, seq, dtype_bytes), logits_gib=logits,
                       buffers_gib=buffers, checkpointing=run.model.gradient_checkpointing,
                       budget_gib=hardware.gpu_mem_gib * HEADROOM)
@@ -199,20 +213,24 @@ def make_plan(run: RunConfig, sizes: ModelSizes, ds_config: dict, hardware: Hard
     return plan
 
 
-def _device_total(plan: MemoryPlan, policy: str) -> float:
-    weights = 0.0 if policy == REPLICATED else plan.gathered[policy]
+def _device_total(plan: MemoryPlan) -> float:
+    """GiB per device under the plan's current policy and gradient reduction."""
+    weights = 0.0 if plan.policy == REPLICATED else plan.gathered[plan.policy]
     if plan.stage < 3:
         weights = 0.0                           # the parameters themselves are replicated (in "params")
     act = plan.activations["checkpointed" if plan.checkpointing else "full"]
-    return (sum(plan.states.values()) + weights + plan.pass_grads_gib + act + plan.logits_gib + plan.buffers_gib
+    return (sum(plan.states.values()) + weights + plan.held_grads_gib + act + plan.logits_gib + plan.buffers_gib
             + FRAMEWORK_RESERVE_GIB)
 
 
 def decide(plan: MemoryPlan, run: RunConfig, hardware: Hardware) -> None:
-    """Pick the policy: gathered when it fits (one gather per micro-batch), else streamed; else say why not."""
-    candidates = [REPLICATED] if plan.stage < 3 else [GATHERED, STREAMED]
-    for policy in candidates:
-        plan.policy, plan.device_gib = policy, _device_total(plan, policy)
+    """Pick the policy: gathered when it fits (one gather per micro-batch; gradients reduced after
+    backward if their full size fits too), else streamed; else say why not."""
+    candidates = [(REPLICATED, OVERLAPPED)] if plan.stage < 3 else [
+        (GATHERED, AFTER_BACKWARD), (GATHERED, OVERLAPPED), (STREAMED, OVERLAPPED)]
+    for policy, grad_reduce in candidates:
+        plan.policy, plan.grad_reduce = policy, grad_reduce
+        plan.device_gib = _device_total(plan)
         if plan.device_gib <= plan.budget_gib:
             break
     if plan.cpu_gib_per_node > hardware.cpu_mem_gib * HEADROOM:

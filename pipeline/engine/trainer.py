@@ -23,7 +23,8 @@ from pipeline.engine.build_model import build_reasoner, count_params, new_rows_l
 from pipeline.engine.config import RunConfig, for_world, save_config
 from pipeline.engine.distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
 from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
-from pipeline.engine.gather_policy import REPLICATED, STREAMED, apply_gather_policy, step_gather
+from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED, apply_gather_policy, step_gather
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
 from pipeline.engine.memory_plan import local_hardware, make_plan
 from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.sampler import BatchPlan, iter_batches, rank_indices, stage_for_epoch
@@ -48,6 +49,10 @@ class Progress:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def _chosen_by(run: RunConfig, key: str) -> str:
+    return "memory plan" if getattr(run.train, key) == "auto" else f"train.{key}"
 
 
 class Trainer:
@@ -93,7 +98,8 @@ class Trainer:
 
     def _plan_memory(self, vocab_size: int, bf16: bool) -> None:
         """Size the model on the meta device, resolve the DeepSpeed JSON, run the memory plan
-        (printed) and take its gather policy; a plan that does not fit stops here (exit 3).
+        (printed) and take its gather policy and gradient reduction; a plan that does not fit stops
+        here (exit 3).
         Rank 0's plan decides for every rank: ranks that chose differently would not meet in
         the same collectives."""
         run = self.run
@@ -102,10 +108,10 @@ class Trainer:
                                            sizes.trainable)
         plan = make_plan(run, sizes, self.ds_config, local_hardware(self.world, self.device))
         self.say(plan.render())
-        decision = [plan.fits, plan.policy, f"{plan.reason}; {'; '.join(plan.advice)}"]
+        decision = [plan.fits, plan.policy, plan.grad_reduce, f"{plan.reason}; {'; '.join(plan.advice)}"]
         if dist.is_initialized():
             dist.broadcast_object_list(decision, src=0)
-        fits, policy, why = decision
+        fits, policy, grad_reduce, why = decision
         if not fits and run.train.memory_plan == "enforce":
             raise PlanError(f"{why} (or train.memory_plan=warn to try anyway)")
         stage = zero_stage(self.ds_config)
@@ -113,8 +119,13 @@ class Trainer:
             policy if run.train.zero3_gather == "auto" else run.train.zero3_gather)
         if self.gather_policy == STREAMED:
             self.ds_config["zero_optimization"].update(streamed_zero_settings(sizes.layer, sizes.largest_module))
-        self.say(f"ZeRO-{stage} parameters: {self.gather_policy}"
-                 f"{' (train.zero3_gather)' if run.train.zero3_gather != 'auto' else ' (memory plan)'}")
+        self.grad_reduce = run.train.grad_reduce
+        if self.grad_reduce == "auto":       # the plan's choice holds for the policy it picked
+            self.grad_reduce = grad_reduce if self.gather_policy == policy == GATHERED else OVERLAPPED
+        if self.grad_reduce == AFTER_BACKWARD and stage < 3:
+            raise UserError(f"train.grad_reduce=after_backward needs ZeRO-3; {run.deepspeed} is ZeRO-{stage}")
+        self.say(f"ZeRO-{stage} parameters: {self.gather_policy} ({_chosen_by(run, 'zero3_gather')}); gradients "
+                 f"reduced {self.grad_reduce.replace('_', ' ')} ({_chosen_by(run, 'grad_reduce')})")
 
     def _build_engine(self, vocab_size: int) -> None:
         import deepspeed
@@ -144,6 +155,7 @@ class Trainer:
             model=model, model_parameters=optimizer_groups(model, run.train.weight_decay),
             config=self.ds_config, lr_scheduler=self._scheduler)
         apply_gather_policy(self.engine, self.gather_policy)
+        apply_grad_reduce(self.engine, self.grad_reduce)
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,

@@ -1,7 +1,8 @@
-"""Helper for test_gather_policy: one ZeRO-3 step of a method under each gather policy (1 rank, in
-this process) and the same step in plain PyTorch eager from the same weights; saves every
-loss and full gradient, and the most parameters ``streamed`` held gathered in a second step
-(the first records DeepSpeed's trace and releases everything at once).
+"""Helper for test_gather_policy: one ZeRO-3 step of a method under each gather policy, and under
+``gathered`` with gradients reduced after backward in buckets of one layer (1 rank, in this
+process), and the same step in plain PyTorch eager from the same weights; saves every loss and
+full gradient, and the most parameters ``streamed`` held gathered in a second step (the first
+records DeepSpeed's trace and releases everything at once).
 
     python -m tests.distributed.gather_policy_grads METHOD OUT.pt
 """
@@ -13,12 +14,15 @@ from benchmarks.overhead import CASES, HIDDEN, VOCAB, batches, reasoner
 from benchmarks.zero import LiveParams
 from pipeline.engine.distributed import init_distributed, teardown
 from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
 from pipeline.latent.batch import Batch
 
 LAYERS = 4         # the streamed window (about three layers and the embeddings) is then below the base
+VARIANTS = {"streamed": (STREAMED, OVERLAPPED), "gathered": (GATHERED, OVERLAPPED),
+            "after_backward": (GATHERED, AFTER_BACKWARD)}
 
 
-def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict, int]:
+def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch) -> tuple[dict, dict, dict, int]:
     """-> (losses, full gradients, the starting weights, and under ``streamed`` the peak of gathered
     elements in a second step)."""
     import deepspeed
@@ -31,19 +35,24 @@ def zero3_step(method: str, policy: str, batch: Batch) -> tuple[dict, dict, dict
     cfg, _ = CASES[method]
     config = load_config(None, ["train.micro_batch_size=4"])
     ds = resolve_ds_config("ds_configs/zero3.json", config, 1, HIDDEN, on_cuda=False, bf16=False)
+    layer = sum(p.numel() for p in reasoner(cfg, LAYERS).base.model.layers[0].parameters())
     if policy == STREAMED:       # as the trainer sets it
-        layer = sum(p.numel() for p in reasoner(cfg, LAYERS).base.model.layers[0].parameters())
         ds["zero_optimization"].update(streamed_zero_settings(layer, VOCAB * HIDDEN))
+    if grad_reduce == AFTER_BACKWARD:       # several buckets, not one
+        ds["zero_optimization"]["reduce_bucket_size"] = layer
     keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init: both policies start from the same weights)
     model = reasoner(cfg, layers=LAYERS)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, policy)
+    apply_grad_reduce(engine, grad_reduce)
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
         weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
     with step_gather(engine, policy):
         losses = engine(batch)
         engine.backward(losses["total"])
+    # every gradient reduced into ZeRO's partitions (safe_get_full_grad would return one left behind)
+    assert all(p.grad is None for p in params), [n for n, p in engine.module.named_parameters() if p.grad is not None]
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
     if policy != STREAMED:
         return {k: v.item() for k, v in losses.items()}, grads, weights, 0
@@ -69,9 +78,9 @@ if __name__ == "__main__":
     cfg, stage = CASES[method]
     batch = batches(cfg, stage, n=1)[0]
     result = {}
-    for policy in (STREAMED, GATHERED):
-        losses, grads, weights, peak = zero3_step(method, policy, batch)
-        result[policy] = {"losses": losses, "grads": grads, "peak": peak}
+    for variant, (policy, grad_reduce) in VARIANTS.items():
+        losses, grads, weights, peak = zero3_step(method, policy, grad_reduce, batch)
+        result[variant] = {"losses": losses, "grads": grads, "peak": peak}
     losses, grads = plain_step(method, batch, weights)
     model = reasoner(cfg, LAYERS)
     result["plain"] = {"losses": losses, "grads": grads}

@@ -1,5 +1,6 @@
 """The memory plan's gather policies compute what plain PyTorch computes: ``gathered`` (DeepSpeed's
-module hooks removed, the whole model gathered once around forward and backward) bit for bit;
+module hooks removed, the whole model gathered once around forward and backward) bit for bit,
+with DeepSpeed's per-parameter gradient hooks and with gradients reduced after backward;
 ``streamed`` (DeepSpeed's hooks, released after every pass's backward) to fp32 rounding, holding
 no more than the plan's window of parameters at once."""
 import subprocess
@@ -26,10 +27,12 @@ def test_gathered_and_streamed_steps_equal_plain_pytorch_and_streamed_holds_a_wi
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     gathered, streamed, plain = result["gathered"], result["streamed"], result["plain"]
-    assert gathered["losses"] == plain["losses"] == streamed["losses"]          # forward: bit-identical
+    once = result["after_backward"]
+    assert gathered["losses"] == plain["losses"] == streamed["losses"] == once["losses"]   # forward: bit-identical
     for name, zero3 in gathered["grads"].items():
         grad = _dense(plain["grads"][name], zero3)
         assert torch.equal(zero3, grad), name                                     # backward: bit-identical
+        assert torch.equal(once["grads"][name], grad), name
         # DeepSpeed's hooks add autograd nodes that change the order gradient contributions are
         # summed in: the hooked step differs from both at fp32 rounding only
         assert torch.allclose(streamed["grads"][name], grad, rtol=1e-5, atol=1e-7), name

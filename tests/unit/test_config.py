@@ -34,6 +34,7 @@ def test_yaml_plus_dotted_overrides(tmp_path):
     ("method.progressive_train=true", "needs a method with a curriculum"),
     ("method.reference_step_truncation=true", "emulates CODI's released SIM-CoT code"),
     ("method.reference_quirks=true", "coconut has none left to emulate"),
+    ("train.grad_reduce=once", "train.grad_reduce: auto, overlapped or after_backward"),
 ])
 def test_config_errors_name_the_key_and_the_fix(override, message):
     overrides = [override] + (["method.simcot=true"] if override == "method.name=cot" else [])

@@ -9,6 +9,7 @@ import pytest
 from pipeline.engine.config import load_config
 from pipeline.engine.ds_config import resolve_ds_config
 from pipeline.engine.gather_policy import GATHERED, STREAMED
+from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED
 from pipeline.engine.memory_plan import GIB, Hardware, base_passes, make_plan, model_states
 from pipeline.engine.model_shapes import meta_reasoner, model_sizes
 from pipeline.plan import plan_for
@@ -71,6 +72,8 @@ def test_every_recipe_builds_resolves_and_plans_on_its_hardware(recipe):
     assert "auto" not in str(ds)
     plan = make_plan(run, sizes, ds, hardware)
     assert plan.fits, plan.render()
+    if plan.stage < 3:               # DeepSpeed's ZeRO-1/2 hooks stay: after_backward is ZeRO-3's
+        assert plan.grad_reduce == OVERLAPPED
     if recipe == "llama3.1-70b-codi-simcot":
         # the whole model (its full-size step decoder included) would be 266 GiB gathered: it streams
         assert plan.policy == STREAMED and plan.gathered[GATHERED] > 80 > plan.device_gib
@@ -109,6 +112,22 @@ def test_a_single_pass_method_streams_when_the_gathered_model_does_not_fit():
     assert roomy.fits and roomy.policy == GATHERED
     assert tight.fits and tight.policy == STREAMED
     assert tight.gathered[STREAMED] < tight.gathered[GATHERED] / 4
+
+
+def test_gradients_are_reduced_after_backward_only_when_their_full_size_fits_too():
+    args = [f"model.name_or_path={LLAMA['8b']}", "method.name=cot", "model.gradient_checkpointing=true",
+            "train.micro_batch_size=2"]
+    roomy, sizes = plan_for(None, args, 1, 8, 80.0, 1024.0)
+    middle, _ = plan_for(None, args, 1, 8, 44.0, 1024.0)
+    tight, _ = plan_for(None, args, 1, 8, 32.0, 1024.0)
+    assert (roomy.policy, roomy.grad_reduce) == (GATHERED, AFTER_BACKWARD)
+    assert (middle.policy, middle.grad_reduce) == (GATHERED, OVERLAPPED)
+    assert (tight.policy, tight.grad_reduce) == (STREAMED, OVERLAPPED)
+    # CoT has one pass: DeepSpeed's hooks would free each gradient as it is made; after backward
+    # holds all of them, 2 bytes per parameter
+    assert roomy.full_grads_gib == pytest.approx(sizes.trainable * 2 / GIB) and roomy.pass_grads_gib == 0
+    assert roomy.device_gib == pytest.approx(middle.device_gib + roomy.full_grads_gib)
+    assert "policy gathered, gradients reduced after backward" in roomy.render()
 
 
 def test_checkpointing_shrinks_the_planned_activations_and_the_advice_says_so():
