@@ -122,8 +122,9 @@ class Trainer:
         self.grad_reduce = run.train.grad_reduce
         if self.grad_reduce == "auto":       # the plan's choice holds for the policy it picked
             self.grad_reduce = grad_reduce if self.gather_policy == policy == GATHERED else OVERLAPPED
-        if self.grad_reduce == AFTER_BACKWARD and stage < 3:
-            raise UserError(f"train.grad_reduce=after_backward needs ZeRO-3; {run.deepspeed} is ZeRO-{stage}")
+        if self.grad_reduce == AFTER_BACKWARD and self.gather_policy != GATHERED:
+            raise UserError(f"train.grad_reduce=after_backward goes with ZeRO-3's gathered policy, not "
+                            f"{self.gather_policy} (ZeRO-{stage}, {run.deepspeed}); set train.grad_reduce=overlapped")
         self.say(f"ZeRO-{stage} parameters: {self.gather_policy} ({_chosen_by(run, 'zero3_gather')}); gradients "
                  f"reduced {self.grad_reduce.replace('_', ' ')} ({_chosen_by(run, 'grad_reduce')})")
 
