@@ -54,9 +54,13 @@ def apply_grad_reduce(engine, mode: str) -> None:
     def reduce_then_epilogue():
         """DeepSpeed calls this once per backward (engine.backward's epilogue); its own work,
         after ours, finds an empty bucket and builds the averaged gradients for the step."""
-        ready = [p for p in params if p.grad is not None]
-        for bucket in buckets(ready, optimizer.reduce_bucket_size):
-            optimizer.partition_grads(bucket, scatter(bucket, optimizer.get_param_comm_dtype(bucket[0])))
+        by_comm_dtype: dict = {}        # one dtype unless DeepSpeed's torch autocast is on
+        for p in params:
+            if p.grad is not None:
+                by_comm_dtype.setdefault(optimizer.get_param_comm_dtype(p), []).append(p)
+        for comm_dtype, ready in by_comm_dtype.items():
+            for bucket in buckets(ready, optimizer.reduce_bucket_size):
+                optimizer.partition_grads(bucket, scatter(bucket, comm_dtype))
         epilogue()
 
     optimizer.independent_gradient_partition_epilogue = reduce_then_epilogue
