@@ -32,16 +32,14 @@ class Coconut(Method):
             return 0
         if stage <= cfg.max_latent_stage:
             return cfg.c_thought * stage
-        groups = cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
-        return cfg.c_thought * groups
+        return cfg.c_thought * _groups_after_last_stage(cfg, n_steps)
 
     def prompt_latents(self, cfg, stage, n_steps):
         # the reference's get_question_latent_dataset: without pad_latent_to_max the count is capped by
         # the problem's steps at every stage (training caps it only after the last stage)
         if cfg.progressive_train:
             return cfg.c_thought * cfg.max_latent_stage
-        groups = cfg.max_latent_stage if cfg.pad_latent_to_max else min(cfg.max_latent_stage, n_steps)
-        return cfg.c_thought * min(groups, stage)
+        return cfg.c_thought * min(_groups_after_last_stage(cfg, n_steps), stage)
 
     def stage_for_epoch(self, epoch, start_stage, epochs_per_stage):
         return start_stage + epoch // epochs_per_stage
@@ -72,6 +70,12 @@ class Coconut(Method):
 
     def base_tokens(self, cfg, seq: SequenceShape):
         return super().base_tokens(cfg, seq) + self.max_latents(cfg) + 2
+
+
+def _groups_after_last_stage(cfg, n_steps: int) -> int:
+    """Thought groups after the last stage: every stage's, or without ``pad_latent_to_max`` no more
+    than the problem has steps."""
+    return cfg.max_latent_stage if cfg.pad_latent_to_max else min(n_steps, cfg.max_latent_stage)
 
 
 def removed_steps(cfg, stage: int, n_steps: int) -> int:
