@@ -28,6 +28,7 @@ from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.telemetry import FlopModel, body_params, peak_flops, step_flops
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import layout
+from pipeline.latent.vocab import Vocab
 
 SHAPES = {
     "1b": ["model.tiny.hidden_size=2048", "model.tiny.num_layers=16", "model.tiny.num_heads=32",
@@ -54,7 +55,7 @@ def build_engine(method: list[str], args, attention: str, on_cuda: bool):
                            trainable_params=sizes.trainable)
     if args.torch_adam:
         ds["optimizer"]["params"]["torch_adam"] = True
-    model, attention, _keep = build_reasoner(run, VOCAB, SPECIAL["eos"], ds, on_cuda)
+    model, attention, _keep = build_reasoner(run, Vocab(SPECIAL, VOCAB, VOCAB), ds, on_cuda)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     policy = policy_of(ds)

@@ -4,11 +4,13 @@
     shards = load_shards("data/shards")            # checks sha256s and the tokenizer fingerprint
     train = shards.split("train")                   # a datasets.Dataset of records
     shards.special_tokens["latent"]                 # token ids always come from here
+    shards.layout_tokens                            # ... and with the step brackets, what layouts read
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import datasets
 
@@ -40,6 +42,21 @@ class ShardSet:
     @property
     def special_tokens(self) -> dict[str, int]:
         return self.manifest["special_tokens"]
+
+    @cached_property
+    def layout_tokens(self) -> dict[str, int]:
+        """The special-token ids and the ids of the step brackets that are one token (CODI's step
+        targets find the steps by them): what ``pipeline.latent.methods.layout`` reads."""
+        from .tokenizer import step_marker_ids
+
+        return {**self.special_tokens, **step_marker_ids(self.tokenizer)}
+
+    @cached_property
+    def original_vocab_size(self) -> int:
+        """The tokenizer's vocabulary before the latent tokens were added: the step decoder's."""
+        from .tokenizer import original_vocab_size
+
+        return original_vocab_size(self.tokenizer)
 
     @property
     def splits(self) -> list[str]:

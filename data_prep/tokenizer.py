@@ -123,6 +123,28 @@ def special_token_ids(tok) -> dict[str, int]:
     return ids
 
 
+# The CoT's step brackets, as the CODI reference finds its steps in token ids: a step opens at "<<"
+# (or " <<", the byte-level BPEs' merge of the space before it) and closes at ">>".
+STEP_MARKERS = {"step_open": "<<", "step_open_spaced": " <<", "step_close": ">>"}
+
+
+def step_marker_ids(tok) -> dict[str, int]:
+    """The ids of the step brackets that are one token in ``tok`` (a bracket split into several
+    tokens is left out: the reference's token-level rule cannot see it)."""
+    ids = {name: tok(text, add_special_tokens=False)["input_ids"] for name, text in STEP_MARKERS.items()}
+    return {name: found[0] for name, found in ids.items() if len(found) == 1}
+
+
+def original_vocab_size(tok) -> int:
+    """The vocabulary before ``add_latent_tokens`` (a pretrained model's own, unresized): the ids
+    below the run of our added tokens at the end of ``tok``."""
+    ours = set(LATENT_TOKENS.values()) | {PAD_TOKEN}
+    size = len(tok)
+    while size > 0 and tok.convert_ids_to_tokens(size - 1) in ours:
+        size -= 1
+    return size
+
+
 def fingerprint(tok) -> str:
     """sha256 of the full tokenizer definition (model, normalisers, added tokens) and special ids."""
     definition = json.loads(tok.backend_tokenizer.to_str())

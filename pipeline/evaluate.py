@@ -142,6 +142,15 @@ def filled_latent_id(latent: dict) -> int | None:
     return latent["special_tokens"]["latent"] if get_method(latent["method"]).fills_latents else None
 
 
+def generation_masked_classes(latent: dict) -> list[int]:
+    """Tokens the model never generates: the added tokens outside its method's vocabulary (none for
+    a model merged before latent_config recorded the original vocabulary)."""
+    if "original_vocab_size" not in latent:
+        return []
+    return get_method(latent["method"]).masked_classes(latent["special_tokens"], latent["original_vocab_size"],
+                                                       generating=True)
+
+
 def _rank_slice(n: int) -> tuple[range, int]:
     """Contiguous, non-overlapping records per rank, and the padded count every rank iterates."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -150,7 +159,7 @@ def _rank_slice(n: int) -> tuple[range, int]:
 
 
 def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_new: int) -> dict:
-    sp, layout = latent["special_tokens"], merged_layout(latent)
+    sp, layout, masked = latent["special_tokens"], merged_layout(latent), generation_masked_classes(latent)
     mine, per_rank = _rank_slice(len(records))
     centre, embedding_to_centre = vocab_centre(model.get_input_embeddings().weight)
     rows, start = [], time.perf_counter()
@@ -161,7 +170,8 @@ def evaluate_set(model, tok, latent, projection, records, batch_size: int, max_n
         prompts = [prompt_for(r, latent, layout) for r in chunk]
         outputs, latents, latent_mask = generate_with_latents(
             model, prompts, filled_latent_id(latent), sp["eos"], max_new, pad_id=sp["pad"], project=projection,
-            sync_ranks=True, jacobi_iterations=layout.jacobi, reference_attention=layout.reference_attention)
+            sync_ranks=True, jacobi_iterations=layout.jacobi, reference_attention=layout.reference_attention,
+            masked_classes=masked)
         geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             text = tok.decode(new, skip_special_tokens=True)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from data_prep import UserError, load_shards, run_cli
 from pipeline.engine import checkpoint
-from pipeline.engine.build_model import apply_lora, build_lm
+from pipeline.engine.build_model import apply_lora, build_lm, build_step_decoder
 from pipeline.engine.config import load_config
 
 LATENT_CONFIG = "latent_config.json"
@@ -38,7 +38,7 @@ def _take(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
 
 
-def rebuild(run, state: dict, vocab_size: int):
+def rebuild(run, state: dict, vocab_size: int, decoder_vocab: int):
     """Base LM (LoRA merged), step decoder, the weights of its input map (a step decoder of another
     width: ``model.decoder_path``) and of CODI's projection, from a consolidated state dict."""
     state = dict(state)
@@ -51,8 +51,8 @@ def rebuild(run, state: dict, vocab_size: int):
         checkpoint.load_exact(base, _take(state, "base."), "base")
     decoder = None
     if run.method.simcot:
-        decoder = build_lm(run.model.step_decoder(), vocab_size, "sdpa")
-        checkpoint.load_exact(decoder, _take(state, "step_decoder."), "step_decoder")
+        decoder = build_step_decoder(run.model.step_decoder(), vocab_size, decoder_vocab, "sdpa")
+        checkpoint.load_exact(decoder, _take(state, "step_decoder."), "step_decoder", cut_vocab_rows=True)
     decoder_in = _take(state, "decoder_in.")
     projection = _take(state, "projection.")
     if state:
@@ -80,7 +80,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     state = checkpoint.consolidated(ckpt_dir, tag)
     client = checkpoint.client_state(ckpt_dir, tag)
     shards = load_shards(run.data)
-    base, decoder, decoder_in, projection = rebuild(run, state, len(shards.tokenizer))
+    base, decoder, decoder_in, projection = rebuild(run, state, len(shards.tokenizer), shards.original_vocab_size)
     out = out or os.path.join(run_dir, "merged")
     tmp = f"{out}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +100,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
               "latent_update": run.method.latent_update,
               "jacobi_iterations": run.method.jacobi_iterations, "remove_eos": run.method.remove_eos,
               "reference_attention": run.method.reference_attention,
+              "original_vocab_size": shards.original_vocab_size,
               "stage": client["stage"],
               "special_tokens": shards.special_tokens,
               "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,

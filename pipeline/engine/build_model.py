@@ -12,6 +12,7 @@ import torch
 from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
 from pipeline.latent.methods import get_method
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.vocab import Vocab
 
 
 def flash_kernels(on_cuda: bool) -> dict[str, bool]:
@@ -61,6 +62,18 @@ def build_lm(settings: ModelSettings, vocab_size: int, attention: str):
     return LlamaForCausalLM._from_config(cfg, attn_implementation=attention, dtype=torch.float32)
 
 
+def build_step_decoder(settings: ModelSettings, vocab_size: int, decoder_vocab: int, attention: str):
+    """The SIM-CoT step decoder at the reference's vocabulary, ``decoder_vocab`` (the tokenizer's
+    before the latent tokens were added: its targets never hold one). A pretrained model keeps its
+    own table, never resized (the reference loads it unresized); a model built in code is built as
+    the base is (the same weights) and its added rows are cut off."""
+    decoder = build_lm(settings, decoder_vocab if settings.name_or_path else vocab_size, attention)
+    rows = decoder.get_output_embeddings().weight
+    if not settings.name_or_path and getattr(rows, "ds_shape", rows.shape)[0] > decoder_vocab:
+        decoder.resize_token_embeddings(decoder_vocab)
+    return decoder
+
+
 def new_rows_like(tokenizer, method: str) -> int | None:
     """The token whose rows the added latent tokens start as: the method's ``seed_rows_from``
     (Coconut's ``<<``, as the reference does); None (transformers' mean-resizing) for a method
@@ -70,7 +83,7 @@ def new_rows_like(tokenizer, method: str) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) -> list[int]:
+def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lm) -> list[int]:
     """Copy token ``like``'s rows into the latent tokens' ``rows`` (the ids data_prep added, beyond
     the pretrained table or inside a padded one). Skipped when ``checkpoint.init_from`` is a latent
     run's: its latent rows are trained, while a CoT run never feeds them (the reference resizes
@@ -81,8 +94,7 @@ def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lms: list) 
         source = init_run_method(run.checkpoint.init_from)
         if source is not None and get_method(source).uses_latent_tokens:
             return []
-    for lm in lms:
-        copy_rows(lm, rows, like)
+    copy_rows(lm, rows, like)     # the base's only: the step decoder has no rows for added tokens
     return rows
 
 
@@ -122,28 +134,30 @@ def reasoner_config(run: RunConfig) -> ReasonerConfig:
     m = run.method
     return ReasonerConfig(layout=m.layout(), step_loss_weight=m.step_loss_weight,
                           step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
-                          distill_div_std=m.distill_div_std, distill_loss=m.distill_loss, prj_dim=m.prj_dim,
+                          distill_div_std=m.distill_div_std, distill_loss=m.distill_loss, projection=m.projection,
+                          prj_dim=m.prj_dim,
                           prj_dropout=m.prj_dropout, prj_layernorm=m.prj_layernorm,
                           teacher_loss_weight=m.teacher_loss_weight,
                           gradient_checkpointing=run.model.gradient_checkpointing,
                           reference_step_truncation=m.reference_step_truncation)
 
 
-def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict | None, on_cuda: bool,
-                   new_rows_like: int | None = None, latent_rows: tuple[int, ...] = ()):
+def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda: bool,
+                   new_rows_like: int | None = None):
     """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig). ``new_rows_like``:
-    the token whose rows the latent tokens' ``latent_rows`` start from (Coconut's ``<<``; None:
-    transformers' mean-resizing)."""
+    the token whose rows the latent tokens' rows start from (Coconut's ``<<``; None: transformers'
+    mean-resizing)."""
     keep_alive = None
     if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
     attention = pick_attention(run.model.attn_implementation, on_cuda)
-    base = build_lm(run.model, vocab_size, attention)
+    base = build_lm(run.model, vocab.size, attention)
     # The step decoder is the base architecture with the base's starting weights (or the model of
     # model.decoder_path), never LoRA.
-    decoder = build_lm(run.model.step_decoder(), vocab_size, attention) if run.method.simcot else None
+    decoder = (build_step_decoder(run.model.step_decoder(), vocab.size, vocab.original, attention)
+               if run.method.simcot else None)
     if run.checkpoint.init_from:
         from pipeline.engine.checkpoint import load_base_weights
 
@@ -151,12 +165,13 @@ def build_reasoner(run: RunConfig, vocab_size: int, eos_id: int, ds_config: dict
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"initialised weights from {source}"
                   f"{f'; step decoder from {decoder_origin}' if decoder is not None else ''}", flush=True)
-    seeded = seed_new_rows(run, list(latent_rows), new_rows_like, [lm for lm in (base, decoder) if lm is not None])
+    seeded = seed_new_rows(run, list(vocab.added_ids()), new_rows_like, base)
     if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
-    model = LatentReasoner(base, reasoner_config(run), eos_id=eos_id, step_decoder=decoder)
+    model = LatentReasoner(base, reasoner_config(run), eos_id=vocab.special["eos"], step_decoder=decoder,
+                           masked_classes=get_method(run.method.name).masked_classes(vocab.special, vocab.original))
     if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
         # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
         # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).

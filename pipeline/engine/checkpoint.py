@@ -179,13 +179,27 @@ def consolidated(ckpt_dir: str, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
 
 
-def load_exact(module, weights: dict, where: str) -> None:
-    """Every model key filled (a tied LM head may be absent) and no weight left over."""
+def load_exact(module, weights: dict, where: str, cut_vocab_rows: bool = False) -> None:
+    """Every model key filled (a tied LM head may be absent) and no weight left over.
+    ``cut_vocab_rows``: a step decoder's tables keep only the rows it has (its weights may come
+    from a base with the added tokens, or a run made when decoders had them)."""
+    if cut_vocab_rows:
+        weights = _cut_rows(weights, module.state_dict())
     missing, unexpected = module.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(module.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise CheckpointError(f"{where}: its weights do not fit this model "
                               f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+
+
+def _cut_rows(weights: dict, own: dict) -> dict:
+    """Tables with more rows than the module's (and the same width) cut to its rows."""
+    def fit(key, value):
+        shape = own[key].shape if key in own else None
+        if shape is not None and value.dim() == 2 and value.shape[1:] == shape[1:] and value.shape[0] > shape[0]:
+            return value[:shape[0]]
+        return value
+    return {key: fit(key, value) for key, value in weights.items()}
 
 
 def load_base_weights(base, decoder, init_from: str, decoder_init: str = "pretrained") -> tuple[str, str]:
@@ -200,7 +214,7 @@ def load_base_weights(base, decoder, init_from: str, decoder_init: str = "pretra
     _load_gathered(base, weights["base."], f"{ckpt_dir}/{tag}")
     chosen, origin = decoder_weights(weights, decoder_init)
     if decoder is not None and chosen is not None:
-        _load_gathered(decoder, chosen, f"{ckpt_dir}/{tag}")
+        _load_gathered(decoder, chosen, f"{ckpt_dir}/{tag}", cut_vocab_rows=True)
     return f"{ckpt_dir}/{tag}", origin
 
 
@@ -216,10 +230,10 @@ def decoder_weights(weights: dict[str, dict], decoder_init: str) -> tuple[dict |
     return None, "the pretrained weights (method.decoder_init=pretrained)"
 
 
-def _load_gathered(module, weights: dict, where: str) -> None:
+def _load_gathered(module, weights: dict, where: str, cut_vocab_rows: bool = False) -> None:
     import deepspeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
         if rank == 0:
-            load_exact(module, weights, where)
+            load_exact(module, weights, where, cut_vocab_rows)

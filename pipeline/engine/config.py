@@ -80,11 +80,14 @@ class MethodSettings:
                                         # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
     remove_eos: bool = True             # codi: false = the reference's EOS after the question, CoT and <eot>
     teacher_cot: str = "joined"         # codi: the teacher's CoT tokenised as one string (reference) | pieces
+    step_targets: str = "spans"         # codi + simcot: the <<..>> spans of the teacher's CoT ids, as the reference
+                                        # finds them | pieces (each step's own ids, its separator included)
     reference_attention: bool = False   # codi: emulate the released code's attention: after the question pass no
                                         # mask (left pads attended), positions = columns (for matching its numbers)
     reference_step_truncation: bool = False  # codi + simcot: emulate the released code's dedup_trailing_pads bug
                                         # (each slot's step targets cut to row 0's width; batch order decides)
-    reference_quirks: bool = False      # codi: every emulated reference bug at once (the two switches above)
+    reference_quirks: bool = False      # codi: every emulated reference bug at once (the two switches above, and
+                                        # its step scan over the whole teacher sequence: remove_eos=false -> no step)
     decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
                                         # model; a tiny model's initial weights) | base (the checkpoint's base weights)
     step_loss_weight: float = 1.0
@@ -92,6 +95,7 @@ class MethodSettings:
     distill_factor: float = 1.0
     distill_div_std: bool = True
     distill_loss: str = "smooth_l1"     # smooth_l1 | l2 (the reference's distill_loss_type)
+    projection: bool = True             # codi: false = the reference's use_prj off (latents are the raw hidden states)
     prj_dim: int = 0                    # CODI projection inner width (0: the hidden size)
     prj_dropout: float = 0.0
     prj_layernorm: bool = True          # false: the reference's prj_no_ln
@@ -108,7 +112,8 @@ class MethodSettings:
                             include_last_step=self.include_last_step, simcot=self.simcot,
                             latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
                             progressive_train=self.progressive_train, remove_eos=self.remove_eos,
-                            teacher_cot=self.teacher_cot, reference_attention=self.reference_attention,
+                            teacher_cot=self.teacher_cot, step_targets=self.step_targets,
+                            reference_attention=self.reference_attention, reference_quirks=self.reference_quirks,
                             uniform_prob=self.uniform_prob)
 
 
@@ -272,6 +277,16 @@ def validate(config: RunConfig) -> None:
          f"method.uniform_prob draws curriculum stages: a method with a curriculum (coconut), not {m.name}"),
         (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
         (m.teacher_cot in ("joined", "pieces"), "method.teacher_cot: joined or pieces"),
+        (m.step_targets in ("spans", "pieces"), "method.step_targets: spans or pieces"),
+        (m.step_targets == "spans" or (get_method(m.name).needs_teacher and m.simcot),
+         "method.step_targets=pieces chooses CODI + SIM-CoT's decoder targets: method.name=codi, method.simcot=true"),
+        (not m.reference_quirks or (m.step_targets == "spans" and m.teacher_cot == "joined"),
+         "method.reference_quirks reproduces the reference, whose teacher CoT is joined and whose step targets are "
+         "its spans: drop method.step_targets=pieces / method.teacher_cot=pieces"),
+        (not m.reference_attention or not config.model.attn_implementation.startswith("flash"),
+         "method.reference_attention (and reference_quirks) attends the question's left pads as the reference does "
+         "under CUDA SDPA, through a 4-D mask that flash-attention kernels do not take: "
+         "set model.attn_implementation to auto, sdpa or eager"),
         (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
          f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
         (not m.reference_quirks or get_method(m.name).needs_teacher,
@@ -282,6 +297,8 @@ def validate(config: RunConfig) -> None:
          "method.reference_step_truncation emulates CODI's released SIM-CoT code: method.name=codi, method.simcot"),
         (m.remove_eos or get_method(m.name).needs_teacher,
          f"method.remove_eos=false is CODI's option (EOS between question, CoT and answer), not {m.name}'s"),
+        (m.projection or get_method(m.name).needs_projection,
+         f"method.projection=false turns off CODI's prj; {m.name} has none"),
         (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),
         (m.latent_update in ("sequential", "jacobi"), "method.latent_update: sequential or jacobi"),
         (m.latent_update == "sequential" or get_method(m.name).fills_latents,

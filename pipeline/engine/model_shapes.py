@@ -39,8 +39,10 @@ KNOWN_SHAPES = {
     "openai-community/gpt2": {"model_type": "gpt2", "vocab_size": 50_257, "n_embd": 768, "n_layer": 12,
                               "n_head": 12, "n_positions": 1024},
 }
-# Token ids data_prep adds to a pretrained tokenizer (start/latent/end, bot/eot, pad when missing).
+# Token ids data_prep adds to a pretrained tokenizer (start/latent/end, bot/eot, pad when missing),
+# and to the SentencePiece one it trains (which has a pad).
 ADDED_TOKENS = 6
+TINY_ADDED_TOKENS = 5
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,10 @@ def lm_config(run: RunConfig, vocab_size: int | None = None, settings: ModelSett
     return cfg
 
 
-def meta_reasoner(run: RunConfig, vocab_size: int | None = None):
-    """The run's LatentReasoner on the meta device: every module and shape, no memory, no download."""
+def meta_reasoner(run: RunConfig, vocab_size: int | None = None, decoder_vocab: int | None = None):
+    """The run's LatentReasoner on the meta device: every module and shape, no memory, no download.
+    The step decoder keeps a pretrained model's own table; one built in code has ``decoder_vocab``
+    rows (the tokenizer's before data_prep added its tokens; None: the base's less those tokens)."""
     from transformers import AutoModelForCausalLM
 
     from pipeline.engine.build_model import apply_lora, reasoner_config
@@ -97,17 +101,21 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None):
     cfg = lm_config(run, vocab_size)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(cfg)
-        decoder_cfg = lm_config(run, vocab_size, run.model.step_decoder()) if run.model.decoder_path else cfg
-        decoder = AutoModelForCausalLM.from_config(decoder_cfg) if run.method.simcot else None
+        decoder = None
+        if run.method.simcot:
+            decoder_cfg = lm_config(run, 1, run.model.step_decoder())     # a pretrained model's own table
+            if not run.model.step_decoder().name_or_path:                  # built in code: cut to the original
+                decoder_cfg.vocab_size = decoder_vocab or cfg.vocab_size - TINY_ADDED_TOKENS
+            decoder = AutoModelForCausalLM.from_config(decoder_cfg)
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)
         return LatentReasoner(base, reasoner_config(run), eos_id=0, step_decoder=decoder)
 
 
-def model_sizes(run: RunConfig, vocab_size: int | None = None) -> ModelSizes:
+def model_sizes(run: RunConfig, vocab_size: int | None = None, decoder_vocab: int | None = None) -> ModelSizes:
     from transformers.modeling_layers import GradientCheckpointingLayer  # every HF decoder block is one
 
-    model = meta_reasoner(run, vocab_size)
+    model = meta_reasoner(run, vocab_size, decoder_vocab)
     params = list(model.parameters())           # tied weights appear once
     cfg = model.base.config
     layer = next(m for m in model.base.modules() if isinstance(m, GradientCheckpointingLayer))

@@ -17,7 +17,6 @@ import torch.distributed as dist
 
 from data_prep import load_shards
 from data_prep.cli_errors import UserError
-from data_prep.tokenizer import LATENT_TOKENS
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
 from pipeline.engine.config import RunConfig, for_world, save_config
@@ -31,6 +30,9 @@ from pipeline.engine.sampler import BatchPlan, iter_batches, rank_indices, stage
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 from pipeline.latent.methods import layout
+from pipeline.latent.vocab import Vocab
+
+TARGET_SAMPLE = 10_000     # train records the start-up report on decoder targets reads
 
 
 class PlanError(RuntimeError):
@@ -66,13 +68,14 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.shards = load_shards(run.data)
         tok = self.shards.tokenizer
-        self.special = self.shards.special_tokens
+        self.vocab = Vocab.of(self.shards)
+        self.special = self.vocab.special
         self.prefix_ids = tok(self.shards.manifest["templates"]["answer_prefix"], add_special_tokens=False)["input_ids"]
         self.train_records = self.shards.split("train").to_list()
         self.valid_records = self.shards.split("valid").to_list() if "valid" in self.shards.splits else []
         self.layout = run.method.layout()
         self._check_shards_feed_the_method()
-        self._build_engine(len(tok))
+        self._build_engine()
         self.log = MetricsLog(self.run_dir, self.rank == 0)
         self.progress = Progress(stage=stage_for_epoch(0, run.curriculum, run.method.name))
         self.stop = StopFlag()
@@ -89,21 +92,24 @@ class Trainer:
         try:
             for record in self.train_records[:1]:
                 layout(record, self.special, self.layout, stage, self.prefix_ids)
+            report = self.layout.spec.target_report(self.layout, self.special, self.train_records[:TARGET_SAMPLE])
         except ValueError as err:           # e.g. shards without CODI's fields or with another answer prefix
             raise UserError(f"{run.data}: {err}") from err
+        if report:
+            self.say(report)
 
     def say(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
 
-    def _plan_memory(self, vocab_size: int, bf16: bool) -> None:
+    def _plan_memory(self, bf16: bool) -> None:
         """Size the model on the meta device, resolve the DeepSpeed JSON, run the memory plan
         (printed) and take its gather policy and gradient reduction; a plan that does not fit stops
         here (exit 3).
         Rank 0's plan decides for every rank: ranks that chose differently would not meet in
         the same collectives."""
         run = self.run
-        sizes = model_sizes(run, vocab_size)
+        sizes = model_sizes(run, self.vocab.size, self.vocab.original)
         self.ds_config = resolve_ds_config(run.deepspeed, run, self.world, sizes.hidden, self.on_cuda, bf16,
                                            sizes.trainable)
         plan = make_plan(run, sizes, self.ds_config, local_hardware(self.world, self.device))
@@ -128,21 +134,19 @@ class Trainer:
         self.say(f"ZeRO-{stage} parameters: {self.gather_policy} ({_chosen_by(run, 'zero3_gather')}); gradients "
                  f"reduced {self.grad_reduce.replace('_', ' ')} ({_chosen_by(run, 'grad_reduce')})")
 
-    def _build_engine(self, vocab_size: int) -> None:
+    def _build_engine(self) -> None:
         import deepspeed
 
-        run = self.run
+        run, vocab_size = self.run, self.vocab.size
         bf16 = run.model.dtype == "bf16" or (run.model.dtype == "auto" and self.on_cuda)
-        self._plan_memory(vocab_size, bf16)
+        self._plan_memory(bf16)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(run, os.path.join(self.run_dir, "config.yaml"))
             with open(os.path.join(self.run_dir, "ds_config.json"), "w", encoding="utf-8") as handle:
                 json.dump(self.ds_config, handle, indent=2)
-        model, attention, self._hf_ds_keepalive = build_reasoner(run, vocab_size, self.special["eos"],
-                                                                 self.ds_config, self.on_cuda,
-                                                                 new_rows_like(self.shards.tokenizer, run.method.name),
-                                                                 tuple(self.special[k] for k in LATENT_TOKENS))
+        model, attention, self._hf_ds_keepalive = build_reasoner(run, self.vocab, self.ds_config, self.on_cuda,
+                                                                 new_rows_like(self.shards.tokenizer, run.method.name))
         total, trainable = count_params(model)
         picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
         self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "

@@ -12,7 +12,7 @@ prompt alone (tested).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from pipeline.latent.collate import align_rows, positions_from_mask
 from pipeline.latent.loop import PassCache, fill_latents, latent_block
 from pipeline.latent.loop import reference_attention as reference_attention_of
+from pipeline.latent.reasoner import mask_classes
 
 
 def left_pad_prompts(prompts: list[list[int]], pad_id: int):
@@ -38,35 +39,38 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, latent_id: int | None,
     [B, V], cache chunks, latents [B, n, H] or None, which of them are each row's latents [B, n] or
     None for all). ``reference_attention``: the CODI reference's
     (:func:`pipeline.latent.loop.reference_attention`)."""
-    positions, later_mask = reference_attention_of(mask) if reference_attention else (positions_from_mask(mask), None)
     body, head = model.get_decoder(), model.get_output_embeddings()
     embeds = model.get_input_embeddings()(ids)
     first, n, latent_mask = latent_block(ids, latent_id) if latent_id is not None else (0, 0, None)
     if n == 0:
         cache = PassCache([], body.config.num_hidden_layers)
-        hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+        hidden = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), cache=cache,
                       use_cache=True).last_hidden_state
         return head(hidden[:, -1]), [cache.new_chunk()], None, None
-    passes = fill_latents(body, embeds, mask, positions, first, n, project=project, jacobi_iterations=jacobi_iterations,
-                          later_mask=later_mask, latent_mask=latent_mask)
+    reference = reference_attention_of(mask, first, embeds.dtype) if reference_attention else None
+    passes = fill_latents(body, embeds, mask, positions_from_mask(mask), first, n, project=project,
+                          jacobi_iterations=jacobi_iterations, reference=reference, latent_mask=latent_mask)
     return head(passes.hidden[:, -1]), passes.cache_chunks, passes.latents, latent_mask
 
 
 def latent_generate(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
                     pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
-                    jacobi_iterations: int | None = None, reference_attention: bool = False) -> list[list[int]]:
+                    jacobi_iterations: int | None = None, reference_attention: bool = False,
+                    masked_classes: Sequence[int] = ()) -> list[list[int]]:
     """Greedy new tokens for each prompt (without the EOS). ``sync_ranks``: keep decoding until
     every rank is done, so data-parallel ranks make the same number of forward calls;
     ``jacobi_iterations``: fill the latents by Jacobi iteration (as the model was trained);
-    ``reference_attention``: attend as the CODI reference does (left pads after the question pass)."""
+    ``reference_attention``: attend as the CODI reference does (left pads after the question pass);
+    ``masked_classes``: tokens never generated (``Method.masked_classes(..., generating=True)``)."""
     return generate_with_latents(model, prompts, latent_id, eos_id, max_new_tokens, pad_id, project, sync_ranks,
-                                 jacobi_iterations, reference_attention)[0]
+                                 jacobi_iterations, reference_attention, masked_classes)[0]
 
 
 @torch.no_grad()
 def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None, eos_id: int, max_new_tokens: int,
                           pad_id: int = 0, project: Callable | None = None, sync_ranks: bool = False,
-                          jacobi_iterations: int | None = None, reference_attention: bool = False):
+                          jacobi_iterations: int | None = None, reference_attention: bool = False,
+                          masked_classes: Sequence[int] = ()):
     """``latent_generate``, also returning the latents fed to the model ([B, K, H], None without) and
     which of them are each row's ([B, K]; None: all, every prompt holding K)."""
     device = model.get_input_embeddings().weight.device
@@ -80,13 +84,14 @@ def generate_with_latents(model, prompts: list[list[int]], latent_id: int | None
         cache.update(torch.cat([c[layer][0] for c in chunks], dim=2), torch.cat([c[layer][1] for c in chunks], dim=2),
                      layer)
     if reference_attention:           # decoding attends every column, positions count columns
-        position, mask = reference_attention_of(mask)[0][:, -1], torch.ones_like(mask)
+        position, mask = torch.full_like(mask[:, 0], mask.size(1) - 1), torch.ones_like(mask)
     else:
         position = positions_from_mask(mask).max(dim=1).values
+    masked = torch.tensor(sorted(masked_classes), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        token = logits.argmax(dim=-1)
+        token = mask_classes(logits, masked).argmax(dim=-1)
         for row in (~done).nonzero().flatten().tolist():
             if token[row].item() == eos_id:
                 done[row] = True

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,12 +107,33 @@ def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool 
     return out.last_hidden_state, cache.new_chunk(), layers
 
 
-def reference_attention(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CODI reference's attention on a left-padded batch -> (position ids, later passes' mask):
-    HF's default positions, the column index (left pads shift a row's positions), and no mask
-    after the question pass (the later passes attend the question's pads)."""
+class ReferenceAttention(NamedTuple):
+    """The CODI reference's attention on a left-padded batch (``method.reference_attention``)."""
+    positions: torch.Tensor   # [B, T] HF's default positions: the column index (left pads shift a row's)
+    question: torch.Tensor    # [B, 1, F, F] the question pass's additive mask (:func:`pad_rows_attend_all`)
+    later: torch.Tensor       # [B, T] every later pass's mask: all ones (they attend the question's pads)
+
+
+def reference_attention(mask: torch.Tensor, first: int, dtype: torch.dtype) -> ReferenceAttention:
+    """The masks and positions the CODI reference's calls get for a batch whose question pass runs
+    columns ``[0, first)`` with padding ``mask`` [B, T]."""
     positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
-    return positions, torch.ones_like(mask)
+    return ReferenceAttention(positions, pad_rows_attend_all(mask[:, :first], dtype), torch.ones_like(mask))
+
+
+def pad_rows_attend_all(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] padding mask -> [B, 1, T, T] additive causal mask in which a query row that could
+    attend nothing (a left pad's) attends every column with its real scores, as the reference's
+    transformers (4.5x) makes it for SDPA on CUDA (``AttentionMaskConverter._unmask_unattended``),
+    where its released numbers were made. Left to today's transformers such a row comes out as
+    zeros (SDPA) or a uniform average (eager); either way the pads' keys and values from layer 1
+    on differ, and the reference's later passes attend them. As an explicit 4-D mask it is the
+    same on eager, SDPA, CPU and CUDA."""
+    t = mask.size(1)
+    allowed = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
@@ -125,15 +147,16 @@ def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None,
-                 later_mask: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
+                 reference: ReferenceAttention | None = None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
     The number of passes is ``n_latents + 1`` whatever the data, so every rank makes the same calls.
     ``keep_layers_at``: one tail column per row ([B]) whose every-layer hidden states are returned.
     ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
-    one latent per pass. ``later_mask``: the mask of every pass after the first (default
-    ``attention_mask``; all ones emulates the CODI reference, whose later passes attend left pads).
+    one latent per pass. ``reference``: the CODI reference's attention (:func:`reference_attention`:
+    its question mask and positions, and no mask after the question pass), else ``attention_mask``
+    and ``position_ids`` throughout.
     ``latent_mask`` [B, n_latents]: True where column ``first + i`` is one of row b's latents, each
     row's a contiguous run (None: every row, every column); the other columns keep their tokens.
     """
@@ -141,15 +164,16 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     if n_latents == 0:
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
     if jacobi_iterations is not None:
-        if later_mask is not None:
-            raise ValueError("later_mask (the CODI reference's attention) is not defined for Jacobi updates")
+        if reference is not None:
+            raise ValueError("the CODI reference's attention is not defined for Jacobi updates")
         return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
                               keep_layers_at, jacobi_iterations, latent_mask)
-    later_mask = attention_mask if later_mask is None else later_mask
+    question_mask, later_mask = attention_mask[:, :first], attention_mask
+    if reference is not None:
+        position_ids, question_mask, later_mask = reference
     feed = _feeder(embeds, first, latent_mask)
     chunks: list[KV] = []
-    hidden, kv, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first],
-                             chunks)
+    hidden, kv, _ = run_pass(body, embeds[:, :first], question_mask, position_ids[:, :first], chunks)
     chunks.append(kv)
     pieces, latents = [hidden], []
     latent = feed(0, project(hidden[:, -1:]))

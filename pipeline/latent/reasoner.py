@@ -10,6 +10,7 @@ and the curriculum stage (the same on every rank), never on the data: ZeRO-3 gat
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class ReasonerConfig:
     distill_factor: float = 1.0          # 20 for the LLaMA CODI recipes
     distill_div_std: bool = True
     distill_loss: str = "smooth_l1"      # or "l2" (the reference's distill_loss_type; / std twice with div_std)
+    projection: bool = True              # CODI's prj between a hidden state and the next latent (use_prj)
     prj_dim: int = 0                     # CODI projection's inner width (0: the hidden size, as every recipe)
     prj_dropout: float = 0.0             # dropout on the projection's input (the reference's prj_dropout)
     prj_layernorm: bool = True           # False: the reference's prj_no_ln
@@ -59,16 +61,26 @@ class Projection(nn.Sequential):
         return super().forward(F.dropout(x, self.dropout, self.training) if self.dropout else x)
 
 
-def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None):
+def labelled_ce(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+                masked: torch.Tensor | None = None):
     """Next-token CE computed only where a label exists: the LM head never sees other positions.
     ``index`` (the collator's ``label_index``: flat positions ``b * T + t`` whose next token is a
     label) selects them without a boolean mask, whose data-dependent size makes a GPU wait for
-    the device (one ``nonzero`` sync per call)."""
+    the device (one ``nonzero`` sync per call). ``masked``: classes left out of the softmax."""
     if index is None:
         keep = labels[:, 1:] != IGNORE
-        return F.cross_entropy(head(hidden[:, :-1][keep]).float(), labels[:, 1:][keep])
+        return F.cross_entropy(mask_classes(head(hidden[:, :-1][keep]).float(), masked), labels[:, 1:][keep])
     logits = head(hidden.reshape(-1, hidden.size(-1)).index_select(0, index))
-    return F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, index + 1))
+    return F.cross_entropy(mask_classes(logits.float(), masked), labels.reshape(-1).index_select(0, index + 1))
+
+
+def mask_classes(logits: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+    """Logits [N, V] with the ``masked`` classes at -inf: they take no probability and get no
+    gradient, exactly as if the LM head had no such rows. In place: the head's matmul does not keep
+    its output for backward, and ``.float()`` of a bf16 output is a fresh tensor."""
+    if masked is None or masked.numel() == 0:
+        return logits
+    return logits.index_fill_(-1, masked, float("-inf"))
 
 
 def distill_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1", div_std: bool = True):
@@ -108,23 +120,34 @@ def _row0_width(lengths: torch.Tensor) -> torch.Tensor:
 
 
 class LatentReasoner(nn.Module):
+    """``masked_classes``: token ids the base's LM head never scores, the added tokens outside the
+    method's reference vocabulary (``Method.masked_classes``). ``decoder_vocab``: the classes of a
+    step decoder copied from the base here (no ``step_decoder`` given): the vocabulary before the
+    latent tokens were added, as the reference's unresized decoder has (None: the base's)."""
+
     def __init__(self, base: nn.Module, config: ReasonerConfig, eos_id: int | None = None,
-                 step_decoder: nn.Module | None = None):
+                 step_decoder: nn.Module | None = None, masked_classes: Sequence[int] = (),
+                 decoder_vocab: int | None = None):
         super().__init__()
         self.base = base
         self.config = config
         self.method = config.layout.spec
         hidden = base.config.hidden_size
         self.projection = (Projection(hidden, config.prj_dim or None, config.prj_dropout, config.prj_layernorm)
-                           if self.method.needs_projection else None)
+                           if self.method.needs_projection and config.projection else None)
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
         # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
         # parameters would copy shards, not weights).
         if config.layout.simcot and step_decoder is None:
             step_decoder = copy.deepcopy(base)
+            if decoder_vocab is not None and decoder_vocab < step_decoder.config.vocab_size:
+                step_decoder.resize_token_embeddings(decoder_vocab)
         self.step_decoder = step_decoder if config.layout.simcot else None
-        self.decoder_in = self._decoder_input(hidden)
         self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
+        self.decoder_in = self._decoder_input(hidden)
+        # not a parameter, not saved: the method's vocabulary, re-derived wherever the model is built
+        self.register_buffer("masked_classes", torch.tensor(sorted(masked_classes), dtype=torch.long),
+                             persistent=False)
         if config.gradient_checkpointing:
             for lm in (self.base, self.step_decoder):
                 if lm is not None:
@@ -134,13 +157,15 @@ class LatentReasoner(nn.Module):
     def _decoder_input(self, hidden: int) -> nn.Linear | None:
         """A step decoder of another model (``model.decoder_path``) reads the base's vectors through a
         learned linear map when the widths differ (the reference's ``pj_in``). Its vocabulary must be
-        the tokenizer's: the step targets are the base tokenizer's ids."""
+        the base tokenizer's, without the added tokens or with them (the step targets are its ids,
+        never an added token's)."""
         if self.step_decoder is None:
             return None
         cfg = self.step_decoder.config
-        if cfg.vocab_size != self.base.config.vocab_size:
-            raise ValueError(f"the step decoder's vocabulary ({cfg.vocab_size}) is not the base's "
-                             f"({self.base.config.vocab_size}): use a decoder of the same tokenizer")
+        if cfg.vocab_size > self.base.config.vocab_size or self.eos_id >= cfg.vocab_size:
+            raise ValueError(f"the step decoder's vocabulary ({cfg.vocab_size}) is not the base tokenizer's "
+                             f"({self.base.config.vocab_size} rows, EOS {self.eos_id}): use a decoder of the same "
+                             "tokenizer")
         return nn.Linear(hidden, cfg.hidden_size) if cfg.hidden_size != hidden else None
 
     def train(self, mode: bool = True):
@@ -182,12 +207,13 @@ class LatentReasoner(nn.Module):
             hidden = self.body(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                position_ids=batch.position_ids).last_hidden_state
             return hidden, None
-        mask, positions, later_mask = batch.attention_mask, batch.position_ids, None
+        reference = None
         if self.config.layout.reference_attention:
-            positions, later_mask = reference_attention(mask)
-        passes = fill_latents(self.body, embeds, mask, positions, batch.first_latent, n, project=self.projection,
-                              keep_layers_at=batch.distill_index, jacobi_iterations=self.config.layout.jacobi,
-                              later_mask=later_mask, latent_mask=batch.latent_mask())
+            reference = reference_attention(batch.attention_mask, batch.first_latent, embeds.dtype)
+        passes = fill_latents(self.body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, n,
+                              project=self.projection, keep_layers_at=batch.distill_index,
+                              jacobi_iterations=self.config.layout.jacobi, reference=reference,
+                              latent_mask=batch.latent_mask())
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward
@@ -200,7 +226,8 @@ class LatentReasoner(nn.Module):
         hidden, passes = self._answer_pass(batch, embeds["input_ids"])
         head = self.base.get_output_embeddings()
         zero = hidden.new_zeros(())
-        losses = {"answer_ce": labelled_ce(head, hidden, batch.labels, batch.label_index), "teacher_ce": zero,
+        losses = {"answer_ce": labelled_ce(head, hidden, batch.labels, batch.label_index, self.masked_classes),
+                  "teacher_ce": zero,
                   "distill": zero, "step_ce": zero}
         if self.method.needs_teacher:
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
@@ -240,7 +267,7 @@ class LatentReasoner(nn.Module):
         out = self.body(inputs_embeds=embeds, attention_mask=batch.teacher_attention_mask,
                         position_ids=batch.teacher_position_ids, output_hidden_states=True)
         teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch.teacher_labels,
-                                 batch.teacher_label_index)
+                                 batch.teacher_label_index, self.masked_classes)
         rows = torch.arange(len(batch.teacher_distill_index))
         target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]

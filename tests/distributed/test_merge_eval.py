@@ -48,7 +48,10 @@ def test_merged_model_gives_the_engines_logits(trained):
     latent = json.loads((merged / "latent_config.json").read_text())
     assert latent["method"] == "codi" and latent["n_latents"] == 2 and latent["projection"]
     assert (merged / "step_decoder" / "model.safetensors").exists() and (merged / "projection.safetensors").exists()
-    assert json.loads((merged / "step_decoder" / "config.json").read_text())["hidden_size"] == 32
+    decoder_config = json.loads((merged / "step_decoder" / "config.json").read_text())
+    assert decoder_config["hidden_size"] == 32
+    # the reference's decoder vocabulary: the tokenizer's before data_prep added its 5 tokens
+    assert decoder_config["vocab_size"] == latent["original_vocab_size"] == model.config.vocab_size - 5
     assert (merged / "step_decoder" / "decoder_in.safetensors").exists()
     assert (merged / "tokenizer.json").exists()
 

@@ -43,6 +43,30 @@ def test_config_errors_name_the_key_and_the_fix(override, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=coconut", "method.simcot=true", "method.step_targets=pieces"],
+     "method.step_targets=pieces chooses CODI \\+ SIM-CoT's decoder targets"),
+    (["method.name=codi", "method.simcot=true", "method.step_targets=steps"], "method.step_targets: spans or pieces"),
+    (["method.name=codi", "method.simcot=true", "method.reference_quirks=true", "method.step_targets=pieces"],
+     "reference_quirks reproduces the reference"),
+    (["method.name=codi", "method.reference_quirks=true", "method.teacher_cot=pieces"],
+     "reference_quirks reproduces the reference"),
+    (["method.name=codi", "method.reference_quirks=true", "model.attn_implementation=flash_attention_2"],
+     "4-D mask that flash-attention kernels do not take"),
+    (["method.name=cot", "method.projection=false"], "method.projection=false turns off CODI's prj; cot has none"),
+])
+def test_codi_fidelity_switches_refuse_what_they_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_reference_quirks_turns_on_every_emulation():
+    method = load_config(None, ["method.name=codi", "method.simcot=true", "method.reference_quirks=true"]).method
+    layout = method.layout()
+    assert method.reference_attention and method.reference_step_truncation
+    assert layout.reference_quirks and layout.reference_attention and layout.step_targets == "spans"
+
+
 def test_every_recipe_in_configs_loads():
     recipes = sorted((REPO / "configs").glob("*.yaml"))
     assert len(recipes) >= 8

@@ -66,3 +66,30 @@ def test_pause_prompts_run_in_one_pass_with_the_latent_token_as_an_ordinary_toke
             assert int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()) == token
             ids.append(token)
     assert batched != latent_generate(model, prompts, LATENT, eos_id=-1, max_new_tokens=6)   # filling differs
+
+
+def test_masked_classes_are_never_generated_and_the_rest_is_unchanged(model):
+    """CODI's generation scores the reference's classes only (``Method.masked_classes``)."""
+    prompts = _prompts((BOT, EOT), 3)
+    plain = latent_generate(model, prompts, LATENT, eos_id=-1, max_new_tokens=8)
+    seen = {t for row in plain for t in row}
+    common = max(seen, key=lambda t: sum(row.count(t) for row in plain))
+    unseen = next(t for t in range(100) if t not in seen)
+    masked = latent_generate(model, prompts, LATENT, eos_id=-1, max_new_tokens=8, masked_classes=[common, unseen])
+    assert all(common not in row and unseen not in row for row in masked) and masked != plain
+    assert latent_generate(model, prompts, LATENT, eos_id=-1, max_new_tokens=8, masked_classes=[unseen]) == plain
+
+
+def test_a_masked_class_leaves_the_loss_of_a_head_without_that_row():
+    """-inf logits: the softmax over the other classes is the one a head without the row computes."""
+    from pipeline.latent.reasoner import labelled_ce
+
+    torch.manual_seed(0)
+    head, hidden = torch.nn.Linear(8, 12, bias=False), torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 5))
+    kept = torch.nn.Linear(8, 9, bias=False)
+    kept.weight.data = head.weight.data[:9].clone()
+    full = labelled_ce(head, hidden, labels, masked=torch.tensor([9, 10, 11]))
+    assert torch.allclose(full, labelled_ce(kept, hidden, labels), atol=1e-6)
+    full.backward()
+    assert head.weight.grad[9:].abs().sum() == 0                 # no gradient reaches the masked rows

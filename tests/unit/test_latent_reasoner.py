@@ -200,20 +200,22 @@ def test_a_step_decoder_of_another_width_reads_the_latents_through_a_learned_map
     assert losses["step_ce"] > 0 and model.decoder_in.weight.grad.abs().sum() > 0
     assert model.base.get_input_embeddings().weight.grad.abs().sum() > 0
     assert _model(cfg).decoder_in is None                       # the same width: no map (the reference's Identity)
-    with pytest.raises(ValueError, match="vocabulary .* is not the base's"):
+    with pytest.raises(ValueError, match="vocabulary .* is not the base tokenizer's"):
         LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg), step_decoder=tiny_llama(120))
 
 
 def test_the_recipe_switch_builds_the_other_decoder():
     from pipeline.engine.build_model import build_reasoner
     from pipeline.engine.config import load_config
+    from pipeline.latent.vocab import Vocab
 
     run = load_config(None, ["method.name=codi", "method.simcot=true", "model.tiny.hidden_size=32",
                              "model.decoder_path=tiny", "model.decoder_tiny.hidden_size=16",
                              "model.decoder_tiny.num_layers=1", "model.decoder_tiny.intermediate_size=32"])
-    model, _, _ = build_reasoner(run, 100, SP["eos"], None, on_cuda=False)
+    model, _, _ = build_reasoner(run, Vocab(SP, 100, 95), None, on_cuda=False)
     assert model.step_decoder.config.hidden_size == 16 and model.decoder_in.out_features == 16
     assert model.base.config.hidden_size == 32
+    assert model.step_decoder.config.vocab_size == 95          # the original vocabulary: no added token's row
 
 
 def test_the_collators_label_index_selects_what_the_boolean_mask_selects():

@@ -5,7 +5,9 @@ from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import IGNORE as X
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.methods.coconut import step_targets as coconut_step_targets
-from pipeline.latent.methods.codi import answer_start, slot_targets
+from pipeline.latent.methods.codi import answer_start, slot_targets, step_spans
+from tests.toy_records import RECORDS as TOY
+from tests.toy_records import SEPARATOR
 from tests.toy_records import SPECIAL as SP
 
 pytestmark = pytest.mark.unit
@@ -83,7 +85,7 @@ def test_progressive_train_keeps_every_latent_from_stage_0_and_explains_every_st
 
 
 def test_codi_student_teacher_and_distillation_columns():
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
+    cfg = LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
     # answer_ids [60, 61] with prefix [60]: the answer text starts at index 1
     ex = layout(RECORD, SP, cfg, prefix_ids=[60])
     assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
@@ -92,6 +94,44 @@ def test_codi_student_teacher_and_distillation_columns():
     assert ex.teacher_labels == [X, X, X, 20, 21, 70, 41, 60, 61, EOS]
     assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
     assert ex.step_targets == [[20, 21], [30], [40, 41], []]                 # 4 slots, last masked
+
+
+def test_codi_step_targets_are_the_bracket_spans_of_the_teacher_ids():
+    """The reference's get_steps: ``<<`` (or the merged `` <<``) to ``>>`` in the teacher's joined CoT,
+    no separator; overflow merged into the last slot; with reference_quirks the whole teacher
+    sequence is scanned up to its first EOS, so ``remove_eos: false`` leaves none."""
+    record = TOY[0]                   # 4 steps; the teacher's joined CoT holds the first 3
+    o, c, spaced, sep = SP["step_open"], SP["step_close"], SP["step_open_spaced"], SEPARATOR
+    spans = [[o, 20, 21, c], [spaced, 30, c], [spaced, 40, 41, c]]
+    assert layout(record, SP, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60]).step_targets == \
+        spans + [[]]
+    assert layout(record, SP, LayoutConfig("codi", num_latent=1, simcot=True), prefix_ids=[60]).step_targets == \
+        [spans[0], spans[1] + spans[2]]
+    pieces = LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
+    assert layout(record, SP, pieces, prefix_ids=[60]).step_targets == \
+        [[o, 20, 21, c, sep], [o, 30, c, sep], [o, 40, 41, c, sep], []]
+    for quirks in (False, True):
+        cfg = LayoutConfig("codi", num_latent=3, simcot=True, remove_eos=False, reference_quirks=quirks)
+        assert layout(record, SP, cfg, prefix_ids=[60]).step_targets == ([[]] * 4 if quirks else spans + [[]])
+    no_brackets = {k: v for k, v in SP.items() if not k.startswith("step_")}
+    with pytest.raises(ValueError, match="no single token for '<<' or '>>'.*method.step_targets=pieces"):
+        layout(record, no_brackets, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60])
+
+
+def test_the_start_up_report_counts_the_steps_the_span_rule_finds():
+    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
+    assert "4 of 4 steps found in 3 train problems" in cfg.spec.target_report(cfg, SP, TOY)
+    merged = dict(TOY[0], teacher_cot_ids=[70] + TOY[0]["teacher_cot_ids"][1:])    # "<<" merged with text before
+    report = cfg.spec.target_report(cfg, SP, [merged])
+    assert "2 of 3 steps found" in report and "1 problems have fewer spans than steps" in report
+    assert cfg.spec.target_report(LayoutConfig("codi", simcot=True, step_targets="pieces"), SP, TOY) is None
+
+
+def test_the_span_rule_skips_what_is_not_a_closed_step():
+    o, c = (SP["step_open"],), SP["step_close"]
+    assert step_spans([5, 80, 6, 81, 7, 80, 8], o, c) == [[80, 6, 81]]            # never closed: skipped
+    assert step_spans([80, 6, 2, 81, 80, 9, 81], o, c, stops=(2,)) == []          # a stop ends the scan
+    assert step_spans([80, 80, 6, 81], o, c) == [[80, 80, 6, 81]]                  # the first opening wins
 
 
 def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_does():
@@ -120,8 +160,9 @@ def test_codi_teacher_cot_pieces_or_joined_and_shards_without_the_joined_ids():
     old = {k: v for k, v in RECORD.items() if k not in ("teacher_cot_ids", "cot_ids")}
     with pytest.raises(ValueError, match="rebuild them with python -m data_prep build, or set method.teacher_cot"):
         layout(old, SP, LayoutConfig("codi", num_latent=3), prefix_ids=[60])
-    # the step decoder's targets stay the per-step ids either way
-    joined = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60])
+    # the step decoder's targets do not follow the teacher's ids with step_targets=pieces
+    joined = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces"),
+                    prefix_ids=[60])
     assert joined.step_targets == [[20, 21], [30], [40, 41], []]
 
 

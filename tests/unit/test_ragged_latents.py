@@ -41,7 +41,7 @@ def test_collate_aligns_the_first_latent_and_counts_each_rows_latents():
     assert ids[1][batch.first_latent:batch.first_latent + 2] == [L, SP["end_latent"]]
     assert ids[2][:len(examples[2].input_ids)] == examples[2].input_ids       # not shifted (the reference's)
     assert batch.latent_mask().tolist() == [[True] * 3, [True, False, False], [False] * 3]
-    assert batch.step_lengths.tolist() == [[2, 1, 3], [1, 0, 0], [0, 0, 0]]   # fewer slots: masked ones
+    assert batch.step_lengths.tolist() == [[5, 4, 9], [4, 0, 0], [0, 0, 0]]   # fewer slots: masked ones
     wide = _batch(examples[1:2], 6)                           # the stage's span exceeds the row: columns exist
     assert wide.input_ids.size(1) >= wide.first_latent + 6 and wide.latent_counts.tolist() == [1]
     with pytest.raises(ValueError, match="latent_span"):

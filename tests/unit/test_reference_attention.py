@@ -1,6 +1,7 @@
 """``method.reference_attention``: CODI's released attention, checked against the HF model run the
-way ``CODI/src/model.py`` and ``CODI/test.py`` run it: the question with its mask, then each latent
-and the answer through the KV cache with no mask and HF's default positions."""
+way ``CODI/src/model.py`` and ``CODI/test.py`` run it: the question with its mask (as transformers
+4.5x builds it for SDPA on CUDA, transcribed in tests/fidelity/codi_reference.py), then each latent
+and the answer through the KV cache with no mask and HF's default positions; on eager and SDPA."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import LayoutConfig, layout
 from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from tests.fidelity.codi_reference import cuda_sdpa_mask
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -17,9 +19,11 @@ pytestmark = pytest.mark.unit
 N = 3
 
 
-def _model(reference: bool) -> LatentReasoner:
+def _model(reference: bool, attention: str = "sdpa") -> LatentReasoner:
     cfg = LayoutConfig("codi", num_latent=N, reference_attention=reference)
-    return LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg), eos_id=SP["eos"]).eval()
+    base = tiny_llama(100)
+    base.set_attn_implementation(attention)
+    return LatentReasoner(base, ReasonerConfig(layout=cfg), eos_id=SP["eos"]).eval()
 
 
 def _batch(records):
@@ -31,7 +35,8 @@ def _batch(records):
 def _reference_run(model: LatentReasoner, ids: torch.Tensor, mask: torch.Tensor, first: int, steps: int = 0):
     """The reference's calls -> (logits of every column after the last latent, greedy tokens)."""
     base = model.base
-    out = base(input_ids=ids[:, :first], attention_mask=mask[:, :first], use_cache=True, output_hidden_states=True)
+    out = base(input_ids=ids[:, :first], attention_mask=cuda_sdpa_mask(mask[:, :first], torch.float32),
+               use_cache=True, output_hidden_states=True)
     cache, latent = out.past_key_values, model.projection(out.hidden_states[-1][:, -1:])
     for _ in range(N):
         out = base(inputs_embeds=latent, cache=cache, use_cache=True, output_hidden_states=True)
@@ -44,10 +49,11 @@ def _reference_run(model: LatentReasoner, ids: torch.Tensor, mask: torch.Tensor,
     return logits, torch.stack(tokens, 1) if tokens else None
 
 
-def test_the_answer_loss_is_the_references_on_a_left_padded_batch():
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_answer_loss_is_the_references_on_a_left_padded_batch(attention):
     batch = _batch(RECORDS)                          # question lengths 4, 2, 6: rows 0 and 1 left-padded
     assert not batch.attention_mask.all()
-    model = _model(reference=True)
+    model = _model(reference=True, attention=attention)
     with torch.no_grad():
         ours = model(batch)["answer_ce"]
     logits, _ = _reference_run(model, batch.input_ids, batch.attention_mask, batch.first_latent)
@@ -65,8 +71,9 @@ def test_without_padding_the_switch_changes_nothing():
     assert all(abs(on[k].item() - off[k].item()) <= 1e-6 for k in ("answer_ce", "teacher_ce", "distill"))
 
 
-def test_generation_decodes_as_the_reference_on_a_left_padded_batch():
-    model = _model(reference=True)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_generation_decodes_as_the_reference_on_a_left_padded_batch(attention):
+    model = _model(reference=True, attention=attention)
     cfg = LayoutConfig("codi", num_latent=N)
     prompts = [cfg.spec.prompt(cfg, r["question_ids"], SP, N) for r in RECORDS]
     ours = latent_generate(model.base, prompts, SP["latent"], eos_id=-1, max_new_tokens=5,
@@ -79,3 +86,16 @@ def test_generation_decodes_as_the_reference_on_a_left_padded_batch():
     assert ours == tokens.tolist()
     plain = latent_generate(model.base, prompts, SP["latent"], eos_id=-1, max_new_tokens=5, project=model.projection)
     assert plain[2] == ours[2] and plain[:2] != ours[:2]        # only the left-padded rows differ
+
+
+def test_a_left_pads_query_row_attends_every_column_and_real_rows_are_causal():
+    """The rule itself (transformers 4.5x's ``_unmask_unattended`` on CUDA), next to its transcription."""
+    from pipeline.latent.loop import pad_rows_attend_all
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    ours = pad_rows_attend_all(mask, torch.float32)
+    assert torch.equal(ours, cuda_sdpa_mask(mask, torch.float32))
+    allowed = (ours == 0)[:, 0]
+    assert allowed[0, :2].all()                                   # the pads' rows: every column
+    assert allowed[0, 2].tolist() == [False, False, True, False]  # real rows: causal, pads masked
+    assert torch.equal(allowed[1], torch.ones(4, 4, dtype=torch.bool).tril())

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 
 IGNORE = -100
+# The tokens data_prep adds to a tokenizer (pad only where it has none), by their manifest names.
+ADDED_TOKENS = ("pad", "start_latent", "latent", "end_latent", "bot", "eot")
 _REGISTRY: dict[str, Method] = {}
 
 
@@ -48,13 +50,17 @@ class LayoutConfig:
     progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
     remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
     teacher_cot: str = "joined"     # CODI: the teacher's CoT tokenised as one string (reference), or "pieces"
+    step_targets: str = "spans"     # CODI + SIM-CoT: the <<..>> spans of the teacher's CoT ids (reference), or "pieces"
     reference_attention: bool = False  # CODI: the released code's attention (pads attended after the question)
+    reference_quirks: bool = False  # CODI: every emulated bug of the released code (here: its step scan)
     uniform_prob: float = 0.0       # Coconut: the chance an example trains at a stage drawn from 0..its steps
 
     def __post_init__(self):
         get_method(self.method)
         if self.teacher_cot not in ("joined", "pieces"):
             raise ValueError(f"teacher_cot {self.teacher_cot!r}: expected joined or pieces")
+        if self.step_targets not in ("spans", "pieces"):
+            raise ValueError(f"step_targets {self.step_targets!r}: expected spans or pieces")
         if self.latent_update not in ("sequential", "jacobi"):
             raise ValueError(f"latent_update {self.latent_update!r}: expected sequential or jacobi")
 
@@ -127,6 +133,20 @@ class Method:
     seed_rows_from = None       # text whose token rows the latent tokens' rows start as (Coconut: "<<")
     decoder_first_position = 0  # position id of the step decoder's first input (the reference Coconut's: 1)
     decoder_dropout = True      # the step decoder trains in train mode (the reference Coconut's stays in eval)
+    # The added tokens (ADDED_TOKENS) the method's reference gives rows in the base's LM head: the
+    # others are never scored (their logits masked), so the base's softmax runs over the reference's
+    # classes whatever rows the tokenizer added. None: every row is a class.
+    vocabulary: tuple[str, ...] | None = None
+    never_generated: tuple[str, ...] = ()   # classes of the vocabulary that generation never emits
+
+    def masked_classes(self, special: dict[str, int], original_vocab: int, generating: bool = False) -> list[int]:
+        """Ids of the added tokens outside the method's vocabulary (and, ``generating``, those it
+        never emits): rows the base's LM head has and the reference's does not."""
+        if self.vocabulary is None:
+            return []
+        keep = set(self.vocabulary) - (set(self.never_generated) if generating else set())
+        return sorted({special[name] for name in ADDED_TOKENS
+                       if name in special and special[name] >= original_vocab and name not in keep})
 
     # -------------------------------------------------------------- layout
     def n_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:
@@ -147,6 +167,11 @@ class Method:
                prefix_ids: list[int] | None) -> Example:
         """One problem's ids laid out for training."""
         raise NotImplementedError
+
+    def target_report(self, cfg: LayoutConfig, special: dict[str, int], records: list[dict]) -> str | None:
+        """One line on how the decoder targets come out of these records (printed at start-up), or
+        None when there is nothing to say."""
+        return None
 
     def supervised(self, head: list[int], tail: list[int], n_latents: int = 0) -> Example:
         """``head`` unlabelled, ``tail`` labelled."""
@@ -199,10 +224,14 @@ def layout(record: dict, special: dict[str, int], cfg: LayoutConfig, stage: int 
     """A shard record laid out for ``cfg.method`` at curriculum ``stage``. Every id comes from the
     manifest's ``special_tokens`` or the record, never from constants; ``answer_ids`` in a record
     carry no EOS: layouts append ``eos``."""
+    return cfg.spec.layout(problem_of(record), special, cfg, stage, prefix_ids)
+
+
+def problem_of(record: dict) -> Problem:
+    """A shard record's ids as a ``Problem``."""
     joined = record.get("teacher_cot_ids"), record.get("cot_ids")
-    problem = Problem(list(record["question_ids"]), [list(s) for s in record["step_ids"]], list(record["answer_ids"]),
-                      None if joined[0] is None else (list(joined[0]), list(joined[1])))
-    return cfg.spec.layout(problem, special, cfg, stage, prefix_ids)
+    return Problem(list(record["question_ids"]), [list(s) for s in record["step_ids"]], list(record["answer_ids"]),
+                   None if joined[0] is None else (list(joined[0]), list(joined[1])))
 
 
 def concat(steps: list[list[int]]) -> list[int]:

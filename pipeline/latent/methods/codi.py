@@ -5,8 +5,11 @@ of the one before, and a teacher pass over the explicit CoT distilled into the s
     teacher: question steps[:-1] answer EOS
 
 The teacher's CoT is the steps joined by the separator and tokenised as one string, as the
-reference does (``method.teacher_cot: pieces``: the per-step ids); the SIM-CoT slot targets are
-always the per-step ids.
+reference does (``method.teacher_cot: pieces``: the per-step ids). The SIM-CoT slot targets are
+the reference's too (``method.step_targets: spans``): the ``<<``...``>>`` spans of the teacher's
+CoT ids, found by the token-level rule of its ``get_steps`` (:func:`step_spans`), so a step after
+the first opens with the merged `` <<`` of a byte-level BPE and no separator token is a label;
+``pieces`` gives each step's own ids (``step + separator``) instead.
 
 With ``remove_eos: false`` (the reference's option; its released scripts all remove it) EOS also
 separates the parts, and the student learns to say the EOS after <eot> that its prompt then holds:
@@ -23,7 +26,7 @@ import torch
 
 from data_prep.cli_errors import UserError
 
-from .base import IGNORE, Example, Method, SequenceShape, concat, register
+from .base import IGNORE, Example, Method, SequenceShape, concat, problem_of, register
 
 
 @register
@@ -31,6 +34,8 @@ class CODI(Method):
     name = "codi"
     fills_latents = uses_latent_tokens = supports_simcot = True
     needs_projection = needs_teacher = True
+    vocabulary = ("pad", "bot", "eot")   # the reference resizes the base by exactly these: V, V+1, V+2
+    never_generated = ("eot",)           # its generation scores logits[:, :V+2]
 
     def n_latents(self, cfg, stage, n_steps):
         return cfg.num_latent
@@ -55,8 +60,27 @@ class CODI(Method):
                           distill_index=len(head) + start - 1,
                           teacher_distill_index=len(question) + len(cot) + start - 1)
         if cfg.simcot:
-            example.step_targets = slot_targets(teacher_steps, n + 1)
+            example.step_targets = slot_targets(decoder_steps(cfg, special, teacher_steps, cot, example.teacher_ids),
+                                                n + 1)
         return example
+
+    def target_report(self, cfg, special, records):
+        """How many of the teacher's steps the span rule finds: a step whose brackets the tokenizer
+        merges with other text has no span (the reference loses it too); never silently."""
+        if not cfg.simcot or cfg.step_targets != "spans":
+            return None
+        opens, close = step_markers(special)
+        steps = found = short = 0
+        for record in records:
+            p = problem_of(record)
+            teacher = p.steps if cfg.include_last_step else p.steps[:-1]
+            spans = len(step_spans(teacher_cot(p, cfg, teacher), opens, close))
+            steps, found, short = steps + len(teacher), found + min(spans, len(teacher)), short + (spans < len(teacher))
+        line = (f"step targets: the <<..>> spans of the teacher's CoT ids (method.step_targets=spans), "
+                f"{found} of {steps} steps found in {len(records)} train problems")
+        return line + (f"; {short} problems have fewer spans than steps (brackets merged with other text by this "
+                       "tokenizer: the reference loses those steps too; method.step_targets=pieces keeps them)"
+                       if short else "")
 
     def slot_vectors(self, cfg, latents, next_latent):
         return torch.cat([latents, next_latent], dim=1).unsqueeze(2)
@@ -99,6 +123,46 @@ def teacher_cot(p, cfg, teacher_steps: list[list[int]]) -> list[int]:
         raise UserError("these shards have no teacher_cot_ids (built before the field existed): rebuild them "
                          "with python -m data_prep build, or set method.teacher_cot=pieces")
     return list(p.joined_cot[1] if cfg.include_last_step else p.joined_cot[0])
+
+
+def decoder_steps(cfg, special: dict[str, int], teacher_steps: list[list[int]], cot: list[int],
+                  teacher_ids: list[int]) -> list[list[int]]:
+    """The steps the decoder slots reproduce (before slot assignment): the spans of the teacher's CoT
+    ids, or with ``reference_quirks`` of its whole sequence up to the first EOS or pad, as the
+    reference scans ``ref_input_ids`` (so ``remove_eos: false``, which puts an EOS after the
+    question, leaves no step: its step loss is 0); ``step_targets: pieces``: the per-step ids."""
+    if cfg.step_targets == "pieces":
+        return teacher_steps
+    opens, close = step_markers(special)
+    if cfg.reference_quirks:
+        return step_spans(teacher_ids, opens, close, stops=(special["eos"], special["pad"]))
+    return step_spans(cot, opens, close)
+
+
+def step_markers(special: dict[str, int]) -> tuple[tuple[int, ...], int]:
+    """(ids that open a step, the id that closes one), from the layout tokens
+    (``ShardSet.layout_tokens``: the brackets that are one token of the tokenizer)."""
+    opens = tuple(special[k] for k in ("step_open", "step_open_spaced") if k in special)
+    if not opens or "step_close" not in special:
+        raise ValueError("the tokenizer has no single token for '<<' or '>>', so the reference's step rule finds "
+                         "no step: set method.step_targets=pieces")
+    return opens, special["step_close"]
+
+
+def step_spans(ids: list[int], opens: tuple[int, ...], close: int, stops: tuple[int, ...] = ()) -> list[list[int]]:
+    """The CODI reference's ``get_steps`` at the token level: the ids are cut at the first stop id;
+    a step runs from an opening id to the next closing id, both included; ids outside a step (the
+    separators, text between steps) and an opening never closed are skipped."""
+    cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+    ids, spans, i = ids[:cut], [], 0
+    while i < len(ids):
+        if ids[i] in opens and close in ids[i + 1:]:
+            end = ids.index(close, i + 1)
+            spans.append(ids[i:end + 1])
+            i = end + 1
+        else:
+            i += 1
+    return spans
 
 
 def slot_targets(steps: list[list[int]], n_slots: int) -> list[list[int]]:
