@@ -63,7 +63,7 @@ def build_engine(method: list[str], args, attention: str, on_cuda: bool):
     apply_grad_reduce(engine, AFTER_BACKWARD if policy == GATHERED else OVERLAPPED)
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
-    return engine, attention, flop_model, run.method.layout(), policy
+    return engine, attention, flop_model, run.method, policy
 
 
 def policy_of(ds: dict) -> str:

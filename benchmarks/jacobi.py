@@ -20,8 +20,8 @@ import torch
 from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, latent_prompts, synthetic_records
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner
 
 SHAPES = {"host-bound": {"hidden": 64, "layers": 2}, "compute-bound": {"hidden": 256, "layers": 4}}
 VOCAB = 1000
@@ -40,14 +40,14 @@ def _median_ms(fn, repeats: int, rival) -> tuple[float, float]:
 
 
 def train_step(shape: dict, n_latents: int, iterations: int, repeats: int) -> tuple[float, float]:
-    sequential = LayoutConfig("codi", num_latent=n_latents, simcot=True)
+    sequential = MethodConfig("codi", num_latent=n_latents, simcot=True)
     jacobi = dataclasses.replace(sequential, latent_update="jacobi", jacobi_iterations=iterations)
     batch = collate_aligned([layout(r, SPECIAL, sequential, 0, PREFIX) for r in synthetic_records(8, VOCAB)],
                             SPECIAL["latent"], SPECIAL["pad"])
     models = {}
     for cfg in (sequential, jacobi):
         models[cfg.latent_update] = LatentReasoner(bench_model(VOCAB, shape["layers"], shape["hidden"]),
-                                                   ReasonerConfig(layout=cfg), eos_id=SPECIAL["eos"])
+                                                   cfg, eos_id=SPECIAL["eos"])
 
     def step(model):
         model.zero_grad(set_to_none=True)

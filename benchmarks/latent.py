@@ -20,8 +20,8 @@ from transformers import DynamicCache
 from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
 from pipeline.latent.batch import Batch
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner
 
 
 def straightforward_codi_step(model: LatentReasoner, batch: Batch) -> torch.Tensor:
@@ -79,8 +79,8 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def bench_p1(vocab: int = 128_256, repeats: int = 5) -> dict:
-    cfg = LayoutConfig("codi", num_latent=6, simcot=True)
-    model = LatentReasoner(bench_model(vocab), ReasonerConfig(layout=cfg), eos_id=SPECIAL["eos"])
+    cfg = MethodConfig("codi", num_latent=6, simcot=True)
+    model = LatentReasoner(bench_model(vocab), cfg, eos_id=SPECIAL["eos"])
     batch = collate_aligned([layout(r, SPECIAL, cfg, 0, PREFIX) for r in synthetic_records(8, vocab)],
                             SPECIAL["latent"], SPECIAL["pad"])
 
@@ -115,12 +115,12 @@ def activation_peak(fn) -> float:
 
 
 def bench_p4(n_latents: int = 16) -> dict:
-    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=n_latents // 2, simcot=False)
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=n_latents // 2, simcot=False)
     records = synthetic_records(8, 4096)
     batch = collate_aligned([layout(r, SPECIAL, cfg, n_latents // 2 + 1) for r in records], SPECIAL["latent"], 0)
     result, grads = {}, {}
     for use in (False, True):
-        model = LatentReasoner(bench_model(4096), ReasonerConfig(layout=cfg, gradient_checkpointing=use))
+        model = LatentReasoner(bench_model(4096), cfg, gradient_checkpointing=use)
 
         def step(model=model):
             model(batch)["total"].backward()

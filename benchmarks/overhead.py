@@ -26,30 +26,30 @@ from benchmarks.fixtures import PREFIX, SPECIAL, bench_model, synthetic_records
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, GRAD_REDUCES, apply_grad_reduce
 from pipeline.latent.batch import Batch
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner
 
 VOCAB, HIDDEN, BATCH = 512, 64, 4
 CASES = {
-    "cot": (LayoutConfig("cot"), 0),
-    "coconut+simcot": (LayoutConfig("coconut", c_thought=2, max_latent_stage=8, simcot=True), 8),  # 16 latents
-    "codi+simcot": (LayoutConfig("codi", num_latent=6, simcot=True), 0),
+    "cot": (MethodConfig("cot"), 0),
+    "coconut+simcot": (MethodConfig("coconut", c_thought=2, max_latent_stage=8, simcot=True), 8),  # 16 latents
+    "codi+simcot": (MethodConfig("codi", num_latent=6, simcot=True), 0),
 }
 
 
-def reasoner(cfg: LayoutConfig, layers: int) -> LatentReasoner:
+def reasoner(cfg: MethodConfig, layers: int) -> LatentReasoner:
     """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape."""
     decoder = bench_model(VOCAB, layers, HIDDEN) if cfg.simcot else None
-    return LatentReasoner(bench_model(VOCAB, layers, HIDDEN), ReasonerConfig(layout=cfg), eos_id=SPECIAL["eos"],
+    return LatentReasoner(bench_model(VOCAB, layers, HIDDEN), cfg, eos_id=SPECIAL["eos"],
                           step_decoder=decoder)
 
 
-def batches(cfg: LayoutConfig, stage: int, n: int = 4) -> list[Batch]:
+def batches(cfg: MethodConfig, stage: int, n: int = 4) -> list[Batch]:
     return [collate_aligned([layout(r, SPECIAL, cfg, stage, PREFIX) for r in synthetic_records(BATCH, VOCAB, seed)],
                             SPECIAL["latent"], SPECIAL["pad"]) for seed in range(n)]
 
 
-def zero3_engine(cfg: LayoutConfig, layers: int, lr: float = 1e-4, grad_reduce: str = AFTER_BACKWARD):
+def zero3_engine(cfg: MethodConfig, layers: int, lr: float = 1e-4, grad_reduce: str = AFTER_BACKWARD):
     """The trainer's engine: resolved zero3.json, model built under zero.Init, the gathered policy."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig

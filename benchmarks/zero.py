@@ -91,8 +91,8 @@ def _engine(method: str, k: int, policy: str = "gathered", checkpointing: bool =
     from benchmarks.fixtures import bench_model
     from pipeline.engine.config import load_config
     from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings
-    from pipeline.latent.methods import LayoutConfig
-    from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+    from pipeline.latent.methods import MethodConfig
+    from pipeline.latent.reasoner import LatentReasoner
 
     run = load_config(None, ["train.micro_batch_size=4", "train.lr=1e-4"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -100,10 +100,9 @@ def _engine(method: str, k: int, policy: str = "gathered", checkpointing: bool =
     if policy == "streamed":              # as the trainer sets it: about two layers live
         cfg["zero_optimization"].update(streamed_zero_settings(LAYER, LARGEST))
     keep = HfDeepSpeedConfig(cfg)  # noqa: F841  (alive while the model is built: zero.Init)
-    layout = LayoutConfig(method, c_thought=1, max_latent_stage=max(k, 1))
-    model = LatentReasoner(bench_model(1000, layers=4, hidden=256), ReasonerConfig(layout, gradient_checkpointing=
-                                                                                   checkpointing),
-                           eos_id=SPECIAL["eos"])
+    layout = MethodConfig(method, c_thought=1, max_latent_stage=max(k, 1))
+    model = LatentReasoner(bench_model(1000, layers=4, hidden=256), layout, eos_id=SPECIAL["eos"],
+                           gradient_checkpointing=checkpointing)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine, layout
 

@@ -1,6 +1,5 @@
 """Stage 1: raw GSM8K-style data -> tokenized, step-annotated shards (``python -m data_prep --help``)."""
-from .cli_errors import UserError, run_cli
 from .loader import ShardSet, load_shards
-from .manifest import ShardError, ShardsNotFound
+from .manifest import ShardError, ShardsNotFound, read_manifest
 
-__all__ = ["ShardSet", "ShardError", "ShardsNotFound", "UserError", "load_shards", "run_cli"]
+__all__ = ["ShardSet", "ShardError", "ShardsNotFound", "load_shards", "read_manifest"]

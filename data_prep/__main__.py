@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_errors import run_cli
+from common.cli import run_cli
 
 EXAMPLES = """examples:
   python -m data_prep synth --out data/synth --train 20000 --valid 500 --test 500 --seed 0

@@ -18,8 +18,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .cli_errors import UserError
-from .manifest import MANIFEST, REJECTS, SCHEMA_VERSION, TOKENIZER_DIR, sha256_file
+from common.cli import UserError
+from common.hashing import sha256_file
+
+from .manifest import MANIFEST, REJECTS, SCHEMA_VERSION, TOKENIZER_DIR
 from .sources import SourceSpec, parse_source_spec, read_source
 from .templates import Templates, tokenize_joined_cots, tokenize_problems
 from .tokenizer import add_latent_tokens, fingerprint, load_pretrained

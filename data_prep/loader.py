@@ -58,6 +58,13 @@ class ShardSet:
 
         return original_vocab_size(self.tokenizer)
 
+    def same_templates(self, recorded: dict) -> bool:
+        """Whether ``recorded`` (a model's templates) lays text out as these shards do; options
+        added since either was written count at their defaults."""
+        from .templates import Templates
+
+        return Templates.defaults_for(self.manifest["templates"]) == Templates.defaults_for(recorded)
+
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])

@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from .cli_errors import UserError
+from common.cli import UserError
+from common.hashing import sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -22,14 +22,6 @@ class ShardError(RuntimeError):
 
 class ShardsNotFound(ShardError, UserError):
     """No shard directory where one was given (a user's mistake: exit 2 on the command lines)."""
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(shard_dir: str) -> dict:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
-from .cli_errors import UserError
+from common.cli import UserError
 
 LATENT_TOKENS = {"start_latent": "<|start-latent|>", "latent": "<|latent|>", "end_latent": "<|end-latent|>",
                  "bot": "<bot>", "eot": "<eot>"}

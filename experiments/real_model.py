@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_prep import run_cli
+from common.cli import run_cli
 from data_prep.build import BuildOptions, record_tokens, run_build
 from data_prep.summary import verify_shards
 from data_prep.templates import Templates

@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep import run_cli
+    from common.cli import run_cli
 
     return run_cli(_main, argv)
 

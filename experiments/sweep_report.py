@@ -42,13 +42,17 @@ def run_result(plan, name: str) -> dict:
 
 
 def chain_curve(plan, method: str) -> list[dict]:
-    """Last logged train answer loss of each curriculum stage of a chain (the collapse curve)."""
+    """Last logged train answer loss of each curriculum stage of a chain (the collapse curve), and
+    the last latent cosine (computed on the printed steps only)."""
     last: dict[int, dict] = {}
+    cosine: dict[int, float] = {}
     for m in _metrics(plan.run_dir(f"{method}-chain")):
         if "loss/answer_ce" in m:
             last[m["stage"]] = m
+        if "latent/latent_cosine" in m:
+            cosine[m["stage"]] = m["latent/latent_cosine"]
     return [{"stage": s, "n_latents": s * plan.c_thought, "answer_ce": m["loss/answer_ce"],
-             "latent_cosine": m.get("latent/latent_cosine")} for s, m in sorted(last.items())]
+             "latent_cosine": cosine.get(s)} for s, m in sorted(last.items())]
 
 
 def collect(plan, finals: dict[str, tuple[str, int, int]]) -> dict:

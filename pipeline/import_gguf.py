@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from data_prep.cli_errors import UserError
+from common.cli import UserError
 
 CHECK_PROMPT = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
 
@@ -105,6 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data_prep import run_cli
+    from common.cli import run_cli
 
     sys.exit(run_cli(main))

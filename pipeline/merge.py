@@ -3,8 +3,9 @@
     python -m pipeline.merge --run runs/NAME [--tag T] [--dtype bf16|fp32]
 
 Writes ``runs/NAME/merged/``: the base model as safetensors (sharded when large; LoRA merged in),
-the tokenizer, ``latent_config.json`` (method, latent count, special-token ids, templates) and,
-for CODI, ``projection.safetensors``; the SIM-CoT step decoder goes apart to
+the tokenizer, ``latent_config.json`` (the method config, latent count, special-token ids, templates; the
+directory's names are pipeline/inference/merged.py's) and, for CODI, ``projection.safetensors``; the
+SIM-CoT step decoder goes apart to
 ``merged/step_decoder/`` (interpretability only; inference never needs it). Consolidation is
 DeepSpeed's own ``zero_to_fp32``. Every checkpoint key must land somewhere and every model key
 must be filled; the merged model is reloaded with ``from_pretrained`` and its logits are checked
@@ -21,13 +22,12 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from data_prep import UserError, load_shards, run_cli
+from common.cli import DATA_ERROR_EXIT, UserError, run_cli
+from data_prep import load_shards
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import apply_lora, build_lm, build_step_decoder
 from pipeline.engine.config import load_config
-
-LATENT_CONFIG = "latent_config.json"
-DECODER_INPUT = "decoder_in.safetensors"   # the map from the base's width to a smaller step decoder's
+from pipeline.inference.merged import DECODER_INPUT, LATENT_CONFIG, PROJECTION, STEP_DECODER, latent_config
 
 
 class MergeError(RuntimeError):
@@ -60,11 +60,6 @@ def rebuild(run, state: dict, vocab_size: int, decoder_vocab: int):
     return base, decoder, decoder_in, projection
 
 
-def latent_count(run, stage: int) -> int:
-    """Latents the model was trained with at this checkpoint's stage (never from a resume counter)."""
-    return run.method.layout().n_latents(stage, n_steps=10**6)
-
-
 def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | None = None) -> str:
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         raise UserError(f"--run {run_dir}: not a run directory (no config.yaml); give the runs/NAME that "
@@ -88,27 +83,15 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     base.to(torch_dtype).save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
     shards.tokenizer.save_pretrained(tmp)
     if decoder is not None:
-        decoder.to(torch_dtype).save_pretrained(os.path.join(tmp, "step_decoder"), safe_serialization=True)
+        decoder.to(torch_dtype).save_pretrained(os.path.join(tmp, STEP_DECODER), safe_serialization=True)
         if decoder_in:
             save_file({k: v.to(torch_dtype).contiguous() for k, v in decoder_in.items()},
-                      os.path.join(tmp, "step_decoder", DECODER_INPUT))
+                      os.path.join(tmp, STEP_DECODER, DECODER_INPUT))
     if projection:
-        save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, "projection.safetensors"))
-    config = {"method": run.method.name, "simcot": run.method.simcot, "n_latents": latent_count(run, client["stage"]),
-              "c_thought": run.method.c_thought, "max_latent_stage": run.method.max_latent_stage,
-              "pad_latent_to_max": run.method.pad_latent_to_max, "progressive_train": run.method.progressive_train,
-              "latent_update": run.method.latent_update,
-              "jacobi_iterations": run.method.jacobi_iterations, "remove_eos": run.method.remove_eos,
-              "reference_attention": run.method.reference_attention,
-              "original_vocab_size": shards.original_vocab_size,
-              "stage": client["stage"],
-              "special_tokens": shards.special_tokens,
-              "templates": shards.manifest["templates"], "projection": "projection.safetensors" if projection else None,
-              "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},
-              "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"],
-              "source": {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}}
+        save_file({k: v.contiguous() for k, v in projection.items()}, os.path.join(tmp, PROJECTION))
+    source = {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}
     with open(os.path.join(tmp, LATENT_CONFIG), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
+        json.dump(latent_config(run, client["stage"], shards, bool(projection), source), handle, indent=2)
     check_logits(base.float(), tmp, shards, tolerance=1e-5 if dtype == "fp32" else 5e-2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -149,7 +132,7 @@ def _main(argv: list[str] | None) -> int:
         out = merge(args.run, args.tag, args.dtype, args.out)
     except (MergeError, checkpoint.CheckpointError) as err:      # corrupted or inconsistent checkpoint files
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return DATA_ERROR_EXIT
     print(f"merged {args.run} -> {out} (logits of the reloaded model checked)")
     return 0
 

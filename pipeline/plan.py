@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DOES_NOT_FIT = 3
+from common.cli import PLAN_EXIT, run_cli
 
 
 def plan_for(config_path: str | None, overrides: list[str], nodes: int, gpus_per_node: int, gpu_mem_gib: float,
@@ -36,8 +36,6 @@ def plan_for(config_path: str | None, overrides: list[str], nodes: int, gpus_per
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep import run_cli
-
     return run_cli(_main, argv)
 
 
@@ -67,7 +65,7 @@ def _main(argv: list[str] | None) -> int:
           f"decoder {sizes.decoder / 1e9:.2f}B) on {args.nodes} node(s) x {args.gpus_per_node} GPU(s) x "
           f"{args.gpu_mem_gib:g} GiB")
     print(plan.render())
-    return 0 if plan.fits else DOES_NOT_FIT
+    return 0 if plan.fits else PLAN_EXIT
 
 
 if __name__ == "__main__":

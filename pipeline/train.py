@@ -15,11 +15,9 @@ import argparse
 import os
 import sys
 
-PLAN_DOES_NOT_FIT = 3     # as `python -m pipeline.plan` exits for a run that does not fit
-
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep import run_cli
+    from common.cli import run_cli
 
     return run_cli(_main, argv)
 
@@ -31,7 +29,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher adds it
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.simcot=true")
     args = parser.parse_args(argv)
-    from data_prep import ShardError, UserError
+    from common.cli import DATA_ERROR_EXIT, PLAN_EXIT, UserError
+    from data_prep import ShardError
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.config import load_config
     from pipeline.engine.distributed import teardown
@@ -44,10 +43,10 @@ def _main(argv: list[str] | None) -> int:
         raise
     except (ShardError, CheckpointError) as err:    # corrupted data or checkpoint: say which file
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return DATA_ERROR_EXIT
     except PlanError as err:                        # the memory plan (printed above) does not fit
         print(f"error: does not fit: {err}", file=sys.stderr, flush=True)
-        return PLAN_DOES_NOT_FIT
+        return PLAN_EXIT
     teardown()
     return code
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
 from pipeline.latent.methods import get_method
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.reasoner import LatentReasoner
 from pipeline.latent.vocab import Vocab
 
 
@@ -130,18 +130,6 @@ def apply_lora(model, lora):
     return get_peft_model(model, config)
 
 
-def reasoner_config(run: RunConfig) -> ReasonerConfig:
-    m = run.method
-    return ReasonerConfig(layout=m.layout(), step_loss_weight=m.step_loss_weight,
-                          step_loss_norm=m.step_loss_norm, distill_factor=m.distill_factor,
-                          distill_div_std=m.distill_div_std, distill_loss=m.distill_loss, projection=m.projection,
-                          prj_dim=m.prj_dim,
-                          prj_dropout=m.prj_dropout, prj_layernorm=m.prj_layernorm,
-                          teacher_loss_weight=m.teacher_loss_weight,
-                          gradient_checkpointing=run.model.gradient_checkpointing,
-                          reference_step_truncation=m.reference_step_truncation)
-
-
 def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda: bool,
                    new_rows_like: int | None = None):
     """-> (LatentReasoner, attention name, keep-alive handle for HfDeepSpeedConfig). ``new_rows_like``:
@@ -170,8 +158,9 @@ def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda
         print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
-    model = LatentReasoner(base, reasoner_config(run), eos_id=vocab.special["eos"], step_decoder=decoder,
-                           masked_classes=get_method(run.method.name).masked_classes(vocab.special, vocab.original))
+    model = LatentReasoner(base, run.method, eos_id=vocab.special["eos"], step_decoder=decoder,
+                           masked_classes=get_method(run.method.name).masked_classes(vocab.special, vocab.original),
+                           gradient_checkpointing=run.model.gradient_checkpointing)
     if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
         # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
         # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).

@@ -15,7 +15,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from data_prep.manifest import sha256_file
+from common.hashing import sha256_file
 
 COMPLETE = "COMPLETE.json"
 

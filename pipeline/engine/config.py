@@ -11,11 +11,13 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import yaml
 
-from data_prep.cli_errors import UserError
-from pipeline.latent.methods import LayoutConfig, get_method, method_names
+from common.cli import UserError
+from pipeline.latent.methods import MethodConfig
+from pipeline.latent.methods.config import check_choices
 
 
 @dataclass
@@ -63,65 +65,13 @@ class ModelSettings:
 
 
 @dataclass
-class MethodSettings:
-    """The method and its losses (see pipeline.latent.methods.LayoutConfig and
-    pipeline.latent.reasoner.ReasonerConfig)."""
-    name: str = "cot"                   # cot | nocot | coconut | codi | pause | nothought (pipeline/latent/methods/)
-    simcot: bool = False
-    c_thought: int = 2
-    max_latent_stage: int = 3
-    pad_latent_to_max: bool = True      # coconut: false = after the last stage min(steps, max_latent_stage) x c latents
-    uniform_prob: float = 0.0           # coconut: an example's stage is drawn from 0..its steps with this chance
-    num_latent: int = 6
-    include_last_step: bool = False
-    latent_update: str = "sequential"   # sequential | jacobi (all latents at once, PCCoT; pipeline/latent/loop.py)
-    jacobi_iterations: int = 3          # jacobi: parallel passes (= the latent count: the sequential result)
-    progressive_train: bool = False     # coconut: c x max_latent_stage latents at every stage, stages only remove
-                                        # steps, the decoder reproduces every step (the SIM-CoT authors' LLaMA variant)
-    remove_eos: bool = True             # codi: false = the reference's EOS after the question, CoT and <eot>
-    teacher_cot: str = "joined"         # codi: the teacher's CoT tokenised as one string (reference) | pieces
-    step_targets: str = "spans"         # codi + simcot: the <<..>> spans of the teacher's CoT ids, as the reference
-                                        # finds them | pieces (each step's own ids, its separator included)
-    reference_attention: bool = False   # codi: emulate the released code's attention: after the question pass no
-                                        # mask (left pads attended), positions = columns (for matching its numbers)
-    reference_step_truncation: bool = False  # codi + simcot: emulate the released code's dedup_trailing_pads bug
-                                        # (each slot's step targets cut to row 0's width; batch order decides)
-    reference_quirks: bool = False      # codi: every emulated reference bug at once (the two switches above, and
-                                        # its step scan over the whole teacher sequence: remove_eos=false -> no step)
-    decoder_init: str = "pretrained"    # SIM-CoT decoder with checkpoint.init_from: pretrained (the reference: the raw
-                                        # model; a tiny model's initial weights) | base (the checkpoint's base weights)
-    step_loss_weight: float = 1.0
-    step_loss_norm: str = "token_mean"
-    distill_factor: float = 1.0
-    distill_div_std: bool = True
-    distill_loss: str = "smooth_l1"     # smooth_l1 | l2 (the reference's distill_loss_type)
-    projection: bool = True             # codi: false = the reference's use_prj off (latents are the raw hidden states)
-    prj_dim: int = 0                    # CODI projection inner width (0: the hidden size)
-    prj_dropout: float = 0.0
-    prj_layernorm: bool = True          # false: the reference's prj_no_ln
-    teacher_loss_weight: float = 1.0
-
-    def __post_init__(self):
-        if self.reference_quirks:       # one switch to compare with the released numbers
-            self.reference_attention, self.reference_step_truncation = True, self.simcot
-
-    def layout(self) -> LayoutConfig:
-        """The options that shape the examples, for ``pipeline.latent.methods``."""
-        return LayoutConfig(method=self.name, c_thought=self.c_thought, max_latent_stage=self.max_latent_stage,
-                            pad_latent_to_max=self.pad_latent_to_max, num_latent=self.num_latent,
-                            include_last_step=self.include_last_step, simcot=self.simcot,
-                            latent_update=self.latent_update, jacobi_iterations=self.jacobi_iterations,
-                            progressive_train=self.progressive_train, remove_eos=self.remove_eos,
-                            teacher_cot=self.teacher_cot, step_targets=self.step_targets,
-                            reference_attention=self.reference_attention, reference_quirks=self.reference_quirks,
-                            uniform_prob=self.uniform_prob)
-
-
-@dataclass
 class CurriculumSettings:
     epochs_per_stage: int = 1
     start_stage: int = 0                # Coconut continuing from a CoT run starts at 1
-    reset_optimizer: str = "never"      # never | stage | epoch (the reference resets every epoch)
+    reset_optimizer: Literal["never", "stage", "epoch"] = "never"   # the reference resets every epoch
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass
@@ -137,7 +87,7 @@ class TrainSettings:
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "constant"          # constant | cosine (pipeline/engine/schedule.py)
+    schedule: Literal["constant", "cosine"] = "constant"   # pipeline/engine/schedule.py
     warmup_steps: int = 0
     warmup_ratio: float = 0.0           # > 0: warm-up = this fraction of the optimizer steps (HF's warmup_ratio)
     min_lr_ratio: float = 0.1           # cosine ends at this fraction of the peak (0: HF's cosine)
@@ -146,10 +96,14 @@ class TrainSettings:
     shuffle: bool = True
     log_every: int = 10
     validate: bool = True
-    zero3_gather: str = "auto"          # auto (the memory plan picks) | gathered | streamed (engine/gather_policy.py)
-    grad_reduce: str = "auto"           # auto (the plan picks) | overlapped | after_backward (engine/grad_reduce.py)
-    memory_plan: str = "enforce"        # enforce: a plan that does not fit stops the run (exit 3) | warn
+    # auto: the memory plan picks (engine/gather_policy.py, engine/grad_reduce.py)
+    zero3_gather: Literal["auto", "gathered", "streamed"] = "auto"
+    grad_reduce: Literal["auto", "overlapped", "after_backward"] = "auto"
+    memory_plan: Literal["enforce", "warn"] = "enforce"   # enforce: a plan that does not fit stops the run (exit 3)
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
+
+    def __post_init__(self):
+        check_choices(self)
 
 
 @dataclass
@@ -167,7 +121,7 @@ class RunConfig:
     data: str = ""                      # shard directory from `python -m data_prep build`
     deepspeed: str = "ds_configs/zero3.json"
     model: ModelSettings = field(default_factory=ModelSettings)
-    method: MethodSettings = field(default_factory=MethodSettings)
+    method: MethodConfig = field(default_factory=MethodConfig)
     curriculum: CurriculumSettings = field(default_factory=CurriculumSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
@@ -194,6 +148,8 @@ def _coerce(value, kind, where: str):
             raise ConfigError(f"{where}: expected a mapping")
         return _build(kind, value, f"{where}.")
     origin = typing.get_origin(kind)
+    if origin is Literal:                # its choices are checked by the section (check_choices)
+        return value
     if origin in (list, tuple) or kind is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -215,7 +171,10 @@ def _build(cls, values: dict, path: str = ""):
         if key not in types_:
             raise ConfigError(_suggest(key, list(types_), path))
     kwargs = {k: _coerce(v, types_[k], f"{path}{k}") for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:           # a section's own checks (MethodConfig's), named by its path
+        raise ConfigError(f"{path}{err}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -259,63 +218,23 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 
 
 def validate(config: RunConfig) -> None:
+    """The rules between sections (each section's own, and its choices, are checked when it is built)."""
     m, c, t = config.method, config.curriculum, config.train
-    if m.name not in method_names():
-        raise ConfigError(f"method.name {m.name!r}: expected one of {', '.join(method_names())}")
-    with_slots = [name for name in method_names() if get_method(name).supports_simcot]
     checks = [
-        (not (m.simcot and not get_method(m.name).supports_simcot),
-         f"method.simcot needs a method with latent slots ({' or '.join(with_slots)}), not {m.name}"),
-        (m.step_loss_norm in ("token_mean", "sample_sum"), "method.step_loss_norm: token_mean or sample_sum"),
-        (m.decoder_init in ("pretrained", "base"), "method.decoder_init: pretrained or base"),
         (not config.model.decoder_path or m.simcot,
          "model.decoder_path is the SIM-CoT step decoder: set method.simcot"),
         (not (config.model.decoder_path and m.decoder_init == "base"),
          "method.decoder_init=base copies the base into the decoder, which model.decoder_path makes another model"),
-        (0 <= m.uniform_prob <= 1, "method.uniform_prob must be in [0, 1]"),
-        (m.uniform_prob == 0 or get_method(m.name).has_curriculum,
-         f"method.uniform_prob draws curriculum stages: a method with a curriculum (coconut), not {m.name}"),
-        (m.distill_loss in ("smooth_l1", "l2"), "method.distill_loss: smooth_l1 or l2"),
-        (m.teacher_cot in ("joined", "pieces"), "method.teacher_cot: joined or pieces"),
-        (m.step_targets in ("spans", "pieces"), "method.step_targets: spans or pieces"),
-        (m.step_targets == "spans" or (get_method(m.name).needs_teacher and m.simcot),
-         "method.step_targets=pieces chooses CODI + SIM-CoT's decoder targets: method.name=codi, method.simcot=true"),
-        (not m.reference_quirks or (m.step_targets == "spans" and m.teacher_cot == "joined"),
-         "method.reference_quirks reproduces the reference, whose teacher CoT is joined and whose step targets are "
-         "its spans: drop method.step_targets=pieces / method.teacher_cot=pieces"),
         (not m.reference_attention or not config.model.attn_implementation.startswith("flash"),
          "method.reference_attention (and reference_quirks) attends the question's left pads as the reference does "
          "under CUDA SDPA, through a 4-D mask that flash-attention kernels do not take: "
          "set model.attn_implementation to auto, sdpa or eager"),
-        (not m.progressive_train or (get_method(m.name).has_curriculum and get_method(m.name).fills_latents),
-         f"method.progressive_train needs a method with a curriculum (coconut), not {m.name}"),
-        (not m.reference_quirks or get_method(m.name).needs_teacher,
-         f"method.reference_quirks emulates bugs of CODI's released code; {m.name} has none left to emulate"),
-        (not m.reference_attention or (get_method(m.name).needs_teacher and m.latent_update == "sequential"),
-         "method.reference_attention emulates CODI's released code: method.name=codi, latent_update=sequential"),
-        (not m.reference_step_truncation or (get_method(m.name).needs_teacher and m.simcot),
-         "method.reference_step_truncation emulates CODI's released SIM-CoT code: method.name=codi, method.simcot"),
-        (m.remove_eos or get_method(m.name).needs_teacher,
-         f"method.remove_eos=false is CODI's option (EOS between question, CoT and answer), not {m.name}'s"),
-        (m.projection or get_method(m.name).needs_projection,
-         f"method.projection=false turns off CODI's prj; {m.name} has none"),
-        (m.prj_dim >= 0 and 0 <= m.prj_dropout < 1, "method.prj_dim must be >= 0 and method.prj_dropout in [0, 1)"),
-        (m.latent_update in ("sequential", "jacobi"), "method.latent_update: sequential or jacobi"),
-        (m.latent_update == "sequential" or get_method(m.name).fills_latents,
-         f"method.latent_update=jacobi needs a method that fills latents, not {m.name}"),
-        (m.jacobi_iterations >= 0, "method.jacobi_iterations must be >= 0 (0: the latents stay token embeddings)"),
-        (c.reset_optimizer in ("never", "stage", "epoch"), "curriculum.reset_optimizer: never, stage or epoch"),
-        (t.schedule in ("constant", "cosine"), "train.schedule: constant or cosine"),
         (t.micro_batch_size > 0 and t.grad_accum > 0, "train.micro_batch_size and train.grad_accum must be > 0"),
         (c.epochs_per_stage > 0, "curriculum.epochs_per_stage must be > 0"),
         (t.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0: every record once per epoch)"),
-        (t.zero3_gather in ("auto", "gathered", "streamed"), "train.zero3_gather: auto, gathered or streamed"),
-        (t.grad_reduce in ("auto", "overlapped", "after_backward"),
-         "train.grad_reduce: auto, overlapped or after_backward"),
         (0 <= t.warmup_ratio < 1 and 0 <= t.min_lr_ratio <= 1,
          "train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]"),
         (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: micro x grad_accum x ranks)"),
-        (t.memory_plan in ("enforce", "warn"), "train.memory_plan: enforce or warn"),
     ]
     for ok, message in checks:
         if not ok:

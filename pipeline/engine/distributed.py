@@ -16,7 +16,6 @@ import warnings
 import torch
 import torch.distributed as dist
 
-REQUEUE_EXIT_CODE = 75   # EX_TEMPFAIL: "checkpointed on a signal, run me again" (the sbatch script requeues)
 # DeepSpeed JIT-builds its shm collective op on every CPU init (43 s cold on 2 cores);
 # a lock older than this was left by a build that was killed, never by one still running.
 STALE_BUILD_LOCK_S = 600

@@ -34,7 +34,7 @@ from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED
 from pipeline.engine.model_shapes import ModelSizes
 from pipeline.latent.loop import pass_count
-from pipeline.latent.methods import SequenceShape
+from pipeline.latent.methods import SequenceShape, get_method
 
 GIB = 2 ** 30
 FRAMEWORK_RESERVE_GIB = 2.5     # CUDA context, NCCL buffers, allocator slack (a typical H100 process)
@@ -131,14 +131,13 @@ def model_states(sizes: ModelSizes, stage: int, world: int, dtype_bytes: int, gr
 
 def _pass_tokens(run: RunConfig, seq: SequenceShape) -> dict[str, int]:
     """Tokens per problem seen by each LM, for the longest stage of the method."""
-    layout = run.method.layout()
-    method = layout.spec
-    slots = method.decoder_slots(layout) if layout.simcot else 0
+    cfg, method = run.method, get_method(run.method.name)
+    slots = method.decoder_slots(cfg) if cfg.simcot else 0
     merged = max(1, seq.steps - slots + 1) if slots else 0      # steps per slot, the overflow in the last
-    reruns = (layout.jacobi or 0) * method.max_latents(layout)     # Jacobi: every latent once per iteration
-    return {"base": method.base_tokens(layout, seq) + reruns, "teacher": method.teacher_tokens(layout, seq),
-            "decoder": slots * (merged * seq.step + layout.slot_width() + 1),
-            "labelled": method.labelled_tokens(layout, seq) + slots * (merged * seq.step + 1)}
+    reruns = (cfg.jacobi or 0) * method.max_latents(cfg)     # Jacobi: every latent once per iteration
+    return {"base": method.base_tokens(cfg, seq) + reruns, "teacher": method.teacher_tokens(cfg, seq),
+            "decoder": slots * (merged * seq.step + cfg.slot_width() + 1),
+            "labelled": method.labelled_tokens(cfg, seq) + slots * (merged * seq.step + 1)}
 
 
 def activation_gib(run: RunConfig, sizes: ModelSizes, seq: SequenceShape, dtype_bytes: int) -> dict[str, float]:
@@ -172,10 +171,9 @@ def _pass_grads(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> float:
 def base_passes(run: RunConfig) -> int:
     """Calls of every base layer per micro-batch at the longest stage: the latent loop's passes
     and CODI's teacher pass."""
-    layout = run.method.layout()
-    method = layout.spec
-    latents = method.max_latents(layout) if method.fills_latents else 0
-    return pass_count(latents, layout.jacobi) + (1 if method.needs_teacher else 0)
+    cfg, method = run.method, get_method(run.method.name)
+    latents = method.max_latents(cfg) if method.fills_latents else 0
+    return pass_count(latents, cfg.jacobi) + (1 if method.needs_teacher else 0)
 
 
 def _gather_volume(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> dict[str, float]:

@@ -95,7 +95,7 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None, decoder_vocab: 
     rows (the tokenizer's before data_prep added its tokens; None: the base's less those tokens)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.engine.build_model import apply_lora, reasoner_config
+    from pipeline.engine.build_model import apply_lora
     from pipeline.latent.reasoner import LatentReasoner
 
     cfg = lm_config(run, vocab_size)
@@ -109,7 +109,8 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None, decoder_vocab: 
             decoder = AutoModelForCausalLM.from_config(decoder_cfg)
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)
-        return LatentReasoner(base, reasoner_config(run), eos_id=0, step_decoder=decoder)
+        return LatentReasoner(base, run.method, eos_id=0, step_decoder=decoder,
+                              gradient_checkpointing=run.model.gradient_checkpointing)
 
 
 def model_sizes(run: RunConfig, vocab_size: int | None = None, decoder_vocab: int | None = None) -> ModelSizes:

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.engine.config import CurriculumSettings
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, get_method, layout
+from pipeline.latent.methods import MethodConfig, get_method, layout
 
 
 def stage_for_epoch(epoch: int, curriculum: CurriculumSettings, method: str) -> int:
@@ -47,7 +47,7 @@ def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool, max
     return [mine[i * plan.micro_batch_size:(i + 1) * plan.micro_batch_size] for i in range(n_batches)]
 
 
-def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: LayoutConfig,
+def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: MethodConfig,
                  stage: int, prefix_ids: list[int], draw_seed: str | None = None):
     """Lay out and collate lazily, one micro-batch at a time. ``draw_seed`` (training): with
     ``cfg.uniform_prob`` an example trains at a stage drawn for it from this seed and its index."""
@@ -58,7 +58,7 @@ def iter_batches(records: list[dict], indices: list[list[int]], special: dict[st
         yield collate_aligned(examples, special["latent"], special["pad"], latent_span=span)
 
 
-def example_stage(cfg: LayoutConfig, stage: int, record: dict, draw_seed: str | None, index: int) -> int:
+def example_stage(cfg: MethodConfig, stage: int, record: dict, draw_seed: str | None, index: int) -> int:
     """``stage``, or with probability ``cfg.uniform_prob`` one drawn uniformly from 0..the record's
     steps (the reference's ``uniform_prob``); the same draw for the same seed and record on every
     rank and after a resume."""

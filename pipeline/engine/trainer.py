@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common.cli import REQUEUE_EXIT, UserError
 from data_prep import load_shards
-from data_prep.cli_errors import UserError
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
 from pipeline.engine.config import RunConfig, for_world, save_config
-from pipeline.engine.distributed import REQUEUE_EXIT_CODE, StopFlag, init_distributed
+from pipeline.engine.distributed import StopFlag, init_distributed
 from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
 from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED, apply_gather_policy, step_gather
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
@@ -29,7 +29,7 @@ from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.sampler import BatchPlan, iter_batches, rank_indices, stage_for_epoch
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
-from pipeline.latent.methods import layout
+from pipeline.latent.methods import get_method, layout
 from pipeline.latent.vocab import Vocab
 
 TARGET_SAMPLE = 10_000     # train records the start-up report on decoder targets reads
@@ -73,7 +73,6 @@ class Trainer:
         self.prefix_ids = tok(self.shards.manifest["templates"]["answer_prefix"], add_special_tokens=False)["input_ids"]
         self.train_records = self.shards.split("train").to_list()
         self.valid_records = self.shards.split("valid").to_list() if "valid" in self.shards.splits else []
-        self.layout = run.method.layout()
         self._check_shards_feed_the_method()
         self._build_engine()
         self.log = MetricsLog(self.run_dir, self.rank == 0)
@@ -91,8 +90,9 @@ class Trainer:
         stage = stage_for_epoch(0, run.curriculum, run.method.name)
         try:
             for record in self.train_records[:1]:
-                layout(record, self.special, self.layout, stage, self.prefix_ids)
-            report = self.layout.spec.target_report(self.layout, self.special, self.train_records[:TARGET_SAMPLE])
+                layout(record, self.special, self.run.method, stage, self.prefix_ids)
+            report = get_method(run.method.name).target_report(run.method, self.special,
+                                                              self.train_records[:TARGET_SAMPLE])
         except ValueError as err:           # e.g. shards without CODI's fields or with another answer prefix
             raise UserError(f"{run.data}: {err}") from err
         if report:
@@ -164,7 +164,7 @@ class Trainer:
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
-                                    self.layout.slot_width(), self.layout.jacobi or 0)
+                                    self.run.method.slot_width(), self.run.method.jacobi or 0)
 
     def _scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,
@@ -228,11 +228,13 @@ class Trainer:
     def _train_epoch(self, epoch: int, stage: int) -> int | None:
         p, t = self.progress, self.run.train
         indices = self._indices(epoch)
-        batches = iter_batches(self.train_records, indices[p.micro_in_epoch:], self.special, self.layout, stage,
+        batches = iter_batches(self.train_records, indices[p.micro_in_epoch:], self.special, self.run.method, stage,
                                self.prefix_ids, draw_seed=f"{self.run.train.seed}/{epoch}")
         self.engine.train()
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
         for batch in batches:
+            if p.micro_in_epoch % t.grad_accum == 0:        # an optimizer step starts: diagnose if it is logged
+                self.engine.module.diagnostics = self._logs(p.global_step + 1)
             with step_gather(self.engine, self.gather_policy):
                 losses = self.engine(batch.to(self.device))
                 self.engine.backward(losses["total"])
@@ -263,10 +265,10 @@ class Trainer:
         if self.rank == 0:   # the sbatch script requeues the job when it finds this file
             open(os.path.join(self.run_dir, "REQUEUE"), "w").close()
         self.say(f"stopped by {why} at step {p.global_step}; checkpoint saved, "
-                 f"exit {REQUEUE_EXIT_CODE} so the job is requeued")
+                 f"exit {REQUEUE_EXIT} so the job is requeued")
         if dist.is_initialized():
             dist.barrier()   # no rank exits (and gets the others killed by the launcher) before this point
-        return REQUEUE_EXIT_CODE
+        return REQUEUE_EXIT
 
     def _progress_bar(self, total: int, epoch: int, stage: int):
         if self.rank != 0 or not sys.stderr.isatty():
@@ -276,6 +278,10 @@ class Trainer:
         return tqdm(total=total, initial=self.progress.micro_in_epoch // self.run.train.grad_accum,
                     desc=f"epoch {epoch} stage {stage}", dynamic_ncols=True)
 
+    def _logs(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is printed (and its latents' collapse diagnostics computed)."""
+        return step % self.run.train.log_every == 0 or step == 1
+
     def _log_step(self, stage: int) -> None:
         p, t = self.progress, self.run.train
         metrics = self.meter.finish(t.grad_accum, max(0, self.total_steps - p.global_step))
@@ -284,7 +290,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self.log.log(p.global_step, metrics)
-        if p.global_step % t.log_every == 0 or p.global_step == 1:
+        if self._logs(p.global_step):
             self.say(f"step {p.global_step}/{self.total_steps} epoch {p.epoch} stage {stage} "
                      f"loss {metrics['loss/total']:.4f} answer {metrics['loss/answer_ce']:.4f} "
                      f"step_ce {metrics['loss/step_ce']:.4f} lr {metrics['lr']:.2e} "
@@ -295,10 +301,11 @@ class Trainer:
     def validate(self, stage: int) -> float:
         """Mean valid loss over an equal number of batches on every rank; never the test split."""
         self.engine.eval()
+        self.engine.module.diagnostics = False
         plan = dataclasses.replace(self._plan(), grad_accum=1)
         indices = rank_indices(len(self.valid_records), plan, 0, shuffle=False)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch in iter_batches(self.valid_records, indices, self.special, self.layout, stage, self.prefix_ids):
+        for batch in iter_batches(self.valid_records, indices, self.special, self.run.method, stage, self.prefix_ids):
             with step_gather(self.engine, self.gather_policy):
                 losses = self.engine(batch.to(self.device))
             total += torch.tensor([float(losses["total"]), 1.0], dtype=torch.float64, device=self.device)

@@ -20,8 +20,8 @@ from transformers import DynamicCache
 
 from pipeline.latent.collate import align_rows, positions_from_mask
 from pipeline.latent.loop import PassCache, fill_latents, latent_block
-from pipeline.latent.loop import reference_attention as reference_attention_of
 from pipeline.latent.reasoner import mask_classes
+from pipeline.latent.reference_quirks import reference_attention as reference_attention_of
 
 
 def left_pad_prompts(prompts: list[list[int]], pad_id: int):

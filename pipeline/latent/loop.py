@@ -26,10 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -107,35 +105,6 @@ def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool 
     return out.last_hidden_state, cache.new_chunk(), layers
 
 
-class ReferenceAttention(NamedTuple):
-    """The CODI reference's attention on a left-padded batch (``method.reference_attention``)."""
-    positions: torch.Tensor   # [B, T] HF's default positions: the column index (left pads shift a row's)
-    question: torch.Tensor    # [B, 1, F, F] the question pass's additive mask (:func:`pad_rows_attend_all`)
-    later: torch.Tensor       # [B, T] every later pass's mask: all ones (they attend the question's pads)
-
-
-def reference_attention(mask: torch.Tensor, first: int, dtype: torch.dtype) -> ReferenceAttention:
-    """The masks and positions the CODI reference's calls get for a batch whose question pass runs
-    columns ``[0, first)`` with padding ``mask`` [B, T]."""
-    positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
-    return ReferenceAttention(positions, pad_rows_attend_all(mask[:, :first], dtype), torch.ones_like(mask))
-
-
-def pad_rows_attend_all(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] padding mask -> [B, 1, T, T] additive causal mask in which a query row that could
-    attend nothing (a left pad's) attends every column with its real scores, as the reference's
-    transformers (4.5x) makes it for SDPA on CUDA (``AttentionMaskConverter._unmask_unattended``),
-    where its released numbers were made. Left to today's transformers such a row comes out as
-    zeros (SDPA) or a uniform average (eager); either way the pads' keys and values from layer 1
-    on differ, and the reference's later passes attend them. As an explicit 4-D mask it is the
-    same on eager, SDPA, CPU and CUDA."""
-    t = mask.size(1)
-    allowed = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
 def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
     """Forward passes of the body per batch: one without latents; ``n_latents + 1`` filling them one
     per pass (:func:`fill_latents`); ``jacobi_iterations + 2`` by Jacobi iteration (:func:`jacobi_latents`)."""
@@ -147,16 +116,16 @@ def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None,
-                 reference: ReferenceAttention | None = None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
+                 reference=None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
     The number of passes is ``n_latents + 1`` whatever the data, so every rank makes the same calls.
     ``keep_layers_at``: one tail column per row ([B]) whose every-layer hidden states are returned.
     ``jacobi_iterations``: fill all latents at once, that many times (:func:`jacobi_latents`); None:
-    one latent per pass. ``reference``: the CODI reference's attention (:func:`reference_attention`:
-    its question mask and positions, and no mask after the question pass), else ``attention_mask``
-    and ``position_ids`` throughout.
+    one latent per pass. ``reference``: the CODI reference's attention
+    (:func:`pipeline.latent.reference_quirks.reference_attention`: its question mask and positions,
+    and no mask after the question pass), else ``attention_mask`` and ``position_ids`` throughout.
     ``latent_mask`` [B, n_latents]: True where column ``first + i`` is one of row b's latents, each
     row's a contiguous run (None: every row, every column); the other columns keep their tokens.
     """
@@ -252,21 +221,3 @@ def latent_block(input_ids: torch.Tensor, latent_id: int) -> tuple[int, int, tor
         raise ValueError("each row's latents must be one contiguous run of columns; "
                          "collate with pipeline.latent.collate.collate_aligned")
     return first, last + 1 - first, None if bool(mask.all()) else mask
-
-
-def coconut_forward(model, input_ids, attention_mask, position_ids, labels, latent_id):
-    """Fidelity seam: Coconut's latent-filling forward for any HF causal LM -> (loss, logits).
-
-    ``logits`` covers every column, as the reference returns it; ``loss`` is the mean next-token
-    cross-entropy over labelled positions.
-    """
-    body, head = model.get_decoder(), model.get_output_embeddings()
-    embeds = model.get_input_embeddings()(input_ids)
-    first, n, mask = latent_block(input_ids, latent_id)
-    if n == 0:
-        hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    else:
-        hidden = fill_latents(body, embeds, attention_mask, position_ids, first, n, latent_mask=mask).hidden
-    logits = head(hidden)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
-    return loss, logits

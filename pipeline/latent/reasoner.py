@@ -1,6 +1,6 @@
 """``LatentReasoner``: base causal LM + optional CODI projection + optional SIM-CoT step decoder.
 
-    model = LatentReasoner(base, ReasonerConfig(layout=LayoutConfig("codi", simcot=True)))
+    model = LatentReasoner(base, MethodConfig("codi", simcot=True))
     losses = model(batch)      # {"answer_ce", "teacher_ce", "distill", "step_ce", "total"}
 
 Methods are configuration of this one module: what differs between them is asked of the method
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -19,31 +18,9 @@ import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.batch import Batch
-from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents, reference_attention
-from pipeline.latent.methods import IGNORE, LayoutConfig
-
-
-@dataclass(frozen=True)
-class ReasonerConfig:
-    layout: LayoutConfig = field(default_factory=lambda: LayoutConfig("cot"))
-    step_loss_weight: float = 1.0
-    step_loss_norm: str = "token_mean"   # or "sample_sum": the Coconut reference's per-sample token sum
-    distill_factor: float = 1.0          # 20 for the LLaMA CODI recipes
-    distill_div_std: bool = True
-    distill_loss: str = "smooth_l1"      # or "l2" (the reference's distill_loss_type; / std twice with div_std)
-    projection: bool = True              # CODI's prj between a hidden state and the next latent (use_prj)
-    prj_dim: int = 0                     # CODI projection's inner width (0: the hidden size, as every recipe)
-    prj_dropout: float = 0.0             # dropout on the projection's input (the reference's prj_dropout)
-    prj_layernorm: bool = True           # False: the reference's prj_no_ln
-    teacher_loss_weight: float = 1.0
-    gradient_checkpointing: bool = False
-    reference_step_truncation: bool = False  # CODI: the released code's step targets cut to row 0's width
-
-    def __post_init__(self):
-        if self.step_loss_norm not in ("token_mean", "sample_sum"):
-            raise ValueError(f"step_loss_norm {self.step_loss_norm!r}: expected token_mean or sample_sum")
-        if self.distill_loss not in ("smooth_l1", "l2"):
-            raise ValueError(f"distill_loss {self.distill_loss!r}: expected smooth_l1 or l2")
+from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
+from pipeline.latent.methods import IGNORE, MethodConfig, get_method
+from pipeline.latent.reference_quirks import reference_attention, row0_width
 
 
 class Projection(nn.Sequential):
@@ -109,46 +86,39 @@ def _every_slot(step_ids: torch.Tensor, step_embeds: torch.Tensor, lengths: torc
             torch.cat([lengths, lengths.new_zeros(b, extra)], dim=1))
 
 
-def _row0_width(lengths: torch.Tensor) -> torch.Tensor:
-    """[B, S] step lengths -> [B, S] labels each row keeps under the CODI reference's
-    ``dedup_trailing_pads`` bug (SPEC 8.6): in every slot, every row is cut to row 0's width, its
-    step and terminator plus one pad (a single label where row 0 has no step); row 0 keeps its own."""
-    row0 = lengths[:1]
-    width = torch.where(row0 > 0, row0 + 2, 1).expand_as(lengths).clone()
-    width[0] = lengths[0] + 1
-    return width
-
-
 class LatentReasoner(nn.Module):
-    """``masked_classes``: token ids the base's LM head never scores, the added tokens outside the
-    method's reference vocabulary (``Method.masked_classes``). ``decoder_vocab``: the classes of a
-    step decoder copied from the base here (no ``step_decoder`` given): the vocabulary before the
-    latent tokens were added, as the reference's unresized decoder has (None: the base's)."""
+    """``cfg``: the method and its options. ``masked_classes``: token ids the base's LM head never
+    scores, the added tokens outside the method's reference vocabulary (``Method.masked_classes``).
+    ``decoder_vocab``: the classes of a step decoder copied from the base here (no ``step_decoder``
+    given): the vocabulary before the latent tokens were added, as the reference's unresized
+    decoder has (None: the base's). ``gradient_checkpointing``: per layer, through the latent
+    passes, the KV cache kept."""
 
-    def __init__(self, base: nn.Module, config: ReasonerConfig, eos_id: int | None = None,
+    def __init__(self, base: nn.Module, cfg: MethodConfig, eos_id: int | None = None,
                  step_decoder: nn.Module | None = None, masked_classes: Sequence[int] = (),
-                 decoder_vocab: int | None = None):
+                 decoder_vocab: int | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         self.base = base
-        self.config = config
-        self.method = config.layout.spec
+        self.cfg = cfg
+        self.method = get_method(cfg.name)
         hidden = base.config.hidden_size
-        self.projection = (Projection(hidden, config.prj_dim or None, config.prj_dropout, config.prj_layernorm)
-                           if self.method.needs_projection and config.projection else None)
+        self.projection = (Projection(hidden, cfg.prj_dim or None, cfg.prj_dropout, cfg.prj_layernorm)
+                           if self.method.needs_projection and cfg.projection else None)
         # The decoder starts as a copy of the base model's (pretrained) weights, architecture included.
         # Under ZeRO-3 the caller builds it the way it built the base (a deepcopy of partitioned
         # parameters would copy shards, not weights).
-        if config.layout.simcot and step_decoder is None:
+        if cfg.simcot and step_decoder is None:
             step_decoder = copy.deepcopy(base)
             if decoder_vocab is not None and decoder_vocab < step_decoder.config.vocab_size:
                 step_decoder.resize_token_embeddings(decoder_vocab)
-        self.step_decoder = step_decoder if config.layout.simcot else None
+        self.step_decoder = step_decoder if cfg.simcot else None
         self.eos_id = eos_id if eos_id is not None else base.config.eos_token_id
         self.decoder_in = self._decoder_input(hidden)
         # not a parameter, not saved: the method's vocabulary, re-derived wherever the model is built
         self.register_buffer("masked_classes", torch.tensor(sorted(masked_classes), dtype=torch.long),
                              persistent=False)
-        if config.gradient_checkpointing:
+        self.diagnostics = True     # the latents' collapse diagnostics in forward's output (the trainer: when it logs)
+        if gradient_checkpointing:
             for lm in (self.base, self.step_decoder):
                 if lm is not None:
                     enable_cache_safe_checkpointing(lm)
@@ -208,17 +178,17 @@ class LatentReasoner(nn.Module):
                                position_ids=batch.position_ids).last_hidden_state
             return hidden, None
         reference = None
-        if self.config.layout.reference_attention:
+        if self.cfg.reference_attention:
             reference = reference_attention(batch.attention_mask, batch.first_latent, embeds.dtype)
         passes = fill_latents(self.body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, n,
                               project=self.projection, keep_layers_at=batch.distill_index,
-                              jacobi_iterations=self.config.layout.jacobi, reference=reference,
+                              jacobi_iterations=self.cfg.jacobi, reference=reference,
                               latent_mask=batch.latent_mask())
         return passes.hidden, passes
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        missing = batch.missing(self.method.batch_parts(self.config.layout, batch.n_latents))
+        missing = batch.missing(self.method.batch_parts(self.cfg, batch.n_latents))
         if missing:
             raise KeyError(f"{self.method.name} batch lacks {missing}; "
                            "collate it with pipeline.latent.collate.collate_aligned")
@@ -232,13 +202,13 @@ class LatentReasoner(nn.Module):
         if self.method.needs_teacher:
             losses["teacher_ce"], losses["distill"] = self._teacher(batch, embeds["teacher_input_ids"], passes)
         if self.step_decoder is not None and passes is not None:
-            slots = self.method.slot_vectors(self.config.layout, passes.latents, passes.next_latent)
+            slots = self.method.slot_vectors(self.cfg, passes.latents, passes.next_latent)
             step_ids, step_embeds, lengths = _every_slot(batch.step_ids, embeds["step_ids"], batch.step_lengths,
                                                          slots.size(1))
             losses["step_ce"] = self.step_loss(slots, step_ids, step_embeds, lengths)
-        if passes is not None:
+        if passes is not None and self.diagnostics:
             losses.update(self.latent_health(passes.latents, embeds["input_ids"], passes.latent_mask))
-        c = self.config
+        c = self.cfg
         losses["total"] = (losses["answer_ce"] + c.teacher_loss_weight * losses["teacher_ce"]
                            + c.distill_factor * losses["distill"] + c.step_loss_weight * losses["step_ce"])
         return losses
@@ -271,7 +241,7 @@ class LatentReasoner(nn.Module):
         rows = torch.arange(len(batch.teacher_distill_index))
         target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]
-        return teacher_ce, distill_loss(student, target, self.config.distill_loss, self.config.distill_div_std)
+        return teacher_ce, distill_loss(student, target, self.cfg.distill_loss, self.cfg.distill_div_std)
 
     def step_loss(self, slots: torch.Tensor, step_ids: torch.Tensor, step_embeds: torch.Tensor,
                   lengths: torch.Tensor) -> torch.Tensor:
@@ -285,8 +255,8 @@ class LatentReasoner(nn.Module):
         target = torch.cat([ids, ids.new_full((b * s, 1), self.eos_id)], dim=1)
         target = torch.where(cols == lengths[:, None], self.eos_id, target)
         valid = (cols <= lengths[:, None]) & (lengths[:, None] > 0)                  # [BS, width+1]
-        if self.config.reference_step_truncation:
-            valid &= cols < _row0_width(lengths.reshape(b, s)).reshape(b * s, 1)
+        if self.cfg.reference_step_truncation:
+            valid &= cols < row0_width(lengths.reshape(b, s)).reshape(b * s, 1)
         embeds = torch.cat([slots.reshape(b * s, c, d), step_embeds.reshape(b * s, width, d)], dim=1)
         if self.decoder_in is not None:
             embeds = self.decoder_in(embeds)
@@ -305,7 +275,7 @@ class LatentReasoner(nn.Module):
         per_slot_sum = torch.zeros(s, device=ids.device).index_add(0, slot_of, token_loss)
         per_slot_tokens = torch.zeros(s, device=ids.device).index_add(0, slot_of, torch.ones_like(token_loss))
         labelled = per_slot_tokens > 0
-        if self.config.step_loss_norm == "token_mean":
+        if self.cfg.step_loss_norm == "token_mean":
             per_slot = per_slot_sum / per_slot_tokens.clamp(min=1)
             return torch.where(labelled, per_slot, 0).sum() / labelled.sum().clamp(min=1)
         rows_with_labels = (lengths > 0).reshape(b, s).sum(0)

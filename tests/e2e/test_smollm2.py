@@ -55,26 +55,29 @@ def shards(smollm2, shared_data, tmp_path_factory):
 
 
 def test_step_decoder_targets_decode_back_to_the_step_text(shards):
+    """CODI + SIM-CoT's targets are the reference's: the <<..>> spans of the teacher's joined CoT,
+    where SmolLM2's byte-level BPE merges the space into every later step's " <<"."""
     from data_prep import load_shards
-    from pipeline.latent.methods import LayoutConfig, layout
+    from pipeline.latent.methods import MethodConfig, layout
 
     data = load_shards(str(shards))
-    tok, special = data.tokenizer, data.special_tokens
+    tok, special = data.tokenizer, data.layout_tokens
     assert len(tok) == 49152 + 5 and special["pad"] == special["eos"]            # 5 latent tokens added
+    assert data.original_vocab_size == 49152 and {"step_open", "step_open_spaced", "step_close"} <= set(special)
     prefix = tok("The answer is: ", add_special_tokens=False)["input_ids"]
     merged_somewhere = False
     for record in data.split("train").to_list():
-        example = layout(record, special, LayoutConfig("codi", num_latent=6, simcot=True), prefix_ids=prefix)
+        example = layout(record, special, MethodConfig("codi", num_latent=6, simcot=True), prefix_ids=prefix)
         teacher_steps = record["steps"][:-1]                       # the reference's teacher drops the last step
-        expected = [s + " " for s in teacher_steps[:6]] + ["".join(s + " " for s in teacher_steps[6:])]
-        for target, text in zip(example.step_targets, expected):
-            assert tok.decode(target) == text
+        spans = [(" " if i else "") + step for i, step in enumerate(teacher_steps)]
+        expected = spans[:6] + (["".join(spans[6:])] if len(spans) > 6 else [])
+        assert [tok.decode(target) for target in example.step_targets if target] == expected
         pieces = [t for s in record["step_ids"] for t in s]
         whole = tok("".join(s + " " for s in record["steps"]), add_special_tokens=False)["input_ids"]
         assert tok.decode(whole) == tok.decode(pieces)                    # the same text ...
         merged_somewhere |= whole != pieces                              # ... in other ids
-    # the byte-level BPE merges " <<" across the pieces in the whole text, so the step ids must be
-    # the per-piece ones (README "Tokenisation")
+    # the byte-level BPE merges " <<" across the pieces in the whole text, so the shards' step ids
+    # are the per-piece ones (README "Tokenisation")
     assert merged_somewhere
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.latent.loop import coconut_forward
+from tests.fidelity.coconut_seam import coconut_forward
 
 pytestmark = pytest.mark.fidelity
 

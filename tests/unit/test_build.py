@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from common.hashing import sha256_file
 from data_prep import ShardError, load_shards
 from data_prep.__main__ import main
 from data_prep.build import BuildOptions, record_tokens, run_build
-from data_prep.manifest import sha256_file
 
 pytestmark = pytest.mark.unit
 

@@ -62,9 +62,7 @@ def test_codi_fidelity_switches_refuse_what_they_cannot_do(overrides, message):
 
 def test_reference_quirks_turns_on_every_emulation():
     method = load_config(None, ["method.name=codi", "method.simcot=true", "method.reference_quirks=true"]).method
-    layout = method.layout()
-    assert method.reference_attention and method.reference_step_truncation
-    assert layout.reference_quirks and layout.reference_attention and layout.step_targets == "spans"
+    assert method.reference_attention and method.reference_step_truncation and method.step_targets == "spans"
 
 
 def test_every_recipe_in_configs_loads():

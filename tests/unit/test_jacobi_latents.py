@@ -9,8 +9,8 @@ import torch
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned, positions_from_mask
 from pipeline.latent.loop import fill_latents, pass_count
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, Projection, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner, Projection
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -25,7 +25,7 @@ def _batch(cfg, stage=0):
 
 def _inputs(seed=0):
     model = tiny_llama(100, hidden=32, layers=2, seed=seed)
-    batch = _batch(LayoutConfig("codi", num_latent=M))
+    batch = _batch(MethodConfig("codi", num_latent=M))
     embeds = model.get_input_embeddings()(batch.input_ids)
     return model, batch, embeds
 
@@ -53,11 +53,10 @@ def test_no_iterations_is_one_forward_over_the_latent_tokens():
     whole = model.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids).last_hidden_state
     assert (passes.hidden - whole).abs().max().item() <= 1e-5
-    codi = LatentReasoner(tiny_llama(100, seed=2), ReasonerConfig(layout=LayoutConfig(
-        "codi", num_latent=M, latent_update="jacobi", jacobi_iterations=0)), eos_id=2)
-    pause = LatentReasoner(tiny_llama(100, seed=2), ReasonerConfig(layout=LayoutConfig("pause", num_latent=M)),
-                           eos_id=2)
-    codi_batch, pause_batch = _batch(codi.config.layout), _batch(pause.config.layout)
+    codi = LatentReasoner(tiny_llama(100, seed=2), MethodConfig("codi", num_latent=M, latent_update="jacobi",
+                                                                 jacobi_iterations=0), eos_id=2)
+    pause = LatentReasoner(tiny_llama(100, seed=2), MethodConfig("pause", num_latent=M), eos_id=2)
+    codi_batch, pause_batch = _batch(codi.cfg), _batch(pause.cfg)
     assert torch.equal(codi_batch.input_ids, pause_batch.input_ids)
     assert abs(codi(codi_batch)["answer_ce"].item() - pause(pause_batch)["answer_ce"].item()) <= 1e-5
 
@@ -118,7 +117,7 @@ def test_jacobi_is_refused_for_a_method_without_latents():
     with pytest.raises(ConfigError, match="method.latent_update: sequential or jacobi"):
         load_config(None, ["method.name=codi", "method.latent_update=parallel"])
     config = load_config(None, ["method.name=coconut", "method.latent_update=jacobi", "method.jacobi_iterations=2"])
-    assert config.method.layout().jacobi == 2 and dataclasses.replace(config.method.layout(),
+    assert config.method.jacobi == 2 and dataclasses.replace(config.method,
                                                                        latent_update="sequential").jacobi is None
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -13,14 +13,14 @@ pytestmark = pytest.mark.unit
 NO_STEPS = [{"question_ids": [1, 19, 18], "step_ids": [], "answer_ids": [60, 61, 65], "teacher_cot_ids": [],
              "cot_ids": []}] * 3
 METHODS = {
-    "cot": (LayoutConfig("cot"), 0),
-    "coconut": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3), 2),
-    "coconut+simcot": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True), 4),
-    "codi+simcot": (LayoutConfig("codi", num_latent=3, simcot=True), 0),
-    "pause": (LayoutConfig("pause", num_latent=3), 0),
-    "coconut+simcot+jacobi": (LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True,
+    "cot": (MethodConfig("cot"), 0),
+    "coconut": (MethodConfig("coconut", c_thought=2, max_latent_stage=3), 2),
+    "coconut+simcot": (MethodConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True), 4),
+    "codi+simcot": (MethodConfig("codi", num_latent=3, simcot=True), 0),
+    "pause": (MethodConfig("pause", num_latent=3), 0),
+    "coconut+simcot+jacobi": (MethodConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True,
                                            latent_update="jacobi", jacobi_iterations=2), 4),
-    "codi+simcot+jacobi": (LayoutConfig("codi", num_latent=3, simcot=True, latent_update="jacobi",
+    "codi+simcot+jacobi": (MethodConfig("codi", num_latent=3, simcot=True, latent_update="jacobi",
                                         jacobi_iterations=2), 0),
 }
 
@@ -29,8 +29,9 @@ def _batch(records, cfg, stage):
     return collate_aligned([layout(r, SP, cfg, stage, prefix_ids=[60, 61]) for r in records], SP["latent"], 0)
 
 
-def _model(cfg, **kw):
-    return LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg, **kw), eos_id=SP["eos"])
+def _model(cfg, gradient_checkpointing=False, **kw):
+    return LatentReasoner(tiny_llama(100), cfg.replace(**kw), eos_id=SP["eos"],
+                          gradient_checkpointing=gradient_checkpointing)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -185,14 +186,14 @@ def test_the_projection_options_keep_its_checkpoint_keys():
     assert torch.equal(options.eval()(x), options(x))                 # no dropout in eval mode
     assert not torch.equal(options.train()(x), options(x))            # dropout on the input in training
     cfg, _ = METHODS["codi+simcot"]
-    model = LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg, prj_dim=48, prj_layernorm=False), eos_id=2)
+    model = LatentReasoner(tiny_llama(100), cfg.replace(prj_dim=48, prj_layernorm=False), eos_id=2)
     assert model.projection[0].weight.shape == (48, model.base.config.hidden_size)
 
 
 def test_a_step_decoder_of_another_width_reads_the_latents_through_a_learned_map():
     """model.decoder_path (the reference's decoder-size ablation): a narrower decoder, pj_in between."""
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
-    model = LatentReasoner(tiny_llama(100, hidden=32), ReasonerConfig(layout=cfg), eos_id=SP["eos"],
+    cfg = MethodConfig("codi", num_latent=3, simcot=True)
+    model = LatentReasoner(tiny_llama(100, hidden=32), cfg, eos_id=SP["eos"],
                            step_decoder=tiny_llama(100, hidden=16, layers=1, seed=1))
     assert (model.decoder_in.in_features, model.decoder_in.out_features) == (32, 16)
     losses = model(_batch(RECORDS, cfg, 0))
@@ -201,7 +202,7 @@ def test_a_step_decoder_of_another_width_reads_the_latents_through_a_learned_map
     assert model.base.get_input_embeddings().weight.grad.abs().sum() > 0
     assert _model(cfg).decoder_in is None                       # the same width: no map (the reference's Identity)
     with pytest.raises(ValueError, match="vocabulary .* is not the base tokenizer's"):
-        LatentReasoner(tiny_llama(100), ReasonerConfig(layout=cfg), step_decoder=tiny_llama(120))
+        LatentReasoner(tiny_llama(100), cfg, step_decoder=tiny_llama(120))
 
 
 def test_the_recipe_switch_builds_the_other_decoder():

@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import IGNORE as X
-from pipeline.latent.methods import LayoutConfig, layout
+from pipeline.latent.methods import MethodConfig, get_method, layout
 from pipeline.latent.methods.coconut import step_targets as coconut_step_targets
 from pipeline.latent.methods.codi import answer_start, slot_targets, step_spans
 from tests.toy_records import RECORDS as TOY
@@ -19,15 +19,15 @@ SHORT = {"question_ids": [1, 12], "step_ids": [[20]], "answer_ids": [60, 62]}
 
 
 def test_cot_and_nocot():
-    ex = layout(RECORD, SP, LayoutConfig("cot"))
+    ex = layout(RECORD, SP, MethodConfig("cot"))
     assert ex.input_ids == [1, 10, 11, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
     assert ex.labels == [X, X, X, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
-    ex = layout(RECORD, SP, LayoutConfig("nocot"))
+    ex = layout(RECORD, SP, MethodConfig("nocot"))
     assert ex.input_ids == [1, 10, 11, 60, 61, EOS] and ex.labels == [X, X, X, 60, 61, EOS]
 
 
 def test_coconut_stage_k_replaces_k_steps_with_c_latents_each():
-    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3)
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=3)
     ex = layout(RECORD, SP, cfg, stage=2)
     assert ex.input_ids == [1, 10, 11, S, L, L, L, L, E, 40, 41, 50, 60, 61, EOS]
     assert ex.labels == [X] * 9 + [40, 41, 50, 60, 61, EOS]
@@ -35,14 +35,14 @@ def test_coconut_stage_k_replaces_k_steps_with_c_latents_each():
 
 
 def test_coconut_short_problem_still_gets_k_latents():
-    ex = layout(SHORT, SP, LayoutConfig("coconut", c_thought=2, max_latent_stage=3), stage=3)
+    ex = layout(SHORT, SP, MethodConfig("coconut", c_thought=2, max_latent_stage=3), stage=3)
     assert ex.input_ids == [1, 12, S] + [L] * 6 + [E, 60, 62, EOS]
 
 
 def test_nothought_follows_coconuts_curriculum_with_nothing_in_place_of_the_steps():
     from pipeline.latent.methods import get_method
 
-    cfg = LayoutConfig("nothought", max_latent_stage=3)
+    cfg = MethodConfig("nothought", max_latent_stage=3)
     assert [layout(RECORD, SP, cfg, stage=k).input_ids for k in (0, 2, 4)] == [
         [1, 10, 11, 20, 21, 30, 40, 41, 50, 60, 61, EOS], [1, 10, 11, 40, 41, 50, 60, 61, EOS],
         [1, 10, 11, 60, 61, EOS]]
@@ -52,15 +52,15 @@ def test_nothought_follows_coconuts_curriculum_with_nothing_in_place_of_the_step
 
 
 def test_coconut_final_stage_all_steps_latent_padded_to_max():
-    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3)
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=3)
     assert layout(RECORD, SP, cfg, stage=4).input_ids == [1, 10, 11, S] + [L] * 6 + [E, 60, 61, EOS]
     assert layout(SHORT, SP, cfg, stage=4).n_latents == 6
-    unpadded = LayoutConfig("coconut", c_thought=2, max_latent_stage=3, pad_latent_to_max=False)
+    unpadded = MethodConfig("coconut", c_thought=2, max_latent_stage=3, pad_latent_to_max=False)
     assert layout(SHORT, SP, unpadded, stage=4).n_latents == 2
 
 
 def test_simcot_coconut_targets_overflow_merge_and_pseudo_thought():
-    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True)
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True)
     # final stage: groups 0, 1 own steps; steps 3.. merged into group 2
     assert layout(RECORD, SP, cfg, stage=4).step_targets == [[20, 21], [30], [40, 41, 50]]
     # stage 2: the two replaced steps
@@ -73,7 +73,7 @@ def test_simcot_coconut_targets_overflow_merge_and_pseudo_thought():
 def test_progressive_train_keeps_every_latent_from_stage_0_and_explains_every_step():
     """The SIM-CoT authors' LLaMA variant (reference ``progressive_train``): the latent count is
     fixed, stages only remove steps from the text, the decoder slots always hold all the steps."""
-    cfg = LayoutConfig("coconut", c_thought=2, max_latent_stage=2, simcot=True, progressive_train=True)
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=2, simcot=True, progressive_train=True)
     zero = layout(RECORD, SP, cfg, stage=0)
     assert zero.input_ids == [1, 10, 11, S, L, L, L, L, E, 20, 21, 30, 40, 41, 50, 60, 61, EOS]
     assert zero.labels == [X] * 9 + [20, 21, 30, 40, 41, 50, 60, 61, EOS]
@@ -85,7 +85,7 @@ def test_progressive_train_keeps_every_latent_from_stage_0_and_explains_every_st
 
 
 def test_codi_student_teacher_and_distillation_columns():
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
+    cfg = MethodConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
     # answer_ids [60, 61] with prefix [60]: the answer text starts at index 1
     ex = layout(RECORD, SP, cfg, prefix_ids=[60])
     assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
@@ -103,28 +103,28 @@ def test_codi_step_targets_are_the_bracket_spans_of_the_teacher_ids():
     record = TOY[0]                   # 4 steps; the teacher's joined CoT holds the first 3
     o, c, spaced, sep = SP["step_open"], SP["step_close"], SP["step_open_spaced"], SEPARATOR
     spans = [[o, 20, 21, c], [spaced, 30, c], [spaced, 40, 41, c]]
-    assert layout(record, SP, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60]).step_targets == \
+    assert layout(record, SP, MethodConfig("codi", num_latent=3, simcot=True), prefix_ids=[60]).step_targets == \
         spans + [[]]
-    assert layout(record, SP, LayoutConfig("codi", num_latent=1, simcot=True), prefix_ids=[60]).step_targets == \
+    assert layout(record, SP, MethodConfig("codi", num_latent=1, simcot=True), prefix_ids=[60]).step_targets == \
         [spans[0], spans[1] + spans[2]]
-    pieces = LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
+    pieces = MethodConfig("codi", num_latent=3, simcot=True, step_targets="pieces")
     assert layout(record, SP, pieces, prefix_ids=[60]).step_targets == \
         [[o, 20, 21, c, sep], [o, 30, c, sep], [o, 40, 41, c, sep], []]
     for quirks in (False, True):
-        cfg = LayoutConfig("codi", num_latent=3, simcot=True, remove_eos=False, reference_quirks=quirks)
+        cfg = MethodConfig("codi", num_latent=3, simcot=True, remove_eos=False, reference_quirks=quirks)
         assert layout(record, SP, cfg, prefix_ids=[60]).step_targets == ([[]] * 4 if quirks else spans + [[]])
     no_brackets = {k: v for k, v in SP.items() if not k.startswith("step_")}
     with pytest.raises(ValueError, match="no single token for '<<' or '>>'.*method.step_targets=pieces"):
-        layout(record, no_brackets, LayoutConfig("codi", num_latent=3, simcot=True), prefix_ids=[60])
+        layout(record, no_brackets, MethodConfig("codi", num_latent=3, simcot=True), prefix_ids=[60])
 
 
 def test_the_start_up_report_counts_the_steps_the_span_rule_finds():
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
-    assert "4 of 4 steps found in 3 train problems" in cfg.spec.target_report(cfg, SP, TOY)
+    cfg = MethodConfig("codi", num_latent=3, simcot=True)
+    assert "4 of 4 steps found in 3 train problems" in get_method(cfg.name).target_report(cfg, SP, TOY)
     merged = dict(TOY[0], teacher_cot_ids=[70] + TOY[0]["teacher_cot_ids"][1:])    # "<<" merged with text before
-    report = cfg.spec.target_report(cfg, SP, [merged])
+    report = get_method(cfg.name).target_report(cfg, SP, [merged])
     assert "2 of 3 steps found" in report and "1 problems have fewer spans than steps" in report
-    assert cfg.spec.target_report(LayoutConfig("codi", simcot=True, step_targets="pieces"), SP, TOY) is None
+    assert get_method(cfg.name).target_report(MethodConfig("codi", simcot=True, step_targets="pieces"), SP, TOY) is None
 
 
 def test_the_span_rule_skips_what_is_not_a_closed_step():
@@ -137,9 +137,9 @@ def test_the_span_rule_skips_what_is_not_a_closed_step():
 def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_does():
     """CODI/train.py with remove_eos False: sources + EOS, cot + EOS, decoder <eot> EOS answer EOS,
     every decoder token labelled; test.py's prompt ends <eot> EOS."""
-    from pipeline.evaluate import prompt_for
+    from pipeline.inference.merged import prompt_for
 
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True, remove_eos=False)
+    cfg = MethodConfig("codi", num_latent=3, simcot=True, remove_eos=False)
     ex = layout(RECORD, SP, cfg, prefix_ids=[60])
     assert ex.input_ids == [1, 10, 11, EOS, 93, L, L, L, 94, EOS, 60, 61, EOS]
     assert ex.labels == [X] * 9 + [EOS, 60, 61, EOS]
@@ -152,16 +152,16 @@ def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_d
 
 
 def test_codi_teacher_cot_pieces_or_joined_and_shards_without_the_joined_ids():
-    pieces = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, teacher_cot="pieces"), prefix_ids=[60])
+    pieces = layout(RECORD, SP, MethodConfig("codi", num_latent=3, teacher_cot="pieces"), prefix_ids=[60])
     assert pieces.teacher_ids == [1, 10, 11, 20, 21, 30, 40, 41, 60, 61, EOS]
     assert pieces.teacher_ids[pieces.teacher_distill_index] == 60
-    last = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, include_last_step=True), prefix_ids=[60])
+    last = layout(RECORD, SP, MethodConfig("codi", num_latent=3, include_last_step=True), prefix_ids=[60])
     assert last.teacher_ids == [1, 10, 11, 20, 21, 70, 41, 50, 60, 61, EOS]
     old = {k: v for k, v in RECORD.items() if k not in ("teacher_cot_ids", "cot_ids")}
     with pytest.raises(ValueError, match="rebuild them with python -m data_prep build, or set method.teacher_cot"):
-        layout(old, SP, LayoutConfig("codi", num_latent=3), prefix_ids=[60])
+        layout(old, SP, MethodConfig("codi", num_latent=3), prefix_ids=[60])
     # the step decoder's targets do not follow the teacher's ids with step_targets=pieces
-    joined = layout(RECORD, SP, LayoutConfig("codi", num_latent=3, simcot=True, step_targets="pieces"),
+    joined = layout(RECORD, SP, MethodConfig("codi", num_latent=3, simcot=True, step_targets="pieces"),
                     prefix_ids=[60])
     assert joined.step_targets == [[20, 21], [30], [40, 41], []]
 
@@ -172,22 +172,22 @@ def test_codi_slots_merge_overflow_into_the_last_slot():
 
 
 def test_pause_keeps_the_codi_block_filled_with_one_token_and_labels_only_the_answer():
-    ex = layout(RECORD, SP, LayoutConfig("pause", num_latent=3))
+    ex = layout(RECORD, SP, MethodConfig("pause", num_latent=3))
     assert ex.input_ids == [1, 10, 11, 93, L, L, L, 94, 60, 61, EOS]
     assert ex.labels == [X] * 8 + [60, 61, EOS] and ex.n_latents == 3
     assert not ex.teacher_ids and not ex.step_targets
 
 
 @pytest.mark.parametrize("cfg, stage", [
-    (LayoutConfig("cot"), 0), (LayoutConfig("nocot"), 0), (LayoutConfig("coconut", c_thought=2), 2),
-    (LayoutConfig("codi", num_latent=3), 0), (LayoutConfig("pause", num_latent=4), 0),
-    (LayoutConfig("nothought"), 2)])
+    (MethodConfig("cot"), 0), (MethodConfig("nocot"), 0), (MethodConfig("coconut", c_thought=2), 2),
+    (MethodConfig("codi", num_latent=3), 0), (MethodConfig("pause", num_latent=4), 0),
+    (MethodConfig("nothought"), 2)])
 def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
-    """evaluate.prompt_for asks the method the training layout asks: they cannot drift apart."""
-    from pipeline.evaluate import prompt_for
+    """The evaluation prompt asks the method the training layout asks: they cannot drift apart."""
+    from pipeline.inference.merged import prompt_for
 
     ex = layout(RECORD, SP, cfg, stage, prefix_ids=[60])
-    latent_config = {"method": cfg.method, "special_tokens": SP, "n_latents": ex.n_latents, "c_thought": cfg.c_thought,
+    latent_config = {"method": cfg.name, "special_tokens": SP, "n_latents": ex.n_latents, "c_thought": cfg.c_thought,
                      "simcot": cfg.simcot}
     prompt = prompt_for(RECORD, latent_config)
     assert ex.input_ids[:len(prompt)] == prompt and ex.labels[len(prompt) - 1] == X
@@ -200,7 +200,7 @@ def test_every_registered_method_is_one_object_found_by_name():
     assert set(method_names()) >= {"cot", "nocot", "coconut", "codi", "pause"}
     assert all(get_method(name).name == name for name in method_names())
     with pytest.raises(ValueError, match="expected one of"):
-        LayoutConfig("icot")
+        MethodConfig("icot")
 
 
 def test_answer_start_needs_the_prefix():
@@ -211,7 +211,7 @@ def test_answer_start_needs_the_prefix():
 
 
 def test_collate_aligns_the_first_latent_column():
-    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=2, simcot=True)
+    cfg = MethodConfig("coconut", c_thought=1, max_latent_stage=2, simcot=True)
     batch = collate_aligned([layout(RECORD, SP, cfg, 2), layout(SHORT, SP, cfg, 2)], L, SP["pad"])
     ids = batch.input_ids.tolist()
     assert ids[0][:6] == [1, 10, 11, S, L, L] and ids[1][:6] == [0, 1, 12, S, L, L]
@@ -223,6 +223,6 @@ def test_collate_aligns_the_first_latent_column():
 
 
 def test_collate_refuses_mixed_latent_counts_without_a_span():
-    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=3)
+    cfg = MethodConfig("coconut", c_thought=1, max_latent_stage=3)
     with pytest.raises(ValueError, match="latent_span"):
         collate_aligned([layout(RECORD, SP, cfg, 1), layout(RECORD, SP, cfg, 2)], L, 0)

@@ -3,15 +3,15 @@ import pytest
 import torch
 
 from pipeline.engine.build_model import optimizer_groups
-from pipeline.latent.methods import LayoutConfig
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig
+from pipeline.latent.reasoner import LatentReasoner
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.unit
 
 
 def test_biases_and_norm_weights_get_no_weight_decay():
-    model = LatentReasoner(tiny_llama(100), ReasonerConfig(layout=LayoutConfig("codi", num_latent=2, simcot=True)))
+    model = LatentReasoner(tiny_llama(100), MethodConfig("codi", num_latent=2, simcot=True))
     decay, no_decay = optimizer_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -24,7 +24,7 @@ def test_biases_and_norm_weights_get_no_weight_decay():
 
 
 def test_frozen_parameters_and_empty_groups_are_left_out():
-    model = LatentReasoner(tiny_llama(100), ReasonerConfig(layout=LayoutConfig("cot")))
+    model = LatentReasoner(tiny_llama(100), MethodConfig("cot"))
     for name, p in model.named_parameters():
         p.requires_grad = "q_proj" in name            # as under LoRA: no trainable bias or norm
     (only,) = optimizer_groups(model, 0.01)

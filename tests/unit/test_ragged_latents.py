@@ -6,12 +6,12 @@ import torch
 
 from pipeline.engine.config import ConfigError, load_config
 from pipeline.engine.sampler import example_stage, iter_batches
-from pipeline.evaluate import prompt_for
 from pipeline.inference.generate import latent_generate
+from pipeline.inference.merged import prompt_for
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.loop import fill_latents
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, Projection, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner, Projection
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -19,7 +19,7 @@ from tests.toy_records import SPECIAL as SP
 pytestmark = pytest.mark.unit
 L = SP["latent"]
 # after the last stage, without pad_latent_to_max: min(steps, 3) x c latents -> 3, 1 and 2 for RECORDS
-RAGGED = LayoutConfig("coconut", c_thought=1, max_latent_stage=3, pad_latent_to_max=False, simcot=True)
+RAGGED = MethodConfig("coconut", c_thought=1, max_latent_stage=3, pad_latent_to_max=False, simcot=True)
 FINAL = 4
 
 
@@ -80,7 +80,7 @@ def test_each_row_of_a_mixed_batch_computes_what_it_computes_alone(jacobi):
 def test_the_losses_of_a_mixed_batch_do_not_depend_on_the_passes_beyond_its_rows():
     """More latent passes than any row holds (the stage's maximum on another rank) change no loss:
     the extra columns are tokens, the extra decoder slots masked."""
-    model = LatentReasoner(tiny_llama(100, hidden=64, seed=2), ReasonerConfig(layout=RAGGED), eos_id=SP["eos"]).eval()
+    model = LatentReasoner(tiny_llama(100, hidden=64, seed=2), RAGGED, eos_id=SP["eos"]).eval()
     examples = _examples(stages=(FINAL, FINAL, 1))
     with torch.no_grad():
         tight, wide = model(_batch(examples, 3)), model(_batch(examples, 5))
@@ -96,8 +96,8 @@ def test_the_losses_of_a_mixed_batch_do_not_depend_on_the_passes_beyond_its_rows
 def test_every_batch_of_a_stage_makes_the_same_module_calls_whatever_its_rows_hold():
     """ZeRO-3 lockstep: with uniform_prob, a batch whose rows drew no latents at all runs the stage's
     passes and the step decoder like any other."""
-    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=3, simcot=True, uniform_prob=0.5)
-    model = LatentReasoner(tiny_llama(100, hidden=64), ReasonerConfig(layout=cfg), eos_id=SP["eos"])
+    cfg = MethodConfig("coconut", c_thought=1, max_latent_stage=3, simcot=True, uniform_prob=0.5)
+    model = LatentReasoner(tiny_llama(100, hidden=64), cfg, eos_id=SP["eos"])
     calls = []
     hooks = [m.register_forward_hook(lambda mod, *_, n=n: calls.append(n)) for n, m in model.named_modules() if n]
     span = cfg.latent_span(1)
@@ -112,7 +112,7 @@ def test_every_batch_of_a_stage_makes_the_same_module_calls_whatever_its_rows_ho
 
 
 def test_uniform_prob_draws_a_stage_per_example_the_same_on_every_rank_and_resume():
-    cfg = LayoutConfig("coconut", c_thought=1, max_latent_stage=3, uniform_prob=0.5)
+    cfg = MethodConfig("coconut", c_thought=1, max_latent_stage=3, uniform_prob=0.5)
     record = RECORDS[0]                                      # 4 steps: draws from 0..4
     draws = [example_stage(cfg, 2, record, "0/0", i) for i in range(400)]
     assert draws == [example_stage(cfg, 2, record, "0/0", i) for i in range(400)]
@@ -120,7 +120,7 @@ def test_uniform_prob_draws_a_stage_per_example_the_same_on_every_rank_and_resum
     assert set(draws) == {0, 1, 2, 3, 4}
     assert 0.32 < sum(d != 2 for d in draws) / 400 < 0.48     # half drawn, 4 in 5 of those not 2: 0.4
     assert example_stage(cfg, 2, record, None, 0) == 2                        # validation: the scheduled stage
-    assert example_stage(LayoutConfig("coconut"), 2, record, "0/0", 0) == 2
+    assert example_stage(MethodConfig("coconut"), 2, record, "0/0", 0) == 2
     assert cfg.latent_span(1) == 3 and RAGGED.latent_span(FINAL) == 3 and RAGGED.latent_span(2) == 2
     batches = list(iter_batches(RECORDS, [[0, 1, 2]] * 8, SP, cfg, 1, [], draw_seed="0/0"))
     assert {b.n_latents for b in batches} == {3}
@@ -162,4 +162,4 @@ def test_uniform_prob_is_checked_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override, "method.name=codi"])
     assert load_config(None, ["method.name=coconut", "method.pad_latent_to_max=false",
-                              "method.uniform_prob=0.3"]).method.layout().uniform_prob == 0.3
+                              "method.uniform_prob=0.3"]).method.uniform_prob == 0.3

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from pipeline.inference.generate import latent_generate
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig
+from pipeline.latent.methods import MethodConfig, get_method, layout
+from pipeline.latent.reasoner import LatentReasoner
 from tests.fidelity.codi_reference import cuda_sdpa_mask
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
@@ -20,14 +20,14 @@ N = 3
 
 
 def _model(reference: bool, attention: str = "sdpa") -> LatentReasoner:
-    cfg = LayoutConfig("codi", num_latent=N, reference_attention=reference)
+    cfg = MethodConfig("codi", num_latent=N, reference_attention=reference)
     base = tiny_llama(100)
     base.set_attn_implementation(attention)
-    return LatentReasoner(base, ReasonerConfig(layout=cfg), eos_id=SP["eos"]).eval()
+    return LatentReasoner(base, cfg, eos_id=SP["eos"]).eval()
 
 
 def _batch(records):
-    cfg = LayoutConfig("codi", num_latent=N)
+    cfg = MethodConfig("codi", num_latent=N)
     return collate_aligned([layout(r, SP, cfg, 0, prefix_ids=[60, 61]) for r in records], SP["latent"], 0)
 
 
@@ -74,8 +74,8 @@ def test_without_padding_the_switch_changes_nothing():
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_generation_decodes_as_the_reference_on_a_left_padded_batch(attention):
     model = _model(reference=True, attention=attention)
-    cfg = LayoutConfig("codi", num_latent=N)
-    prompts = [cfg.spec.prompt(cfg, r["question_ids"], SP, N) for r in RECORDS]
+    cfg = MethodConfig("codi", num_latent=N)
+    prompts = [get_method(cfg.name).prompt(cfg, r["question_ids"], SP, N) for r in RECORDS]
     ours = latent_generate(model.base, prompts, SP["latent"], eos_id=-1, max_new_tokens=5,
                            project=model.projection, reference_attention=True)
     width = max(map(len, prompts))
@@ -90,7 +90,7 @@ def test_generation_decodes_as_the_reference_on_a_left_padded_batch(attention):
 
 def test_a_left_pads_query_row_attends_every_column_and_real_rows_are_causal():
     """The rule itself (transformers 4.5x's ``_unmask_unattended`` on CUDA), next to its transcription."""
-    from pipeline.latent.loop import pad_rows_attend_all
+    from pipeline.latent.reference_quirks import pad_rows_attend_all
 
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     ours = pad_rows_attend_all(mask, torch.float32)

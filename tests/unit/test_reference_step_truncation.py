@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline.latent.collate import collate_aligned
-from pipeline.latent.methods import LayoutConfig, layout
-from pipeline.latent.reasoner import LatentReasoner, ReasonerConfig, _row0_width
+from pipeline.latent.methods import MethodConfig, layout
+from pipeline.latent.reasoner import LatentReasoner
+from pipeline.latent.reference_quirks import row0_width
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -36,20 +37,20 @@ def test_the_labels_kept_are_the_references_for_any_step_lengths():
         rows = [[rng.randint(10, 99) for _ in range(n)] + [EOT] + [PAD] * (width - n - 1) if n else [PAD] * width
                 for n in lengths]
         expected = [sum(t != PAD for t in row) for row in reference_dedup_inside_the_loop(rows)]
-        ours = _row0_width(torch.tensor([lengths]).T).flatten().tolist()        # [B, 1 slot]
+        ours = row0_width(torch.tensor([lengths]).T).flatten().tolist()        # [B, 1 slot]
         assert [min(n + 1, w) if n else 0 for n, w in zip(lengths, ours)] == expected, lengths
 
 
 def test_spec_examples():
     # rows [1, 2, P, P, P] then [1, 2, 3, 4, P] keep [1, 2, 3]; a masked row 0 leaves one label
-    assert _row0_width(torch.tensor([[1], [3]])).flatten().tolist() == [2, 3]
-    assert _row0_width(torch.tensor([[0], [3]])).flatten().tolist() == [1, 1]
+    assert row0_width(torch.tensor([[1], [3]])).flatten().tolist() == [2, 3]
+    assert row0_width(torch.tensor([[0], [3]])).flatten().tolist() == [1, 1]
 
 
 def _loss(records, truncate):
-    cfg = LayoutConfig("codi", num_latent=3, simcot=True)
+    cfg = MethodConfig("codi", num_latent=3, simcot=True)
     batch = collate_aligned([layout(r, SP, cfg, 0, prefix_ids=[60, 61]) for r in records], SP["latent"], 0)
-    model = LatentReasoner(tiny_llama(100, seed=4), ReasonerConfig(layout=cfg, reference_step_truncation=truncate),
+    model = LatentReasoner(tiny_llama(100, seed=4), cfg.replace(reference_step_truncation=truncate),
                            eos_id=SP["eos"]).eval()
     with torch.no_grad():
         return model(batch)["step_ce"].item()

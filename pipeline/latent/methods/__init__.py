@@ -2,10 +2,11 @@
 curriculum, decoder slots and the parts it needs. One module per method; importing this package
 registers them all.
 
-    from pipeline.latent.methods import LayoutConfig, get_method, layout
-    example = layout(record, special_tokens, LayoutConfig("codi", num_latent=6, simcot=True), prefix_ids=ids)
+    from pipeline.latent.methods import MethodConfig, get_method, layout
+    example = layout(record, special_tokens, MethodConfig("codi", num_latent=6, simcot=True), prefix_ids=ids)
 """
 from . import coconut, codi, cot, nocot, nothought, pause  # noqa: F401  (each registers itself)
-from .base import IGNORE, Example, LayoutConfig, Method, SequenceShape, get_method, layout, method_names
+from .base import IGNORE, Example, Method, SequenceShape, get_method, layout, method_names
+from .config import MethodConfig
 
-__all__ = ["IGNORE", "Example", "LayoutConfig", "Method", "SequenceShape", "get_method", "layout", "method_names"]
+__all__ = ["IGNORE", "Example", "Method", "MethodConfig", "SequenceShape", "get_method", "layout", "method_names"]

@@ -9,9 +9,12 @@ adding a method is one module here plus its recipe and tests (see ``pause.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import MethodConfig
 
 IGNORE = -100
 # The tokens data_prep adds to a tokenizer (pad only where it has none), by their manifest names.
@@ -33,58 +36,6 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise ValueError(f"method {name!r}: expected one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
-
-
-@dataclass(frozen=True)
-class LayoutConfig:
-    """The method and the options that shape its examples (from ``method.*`` in a recipe)."""
-    method: str
-    c_thought: int = 2              # Coconut: latents per replaced step
-    max_latent_stage: int = 3       # Coconut: stages with their own step; later ones are all-latent
-    pad_latent_to_max: bool = True  # Coconut final stage: always max_latent_stage * c latents
-    num_latent: int = 6             # CODI, pause: latents fed to the model (CODI's SIM-CoT supervises num_latent + 1)
-    include_last_step: bool = False  # CODI teacher keeps the last CoT step (reference: dropped)
-    simcot: bool = False
-    latent_update: str = "sequential"   # or "jacobi": every latent at once, jacobi_iterations times
-    jacobi_iterations: int = 3
-    progressive_train: bool = False     # Coconut: every stage has all the latents; stages only remove steps
-    remove_eos: bool = True         # CODI: False puts EOS after the question, the teacher's CoT and <eot>
-    teacher_cot: str = "joined"     # CODI: the teacher's CoT tokenised as one string (reference), or "pieces"
-    step_targets: str = "spans"     # CODI + SIM-CoT: the <<..>> spans of the teacher's CoT ids (reference), or "pieces"
-    reference_attention: bool = False  # CODI: the released code's attention (pads attended after the question)
-    reference_quirks: bool = False  # CODI: every emulated bug of the released code (here: its step scan)
-    uniform_prob: float = 0.0       # Coconut: the chance an example trains at a stage drawn from 0..its steps
-
-    def __post_init__(self):
-        get_method(self.method)
-        if self.teacher_cot not in ("joined", "pieces"):
-            raise ValueError(f"teacher_cot {self.teacher_cot!r}: expected joined or pieces")
-        if self.step_targets not in ("spans", "pieces"):
-            raise ValueError(f"step_targets {self.step_targets!r}: expected spans or pieces")
-        if self.latent_update not in ("sequential", "jacobi"):
-            raise ValueError(f"latent_update {self.latent_update!r}: expected sequential or jacobi")
-
-    @property
-    def jacobi(self) -> int | None:
-        """Jacobi iterations of the latent loop (None: sequential filling)."""
-        return self.jacobi_iterations if self.latent_update == "jacobi" else None
-
-    @property
-    def spec(self) -> Method:
-        return get_method(self.method)
-
-    def n_latents(self, stage: int, n_steps: int) -> int:
-        return self.spec.n_latents(self, stage, n_steps)
-
-    def slot_width(self) -> int:
-        return self.spec.slot_width(self)
-
-    def latent_span(self, stage: int) -> int:
-        """Latent columns every batch at ``stage`` runs, the most any of its examples can hold, so every
-        rank makes the same passes (ZeRO-3 lockstep) whatever its rows hold."""
-        if self.uniform_prob > 0:
-            return self.spec.max_latents(self)
-        return self.n_latents(stage, 10**6)
 
 
 class Problem(NamedTuple):
@@ -149,26 +100,26 @@ class Method:
                        if name in special and special[name] >= original_vocab and name not in keep})
 
     # -------------------------------------------------------------- layout
-    def n_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:
+    def n_latents(self, cfg: MethodConfig, stage: int, n_steps: int) -> int:
         return 0
 
     def stage_for_epoch(self, epoch: int, start_stage: int, epochs_per_stage: int) -> int:
         return 0
 
-    def prompt_latents(self, cfg: LayoutConfig, stage: int, n_steps: int) -> int:
+    def prompt_latents(self, cfg: MethodConfig, stage: int, n_steps: int) -> int:
         """Latents in an evaluation prompt for a problem of ``n_steps`` steps, at ``stage``."""
         return self.n_latents(cfg, stage, n_steps)
 
-    def prompt(self, cfg: LayoutConfig, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
+    def prompt(self, cfg: MethodConfig, question: list[int], special: dict[str, int], n_latents: int) -> list[int]:
         """The model's input before the text it generates: training layouts start with it."""
         return list(question)
 
-    def layout(self, p: Problem, special: dict[str, int], cfg: LayoutConfig, stage: int,
+    def layout(self, p: Problem, special: dict[str, int], cfg: MethodConfig, stage: int,
                prefix_ids: list[int] | None) -> Example:
         """One problem's ids laid out for training."""
         raise NotImplementedError
 
-    def target_report(self, cfg: LayoutConfig, special: dict[str, int], records: list[dict]) -> str | None:
+    def target_report(self, cfg: MethodConfig, special: dict[str, int], records: list[dict]) -> str | None:
         """One line on how the decoder targets come out of these records (printed at start-up), or
         None when there is nothing to say."""
         return None
@@ -178,17 +129,17 @@ class Method:
         return Example(head + tail, [IGNORE] * len(head) + tail, n_latents)
 
     # -------------------------------------------------------------- model
-    def slot_width(self, cfg: LayoutConfig) -> int:
+    def slot_width(self, cfg: MethodConfig) -> int:
         """Latents per step-decoder slot (and per decoded step at evaluation)."""
         return 1
 
-    def slot_vectors(self, cfg: LayoutConfig, latents: torch.Tensor, next_latent: torch.Tensor) -> torch.Tensor:
+    def slot_vectors(self, cfg: MethodConfig, latents: torch.Tensor, next_latent: torch.Tensor) -> torch.Tensor:
         """[B, S, width, d]: the vectors each decoder slot reads."""
         b, n, d = latents.shape
         width = self.slot_width(cfg)
         return latents.reshape(b, n // width, width, d)
 
-    def batch_parts(self, cfg: LayoutConfig, n_latents: int) -> tuple[str, ...]:
+    def batch_parts(self, cfg: MethodConfig, n_latents: int) -> tuple[str, ...]:
         """Optional ``Batch`` parts ``LatentReasoner.forward`` needs for this method with
         ``n_latents`` latents (a missing one is an error, never a loss silently left at zero)."""
         keys = ()
@@ -200,31 +151,31 @@ class Method:
         return keys
 
     # -------------------------------------------------------------- memory plan
-    def max_latents(self, cfg: LayoutConfig) -> int:
+    def max_latents(self, cfg: MethodConfig) -> int:
         """Latents at the method's longest stage."""
         return 0
 
-    def decoder_slots(self, cfg: LayoutConfig) -> int:
+    def decoder_slots(self, cfg: MethodConfig) -> int:
         return 0
 
-    def base_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+    def base_tokens(self, cfg: MethodConfig, seq: SequenceShape) -> int:
         """Tokens per problem through the base LM (student), at the longest stage."""
         return seq.question + seq.steps * seq.step + seq.answer + 1
 
-    def teacher_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+    def teacher_tokens(self, cfg: MethodConfig, seq: SequenceShape) -> int:
         return 0
 
-    def labelled_tokens(self, cfg: LayoutConfig, seq: SequenceShape) -> int:
+    def labelled_tokens(self, cfg: MethodConfig, seq: SequenceShape) -> int:
         """Tokens per problem whose logits the base LM head computes (teacher included)."""
         return seq.answer + 1 + seq.steps * seq.step
 
 
-def layout(record: dict, special: dict[str, int], cfg: LayoutConfig, stage: int = 0,
+def layout(record: dict, special: dict[str, int], cfg: MethodConfig, stage: int = 0,
            prefix_ids: list[int] | None = None) -> Example:
-    """A shard record laid out for ``cfg.method`` at curriculum ``stage``. Every id comes from the
+    """A shard record laid out for ``cfg.name`` at curriculum ``stage``. Every id comes from the
     manifest's ``special_tokens`` or the record, never from constants; ``answer_ids`` in a record
     carry no EOS: layouts append ``eos``."""
-    return cfg.spec.layout(problem_of(record), special, cfg, stage, prefix_ids)
+    return get_method(cfg.name).layout(problem_of(record), special, cfg, stage, prefix_ids)
 
 
 def problem_of(record: dict) -> Problem:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from data_prep.cli_errors import UserError
-
 from .base import IGNORE, Example, Method, SequenceShape, concat, problem_of, register
 
 
@@ -120,7 +118,7 @@ def teacher_cot(p, cfg, teacher_steps: list[list[int]]) -> list[int]:
     if cfg.teacher_cot == "pieces":
         return concat(teacher_steps)
     if p.joined_cot is None:
-        raise UserError("these shards have no teacher_cot_ids (built before the field existed): rebuild them "
+        raise ValueError("these shards have no teacher_cot_ids (built before the field existed): rebuild them "
                          "with python -m data_prep build, or set method.teacher_cot=pieces")
     return list(p.joined_cot[1] if cfg.include_last_step else p.joined_cot[0])
 

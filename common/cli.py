@@ -1,17 +1,20 @@
-"""A user's mistake on any command line ends in one line naming the input and the fix, exit 2.
+"""The command-line contract of every stage: a user's mistake ends in one line naming the input
+and the fix; each kind of ending has its exit code.
 
     def main(argv=None) -> int:
         return run_cli(_main, argv)
 
-Mistakes are a missing file or directory, a file of the wrong kind (``UserError``), unreadable
-YAML; corrupted data and checkpoints keep their own exit code 1, and anything else is a bug and
-keeps its traceback. Shared by data_prep and pipeline (the later stage imports the earlier one).
+Mistakes are a missing file or directory, a file of the wrong kind, a value that cannot work
+(``UserError``), unreadable YAML; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import sys
 
-MISTAKE_EXIT = 2
+DATA_ERROR_EXIT = 1      # corrupted shards or checkpoints: the message names the file
+MISTAKE_EXIT = 2         # a user's mistake: the message names the input and the fix
+PLAN_EXIT = 3            # the memory plan says the run does not fit its hardware
+REQUEUE_EXIT = 75        # EX_TEMPFAIL: checkpointed on a signal, run me again (the sbatch script requeues)
 
 
 class UserError(ValueError):

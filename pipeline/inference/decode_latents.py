@@ -1,0 +1,69 @@
+"""What the latents say: each latent (Coconut: each group of ``c``) decoded greedily by the
+SIM-CoT step decoder, and its logit-lens top-5 through the base's LM head.
+
+    steps = decode_latents(load_merged("runs/NAME/merged"), records, n_problems=3)
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.inference.generate import left_pad_prompts, prefill
+from pipeline.inference.merged import MergedModel
+from pipeline.latent.methods import get_method
+
+
+@torch.no_grad()
+def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3, max_len: int = 24) -> list[dict]:
+    """For the first ``n_problems``: the gold steps, each latent group's decoded step (through
+    ``decoder_in`` when the decoder is narrower than the base), each latent's logit-lens top-5."""
+    sp, cfg, model = merged.special, merged.cfg, merged.model
+    method = get_method(cfg.name)
+    if merged.latent["n_latents"] == 0 or not method.fills_latents or n_problems <= 0:
+        return []
+    ids, mask = left_pad_prompts([merged.prompt(r) for r in records[:n_problems]], sp["pad"])
+    device = model.get_input_embeddings().weight.device
+    _, _, latents, latent_mask = prefill(model, ids.to(device), mask.to(device), sp["latent"], merged.projection,
+                                         cfg.jacobi, cfg.reference_attention)
+    per_row = list(latents) if latent_mask is None else [v[m] for v, m in zip(latents, latent_mask)]
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    c = cfg.slot_width()
+    groups = [len(v) // c for v in per_row]
+    steps = [None] * sum(groups)
+    if merged.decoder is not None and sum(groups):     # every group of every problem at once: [groups, c, d]
+        prefixes = torch.cat([v[:g * c].reshape(g, c, v.size(-1)) for v, g in zip(per_row, groups)])
+        into = merged.decoder_in or (lambda x: x)
+        rows = greedy_steps(merged.decoder, lambda t: into(embed(t)), into(prefixes), sp["eos"], max_len,
+                            method.decoder_first_position)
+        steps = [merged.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    out, cursor = [], 0
+    for row, record in enumerate(records[:n_problems]):
+        lens = [merged.tokenizer.convert_ids_to_tokens(head(v).topk(5).indices.tolist()) for v in per_row[row]]
+        out.append({"id": record["id"], "question": record["question"], "gold_steps": record["steps"],
+                    "decoded_steps": steps[cursor:cursor + groups[row]], "logit_lens_top5": lens,
+                    "latents": per_row[row].float().tolist()})
+        cursor += groups[row]
+    return out
+
+
+def greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, first_position: int = 0
+                 ) -> list[list[int]]:
+    """Greedy token ids from latent embeddings, all prefixes as one batch (equal lengths: no
+    padding) on the KV cache, positions counted from ``first_position`` as in training; each row
+    ends before its EOS (a prefix at a time, without the cache, re-reads every prefix per token)."""
+    from transformers import DynamicCache
+
+    inputs, cache = prefixes, DynamicCache()
+    done = torch.zeros(len(prefixes), dtype=torch.bool, device=prefixes.device)
+    tokens = []
+    for _ in range(max_len):
+        start = first_position + cache.get_seq_length()
+        positions = torch.arange(start, start + inputs.size(1), device=inputs.device).expand(len(inputs), -1)
+        logits = decoder(inputs_embeds=inputs, cache=cache, use_cache=True, position_ids=positions).logits
+        token = logits[:, -1].argmax(-1)
+        done |= token == eos
+        if done.all():
+            break
+        tokens.append(torch.where(done, eos, token))
+        inputs = embed(token[:, None])
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prefixes]
+    return [row[:row.index(eos)] if eos in row else row for row in rows]

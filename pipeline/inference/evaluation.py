@@ -1,0 +1,62 @@
+"""One evaluation set through a merged model: accuracy by both published metrics, tokens, speed
+and the latents' geometry, split across ranks without counting a problem twice.
+
+    result = evaluate_set(load_merged("runs/NAME/merged"), records, batch_size=64, max_new=64)
+"""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from pipeline.inference.generate import generate_with_latents
+from pipeline.inference.merged import MergedModel
+from pipeline.inference.scoring import hash_match, number_match
+from pipeline.latent.geometry import per_problem, summarise, vocab_centre
+
+
+def rank_slice(n: int) -> tuple[range, int]:
+    """Contiguous, non-overlapping records per rank, and the padded count every rank iterates."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per = -(-n // world)
+    return range(rank * per, min(n, (rank + 1) * per)), per
+
+
+def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_new: int) -> dict:
+    """Greedy answers for ``records`` (this rank's share), scored and summarised over every rank."""
+    sp, cfg, masked = merged.special, merged.cfg, merged.masked_classes()
+    mine, per_rank = rank_slice(len(records))
+    centre, embedding_to_centre = vocab_centre(merged.model.get_input_embeddings().weight)
+    rows, start = [], time.perf_counter()
+    for offset in range(0, per_rank, batch_size):
+        chunk = [records[i] for i in mine[offset:offset + batch_size]]
+        real = len(chunk)
+        chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
+        outputs, latents, latent_mask = generate_with_latents(
+            merged.model, [merged.prompt(r) for r in chunk], merged.filled_latent_id(), sp["eos"], max_new,
+            pad_id=sp["pad"], project=merged.projection, sync_ranks=True, jacobi_iterations=cfg.jacobi,
+            reference_attention=cfg.reference_attention, masked_classes=masked)
+        geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
+        for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
+            rows.append(_scored(merged, record, new))
+            if geometry is not None:
+                rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
+    elapsed = time.perf_counter() - start
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (rows, elapsed))
+        rows = [r for part, _ in gathered for r in part]
+        elapsed = max(t for _, t in gathered)
+    n = len(rows)
+    return {"n": n, "accuracy_hash": sum(r["hash"] for r in rows) / max(1, n),
+            "accuracy_number": sum(r["number"] for r in rows) / max(1, n),
+            "mean_tokens": sum(r["latents"] + r["tokens"] for r in rows) / max(1, n),
+            "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
+            "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5]}
+
+
+def _scored(merged: MergedModel, record: dict, new: list[int]) -> dict:
+    text = merged.tokenizer.decode(new, skip_special_tokens=True)
+    return {"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
+            "latents": merged.n_latents(record), "hash": hash_match(text, record["answer"]),
+            "number": number_match(text, record["answer"])}

@@ -1,0 +1,167 @@
+"""The merged model directory: its file names, ``latent_config.json``, and loading it back.
+
+    python -m pipeline.merge --run runs/NAME           # writes runs/NAME/merged (pipeline/merge.py)
+    merged = load_merged("runs/NAME/merged")
+    merged.prompt(record)                               # the question and the latent block it was trained with
+
+Both sides read the names and the config's fields from here: the base model (safetensors) and its
+tokenizer, ``latent_config.json`` (the method config, the latent count the checkpoint was trained
+with, the special-token ids, the templates, the tokenizer's fingerprint and original vocabulary),
+CODI's ``projection.safetensors``, and the SIM-CoT step decoder in ``step_decoder/`` (with
+``decoder_in.safetensors`` when it is narrower than the base).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from common.cli import UserError
+from pipeline.latent.methods import MethodConfig, get_method
+
+LATENT_CONFIG = "latent_config.json"
+PROJECTION = "projection.safetensors"
+STEP_DECODER = "step_decoder"
+DECODER_INPUT = "decoder_in.safetensors"    # the map from the base's width into a narrower step decoder
+
+
+class NotMerged(UserError):
+    """The directory is not a merged model (a user's mistake: exit 2 on the command lines)."""
+
+
+def latent_config(run, stage: int, shards, projection: bool, source: dict) -> dict:
+    """``latent_config.json`` for a checkpoint of ``run`` at curriculum ``stage``."""
+    return {"method": run.method.name, "method_config": dataclasses.asdict(run.method),
+            "simcot": run.method.simcot, "n_latents": run.method.n_latents(stage, n_steps=10**6), "stage": stage,
+            "reference_attention": run.method.reference_attention, "original_vocab_size": shards.original_vocab_size,
+            "special_tokens": shards.special_tokens, "templates": shards.manifest["templates"],
+            "projection": PROJECTION if projection else None,
+            "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},
+            "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"], "source": source}
+
+
+def method_config(latent: dict) -> MethodConfig:
+    """The method a merged model was trained with (its fields one by one in a directory merged
+    before ``method_config`` was recorded)."""
+    if "method_config" in latent:
+        return MethodConfig(**latent["method_config"])
+    return MethodConfig(name=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
+                        max_latent_stage=latent.get("max_latent_stage", 3),
+                        pad_latent_to_max=latent.get("pad_latent_to_max", True),
+                        progressive_train=latent.get("progressive_train", False),
+                        simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
+                        jacobi_iterations=latent.get("jacobi_iterations", 0),
+                        remove_eos=latent.get("remove_eos", True),
+                        reference_attention=latent.get("reference_attention", False))
+
+
+def latents_for(record: dict, latent: dict, cfg: MethodConfig) -> int:
+    """The model's latent count, or the problem's own where the model was trained so (Coconut
+    without ``pad_latent_to_max``: capped by its steps, as the reference evaluates). A problem
+    without steps (an answer-only set) gets the model's count."""
+    if cfg.pad_latent_to_max or not record["step_ids"]:
+        return latent["n_latents"]
+    return get_method(cfg.name).prompt_latents(cfg, latent["stage"], len(record["step_ids"]))
+
+
+def prompt_for(record: dict, latent: dict, cfg: MethodConfig | None = None) -> list[int]:
+    """The question, then the latent block the model was trained with: the training layout's own
+    ``prompt`` with :func:`latents_for` latents (``cfg``: ``method_config(latent)``, built once by a
+    caller that asks for many)."""
+    cfg = cfg or method_config(latent)
+    return get_method(cfg.name).prompt(cfg, record["question_ids"], latent["special_tokens"],
+                                       latents_for(record, latent, cfg))
+
+
+@dataclass
+class MergedModel:
+    model: torch.nn.Module                 # the base causal LM
+    tokenizer: object
+    latent: dict                           # latent_config.json
+    cfg: MethodConfig
+    projection: torch.nn.Module | None     # CODI's prj
+    decoder: torch.nn.Module | None        # the SIM-CoT step decoder
+    decoder_in: torch.nn.Module | None     # into a narrower step decoder
+
+    @property
+    def special(self) -> dict[str, int]:
+        return self.latent["special_tokens"]
+
+    def prompt(self, record: dict) -> list[int]:
+        return prompt_for(record, self.latent, self.cfg)
+
+    def n_latents(self, record: dict) -> int:
+        return latents_for(record, self.latent, self.cfg)
+
+    def filled_latent_id(self) -> int | None:
+        """The placeholder generation fills pass by pass (None: one pass, e.g. pause)."""
+        return self.special["latent"] if get_method(self.cfg.name).fills_latents else None
+
+    def masked_classes(self) -> list[int]:
+        """Tokens never generated: the added tokens outside the method's vocabulary (none for a
+        model merged before the original vocabulary was recorded)."""
+        if "original_vocab_size" not in self.latent:
+            return []
+        return get_method(self.cfg.name).masked_classes(self.special, self.latent["original_vocab_size"],
+                                                        generating=True)
+
+
+def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> MergedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(model_dir, LATENT_CONFIG)
+    if not os.path.isfile(path):
+        raise NotMerged(f"--model {model_dir}: not a merged model (no {LATENT_CONFIG}); make one with "
+                        "python -m pipeline.merge --run runs/NAME")
+    with open(path, encoding="utf-8") as handle:
+        latent = json.load(handle)
+    device = device or torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    decoder, decoder_in = load_step_decoder(os.path.join(model_dir, STEP_DECODER), device, dtype)
+    return MergedModel(model, AutoTokenizer.from_pretrained(model_dir), latent, method_config(latent),
+                       load_projection(model_dir, latent, model.config.hidden_size, device, dtype), decoder, decoder_in)
+
+
+def load_projection(model_dir: str, latent: dict, hidden: int, device, dtype):
+    if not latent.get("projection"):
+        return None
+    from safetensors.torch import load_file
+
+    from pipeline.latent.reasoner import Projection
+
+    shape = latent.get("projection_shape", {})       # absent: written before the options existed
+    projection = Projection(hidden, shape.get("inner") or None, layernorm=shape.get("layernorm", True))
+    projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
+    return projection.to(device, dtype).eval()
+
+
+def load_step_decoder(decoder_dir: str, device: torch.device, dtype: torch.dtype):
+    """-> (the step decoder or None, the map from the base's width into it or None)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(decoder_dir):
+        return None, None
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(device).eval()
+    path = os.path.join(decoder_dir, DECODER_INPUT)
+    if not os.path.isfile(path):
+        return decoder, None
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    decoder_in = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+    decoder_in.load_state_dict(weights)
+    return decoder, decoder_in.to(device, dtype).eval()
+
+
+def fingerprint(model_dir: str) -> str:
+    """sha256 over the weights and the latent config."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors") or name == LATENT_CONFIG:
+            with open(os.path.join(model_dir, name), "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
