@@ -100,6 +100,8 @@ class TrainSettings:
     zero3_gather: Literal["auto", "gathered", "streamed"] = "auto"
     grad_reduce: Literal["auto", "overlapped", "after_backward"] = "auto"
     memory_plan: Literal["enforce", "warn"] = "enforce"   # enforce: a plan that does not fit stops the run (exit 3)
+    deepspeed_check: Literal["enforce", "warn"] = "enforce"   # enforce: the ZeRO-3 patches refuse a DeepSpeed
+                                        # version they are not tested on (engine/deepspeed_internals.py)
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
 
     def __post_init__(self):

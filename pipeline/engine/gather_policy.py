@@ -9,28 +9,32 @@
 ``gathered`` (the plan picks it when the whole model fits on a rank next to everything else):
 every parameter is all-gathered once around forward *and* backward, so the gather volume is one
 model per step whatever the number of latent passes, on the first step and across curriculum
-changes too (DeepSpeed's trace-based reuse breaks on both; measured in the README, P3). DeepSpeed's
-per-module fetch/release hooks are then removed: with every parameter already gathered they only
-cost time, and a latent step calls every module K+2 times (profiled in the README, P8: they were
-about half of the engine's overhead). The per-parameter gradient hooks stay: they reduce and
-partition the gradients as before, so losses and gradients are bit-identical to the hooked path
-(tested). Gradients and optimizer states stay partitioned.
+changes too (DeepSpeed's trace-based reuse breaks on both). DeepSpeed's per-module fetch/release
+hooks are then removed: with every parameter already gathered they only cost time, and a latent
+step calls every module K+2 times. Gradients are reduced and partitioned as ``train.grad_reduce``
+says (grad_reduce.py); losses and gradients are bit-identical to plain PyTorch's (tested).
+Gradients and optimizer states stay partitioned.
 
 ``streamed`` (the plan's choice when the whole model does not fit): DeepSpeed's own per-module
 fetch and release with a bounded live window (the plan sets ``stage3_max_live_parameters`` /
 prefetch / reuse distance), *per pass*: a module's parameters are released after the backward
-of each of its calls. DeepSpeed 0.19.8 counts a module's pending input gradients in one counter
-that every forward call resets, so a module called in K+1 latent passes was released after the
-backward of its last call only, then re-fetched and kept until the end of backward: the whole
-base LM stayed gathered (measured: peak 0.51 of the parameters for CODI + SIM-CoT at 4 layers).
-:func:`_release_per_call` gives each call its own counter; the peak is then about three layers
-plus the embeddings (0.28 at 4 layers; under HF's per-layer checkpointing DeepSpeed already
-releases per pass, because the recompute is a fresh call). The cost is the gather volume: every
-pass gathers each layer again, in forward and in backward (P3 in the README).
+of each of its calls. DeepSpeed counts a module's pending input gradients in one counter that
+every forward call resets, so a module called in K+1 latent passes would be released after the
+backward of its last call only, then re-fetched and kept to the end of backward: the whole base
+LM would stay gathered. :func:`_release_per_call` gives each call its own counter; the peak is then
+about three layers plus the embeddings (tested, LoRA with checkpointing included; under HF's
+per-layer checkpointing DeepSpeed already releases per pass, the recompute being a fresh call).
+The cost is the gather volume: every pass gathers each layer again, in forward and in backward.
+Measurements: benchmarks (P3, P8).
+
+The DeepSpeed internals used are named through ``deepspeed_internals.internal``: a DeepSpeed
+without one is refused with the setting that avoids it.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
 
 GATHERED = "gathered"
 STREAMED = "streamed"
@@ -42,37 +46,49 @@ def _zero3_params(engine) -> list:
     return [p for p in engine.module.parameters() if hasattr(p, "ds_active_sub_modules")]
 
 
-def apply_gather_policy(engine, policy: str) -> None:
+def apply_gather_policy(engine, policy: str, check: Check = ENFORCE) -> None:
     """Once, after ``deepspeed.initialize``: under ``gathered`` drop DeepSpeed's module hooks,
-    under ``streamed`` make them release after every call's backward."""
+    under ``streamed`` make them release after every call's backward. ``check``: what an untested
+    DeepSpeed version gets (``train.deepspeed_check``)."""
     if policy not in POLICIES:
         raise ValueError(f"gather policy {policy!r}: expected one of {', '.join(POLICIES)}")
-    offload = getattr(engine.optimizer, "parameter_offload", None)
-    if policy == GATHERED and offload is not None:
-        # DeepSpeed 0.19.8: the forward/backward module hooks and the root's trace reset live in
-        # DeepSpeedZeRoOffload; the gradient hooks live in the stage-3 optimizer and are kept.
-        offload._remove_module_hooks()
-        offload.forward_hooks.clear()
-        offload.backward_hooks.clear()
-    elif policy == STREAMED and offload is not None:
-        _release_per_call(offload, engine.module)
+    if policy == REPLICATED:
+        return
+    check_version(check)
+    needed = f"train.zero3_gather={policy} (set train.zero3_gather to the other policy, or use ZeRO-1/2)"
+    # the module hooks and the root's trace reset live in DeepSpeedZeRoOffload; the gradient
+    # hooks in the stage-3 optimizer (grad_reduce.py)
+    offload = internal(engine.optimizer, "parameter_offload", needed)
+    if policy == GATHERED:
+        if not _zero3_params(engine):
+            raise DeepSpeedInternalError(f"no parameter carries ds_active_sub_modules, which {needed} needs to "
+                                         "find the ZeRO-3 parameters it gathers")
+        internal(offload, "_remove_module_hooks", needed)()
+        internal(offload, "forward_hooks", needed).clear()
+        internal(offload, "backward_hooks", needed).clear()
+    else:
+        _release_per_call(offload, engine.module, needed)
 
 
-def _release_per_call(offload, root) -> None:
+def _release_per_call(offload, root, needed: str) -> None:
     """Replace DeepSpeed's per-module post-backward function by one that counts the pending input
-    gradients of each *call* (DeepSpeed 0.19.8's hook looks ``module.post_bwd_fn`` up at every
-    call, and resets a per-module counter; a pre-hook of ours, run first, opens a fresh count)."""
-    for module in root.modules():
-        if "post_bwd_fn" in module.__dict__:
-            module.register_forward_pre_hook(_open_call, prepend=True)
-            module.post_bwd_fn = _release_after_call_backward(offload, module)
+    gradients of each *call* (DeepSpeed's hook looks ``module.post_bwd_fn`` up at every call, and
+    resets a per-module counter; a pre-hook of ours, run first, opens a fresh count)."""
+    release = internal(offload, "post_sub_module_backward_function", needed)
+    hooked = [module for module in root.modules() if "post_bwd_fn" in module.__dict__]
+    if not hooked:
+        raise DeepSpeedInternalError(f"no module carries DeepSpeed's post_bwd_fn, which {needed} replaces to "
+                                     "release each pass's parameters after its backward")
+    for module in hooked:
+        module.register_forward_pre_hook(_open_call, prepend=True)
+        module.post_bwd_fn = _release_after_call_backward(release, module)
 
 
 def _open_call(module, _args) -> None:
     module.pending_input_grads = [0]       # shared by this call's inputs, decremented in backward
 
 
-def _release_after_call_backward(offload, module):
+def _release_after_call_backward(release, module):
     import torch
 
     class ReleaseAfterCallBackward(torch.autograd.Function):
@@ -92,7 +108,7 @@ def _release_after_call_backward(offload, module):
         def backward(ctx, *grads):
             ctx.pending[0] -= 1
             if ctx.pending[0] == 0:
-                offload.post_sub_module_backward_function(module)
+                release(module)
             return grads
 
     return ReleaseAfterCallBackward

@@ -6,8 +6,8 @@
 ``overlapped`` is DeepSpeed's own way: a hook on every parameter adds its gradient to a bucket as
 soon as autograd has it and reduce-scatters a full bucket while backward goes on, so at most a
 bucket of full-size gradients is alive beside the partitions. The hook is Python, run once per
-parameter per micro-batch: about 45 us on this CPU (P8 in the README), 315 us on an H100 host
-(P6: 146 of them cost 46 ms of a 160 ms CoT step).
+parameter per micro-batch: a fixed host cost per step that grows with the parameter count
+(measured in the benchmarks, P6 and P8).
 
 ``after_backward`` (the plan's choice when every trainable parameter's full-size gradient fits
 next to the gathered model): no per-parameter hooks; when backward has finished, the gradients
@@ -20,36 +20,48 @@ parameter's contributions from all passes before its hook can fire, at the very 
 The lockstep rule keeps the collectives matched: every rank runs the same module calls, so every
 rank holds gradients for the same parameters.
 
-DeepSpeed 0.19.8's internals are used by name (``_grad_acc_hooks``, the name-mangled
-``__avg_scatter_grads``); :func:`apply_grad_reduce` refuses a DeepSpeed without them.
+Which of DeepSpeed's reduction paths it stands for: DeepSpeed's bucket flush
+(``__reduce_and_partition_ipg_grads``) reduce-scatters the bucket's gradients
+(``__avg_scatter_grads``) unless ``contiguous_gradients`` is on, the bucket fits and
+``zero_optimization.reduce_scatter`` is off, where it all-reduces the contiguous buffer instead
+(``__avg_scatter_contiguous_grads``). ``after_backward`` reproduces the reduce-scatter path: the
+default (``reduce_scatter`` on, as every recipe runs) and any bucket too large for the buffer.
+It is refused where DeepSpeed would take another path: ``reduce_scatter: false``, ZeRO++'s
+quantized all-to-all, ZenFlow, Muon, AutoEP's tensor-parallel folding, and ZeRO-3 leaf modules.
+Every DeepSpeed internal it uses is named through ``deepspeed_internals.internal``.
 """
 from __future__ import annotations
+
+from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
 
 OVERLAPPED = "overlapped"
 AFTER_BACKWARD = "after_backward"
 GRAD_REDUCES = (OVERLAPPED, AFTER_BACKWARD)
 
 
-def apply_grad_reduce(engine, mode: str) -> None:
+def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
     """Once, after ``deepspeed.initialize``: under ``after_backward`` replace DeepSpeed's
-    per-parameter gradient hooks by one reduction at the end of backward."""
+    per-parameter gradient hooks by one reduction at the end of backward. ``check``: what an
+    untested DeepSpeed version gets (``train.deepspeed_check``)."""
     if mode not in GRAD_REDUCES:
         raise ValueError(f"gradient reduction {mode!r}: expected one of {', '.join(GRAD_REDUCES)}")
-    optimizer = engine.optimizer
     if mode == OVERLAPPED:
         return
-    scatter = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", None)
-    if scatter is None or not hasattr(optimizer, "_grad_acc_hooks"):
-        raise RuntimeError("train.grad_reduce=after_backward needs ZeRO-3 on DeepSpeed 0.19.x "
-                           f"(found {type(optimizer).__name__}); set train.grad_reduce=overlapped")
-    if getattr(optimizer, "leaf_parameters", None):
-        raise RuntimeError("train.grad_reduce=after_backward does not handle ZeRO-3 leaf modules; "
-                           "set train.grad_reduce=overlapped")
-    for handle in optimizer._grad_acc_hooks:
+    check_version(check)
+    optimizer = engine.optimizer
+    needed = "train.grad_reduce=after_backward (set train.grad_reduce=overlapped)"
+    scatter = internal(optimizer, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", needed)
+    _refuse_other_reduction_paths(optimizer, needed)
+    hooks = internal(optimizer, "_grad_acc_hooks", needed)
+    partition, comm_dtype = internal(optimizer, "partition_grads", needed), internal(optimizer,
+                                                                                      "get_param_comm_dtype", needed)
+    epilogue, bucket_size = (internal(optimizer, "independent_gradient_partition_epilogue", needed),
+                             internal(optimizer, "reduce_bucket_size", needed))
+    params = sorted((p for group in internal(optimizer, "fp16_groups", needed) for p in group if p.requires_grad),
+                    key=lambda p: p.ds_id)
+    for handle in hooks:
         handle.remove()
-    optimizer._grad_acc_hooks.clear()
-    params = sorted((p for group in optimizer.fp16_groups for p in group if p.requires_grad), key=lambda p: p.ds_id)
-    epilogue = optimizer.independent_gradient_partition_epilogue
+    hooks.clear()
 
     def reduce_then_epilogue():
         """DeepSpeed calls this once per backward (engine.backward's epilogue); its own work,
@@ -57,13 +69,31 @@ def apply_grad_reduce(engine, mode: str) -> None:
         by_comm_dtype: dict = {}        # one dtype unless DeepSpeed's torch autocast is on
         for p in params:
             if p.grad is not None:
-                by_comm_dtype.setdefault(optimizer.get_param_comm_dtype(p), []).append(p)
-        for comm_dtype, ready in by_comm_dtype.items():
-            for bucket in buckets(ready, optimizer.reduce_bucket_size):
-                optimizer.partition_grads(bucket, scatter(bucket, comm_dtype))
+                by_comm_dtype.setdefault(comm_dtype(p), []).append(p)
+        for dtype, ready in by_comm_dtype.items():
+            for bucket in buckets(ready, bucket_size):
+                partition(bucket, scatter(bucket, dtype))
         epilogue()
 
     optimizer.independent_gradient_partition_epilogue = reduce_then_epilogue
+
+
+# the optimizer's switches for the reduction paths after_backward does not reproduce: (attribute,
+# the value that keeps DeepSpeed on the reduce-scatter path, what the other value is)
+OTHER_PATHS = (("reduce_scatter", True, "zero_optimization.reduce_scatter=false (contiguous all-reduce)"),
+               ("all2all_process_group", None, "ZeRO++ quantized gradients (all-to-all)"),
+               ("zenflow", False, "ZenFlow"), ("use_muon", False, "the Muon optimizer"),
+               ("autoep_folding_tp_group", None, "AutoEP tensor-parallel folding"))
+
+
+def _refuse_other_reduction_paths(optimizer, needed: str) -> None:
+    for name, expected, what in OTHER_PATHS:
+        if internal(optimizer, name, needed) != expected:
+            raise DeepSpeedInternalError(f"{needed.split(' (')[0]} reproduces DeepSpeed's reduce-scatter path, "
+                                         f"not {what}'s; set train.grad_reduce=overlapped")
+    if internal(optimizer, "leaf_parameters", needed):
+        raise DeepSpeedInternalError("train.grad_reduce=after_backward does not handle ZeRO-3 leaf modules; "
+                                     "set train.grad_reduce=overlapped")
 
 
 def buckets(params: list, size: int) -> list[list]:

@@ -20,6 +20,7 @@ from data_prep import load_shards
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
 from pipeline.engine.config import RunConfig, for_world, save_config
+from pipeline.engine.deepspeed_internals import DeepSpeedInternalError
 from pipeline.engine.distributed import StopFlag, init_distributed
 from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
 from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED, apply_gather_policy, step_gather
@@ -159,8 +160,11 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=optimizer_groups(model, run.train.weight_decay),
             config=self.ds_config, lr_scheduler=self._scheduler)
-        apply_gather_policy(self.engine, self.gather_policy)
-        apply_grad_reduce(self.engine, self.grad_reduce)
+        try:
+            apply_gather_policy(self.engine, self.gather_policy, run.train.deepspeed_check)
+            apply_grad_reduce(self.engine, self.grad_reduce, run.train.deepspeed_check)
+        except DeepSpeedInternalError as err:       # this DeepSpeed cannot run the setting: say which to change
+            raise UserError(str(err)) from None
         base, decoder = model.base, model.step_decoder
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
