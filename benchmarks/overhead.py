@@ -37,11 +37,13 @@ CASES = {
 }
 
 
-def reasoner(cfg: MethodConfig, layers: int) -> LatentReasoner:
-    """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape."""
+def reasoner(cfg: MethodConfig, layers: int, diagnostics: bool = True) -> LatentReasoner:
+    """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape;
+    ``diagnostics``: the latents' collapse diagnostics in every forward (the trainer: printed steps only)."""
     decoder = bench_model(VOCAB, layers, HIDDEN) if cfg.simcot else None
-    return LatentReasoner(bench_model(VOCAB, layers, HIDDEN), cfg, eos_id=SPECIAL["eos"],
-                          step_decoder=decoder)
+    model = LatentReasoner(bench_model(VOCAB, layers, HIDDEN), cfg, eos_id=SPECIAL["eos"], step_decoder=decoder)
+    model.diagnostics = diagnostics
+    return model
 
 
 def batches(cfg: MethodConfig, stage: int, n: int = 4) -> list[Batch]:
@@ -49,7 +51,8 @@ def batches(cfg: MethodConfig, stage: int, n: int = 4) -> list[Batch]:
                             SPECIAL["latent"], SPECIAL["pad"]) for seed in range(n)]
 
 
-def zero3_engine(cfg: MethodConfig, layers: int, lr: float = 1e-4, grad_reduce: str = AFTER_BACKWARD):
+def zero3_engine(cfg: MethodConfig, layers: int, lr: float = 1e-4, grad_reduce: str = AFTER_BACKWARD,
+                 diagnostics: bool = False):
     """The trainer's engine: resolved zero3.json, model built under zero.Init, the gathered policy."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -64,7 +67,7 @@ def zero3_engine(cfg: MethodConfig, layers: int, lr: float = 1e-4, grad_reduce: 
     ds = resolve_ds_config("ds_configs/zero3.json", run, 1, HIDDEN, on_cuda=False, bf16=False,
                            trainable_params=trainable)
     keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init while the model is built)
-    model = reasoner(cfg, layers)
+    model = reasoner(cfg, layers, diagnostics)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, GATHERED)
     apply_grad_reduce(engine, grad_reduce)
@@ -110,12 +113,13 @@ def timed_in_turn(steps: dict, data: list[Batch], n: int, warmup: int) -> dict[s
     return {name: ts[warmup:] for name, ts in times.items()}
 
 
-def measure(name: str, layers: int, steps: int = 20, warmup: int = 5, grad_reduce: str = AFTER_BACKWARD) -> dict:
+def measure(name: str, layers: int, steps: int = 20, warmup: int = 5, grad_reduce: str = AFTER_BACKWARD,
+            diagnostics: bool = False) -> dict:
     cfg, stage = CASES[name]
     data = batches(cfg, stage)
-    engine, policy = zero3_engine(cfg, layers, grad_reduce=grad_reduce)
-    times = timed_in_turn({"zero3": zero3_step(engine, policy), "plain": plain_step(reasoner(cfg, layers))},
-                          data, steps, warmup)
+    engine, policy = zero3_engine(cfg, layers, grad_reduce=grad_reduce, diagnostics=diagnostics)
+    times = timed_in_turn({"zero3": zero3_step(engine, policy),
+                           "plain": plain_step(reasoner(cfg, layers, diagnostics))}, data, steps, warmup)
     del engine
     gc.collect()
     return {**times, "ratio": statistics.median(times["zero3"]) / statistics.median(times["plain"])}
@@ -136,13 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--grad-reduce", default=AFTER_BACKWARD, choices=GRAD_REDUCES,
                         help="when ZeRO-3 reduces gradients (pipeline/engine/grad_reduce.py; default: the plan's pick)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="the latents' collapse diagnostics in every step (the trainer: printed steps only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from pipeline.engine.distributed import init_distributed
 
     init_distributed()
     print("P8 engine overhead: ZeRO-3 step vs plain PyTorch eager, 1 rank, 1 thread, fp32, hidden 64, vocab 512, "
-          f"batch 4, gradients reduced {args.grad_reduce} (goal ratio <= 1.25x)", flush=True)
+          f"batch 4, gradients reduced {args.grad_reduce}, diagnostics {'on' if args.diagnostics else 'off'} "
+          "(goal ratio <= 1.25x)", flush=True)
     for layers in (int(x) for x in args.layers.split(",")):
         for name in args.cases.split(","):
-            print(line(name, layers, measure(name, layers, args.steps, grad_reduce=args.grad_reduce)), flush=True)
+            result = measure(name, layers, args.steps, grad_reduce=args.grad_reduce, diagnostics=args.diagnostics)
+            print(line(name, layers, result), flush=True)

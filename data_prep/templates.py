@@ -60,7 +60,7 @@ def tokenize_problems(tok, templates: Templates, questions: list[str], steps: li
 def encode(tok, texts: list[str], special: bool) -> list[list[int]]:
     """``tok(texts, add_special_tokens=special)["input_ids"]``; a fast tokenizer is called through
     its Rust backend, as that call does, without the wrapper's per-text conversion to Python
-    dicts (60 % of the build's tokenisation time, measured)."""
+    dicts (most of the build's tokenisation time; benchmark P7)."""
     if not texts:
         return []
     backend = getattr(tok, "_tokenizer", None) if getattr(tok, "is_fast", False) else None

@@ -25,10 +25,10 @@ def flash_kernels(on_cuda: bool) -> dict[str, bool]:
 
 
 def pick_attention(requested: str, on_cuda: bool) -> str:
-    """``auto`` is SDPA: on an H200 (README, P6) torch's SDPA already runs cuDNN's flash kernel, and
-    FlashAttention-4's heavier host-side call made the latent methods slower (SIM-CoT(CODI)
-    12.5 % -> 8.9 % MFU at batch 64; CoT gained 20.3 -> 22.5 %). A flash kernel is an explicit
-    choice; one that cannot run here is refused with the package to install."""
+    """``auto`` is SDPA: on recent GPUs torch's SDPA already runs cuDNN's flash kernel, and
+    FlashAttention-4's heavier host-side call made the latent methods, whose passes are many small
+    calls, slower (benchmarks, P6). A flash kernel is an explicit choice; one that cannot run here
+    is refused with the package to install."""
     if requested == "auto":
         return "sdpa"
     available = flash_kernels(on_cuda)

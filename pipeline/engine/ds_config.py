@@ -18,8 +18,7 @@ class DeepSpeedConfigError(ValueError):
 
 
 # Gradient buckets: one reduce for a small model (a bucket of hidden^2 elements meant one
-# collective per parameter: 74 reduce-scatters per step for the 8-layer P8 model), at most
-# 5e7 elements (200 MB of fp32 gradients) for a large one.
+# collective per parameter), at most 5e7 elements (200 MB of fp32 gradients) for a large one.
 MAX_REDUCE_BUCKET = 5 * 10**7
 
 

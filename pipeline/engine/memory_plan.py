@@ -157,7 +157,8 @@ def activation_gib(run: RunConfig, sizes: ModelSizes, seq: SequenceShape, dtype_
 
 def _streamed_window(sizes: ModelSizes, dtype_bytes: int) -> float:
     """Live parameters under ``streamed``: the layer in use and what is prefetched (three layers
-    cover it: measured 2.4 at most), the embedding and the LM head."""
+    cover it; tests/distributed/test_gather_policy.py holds the peak to this), the embedding and
+    the LM head."""
     return (3 * sizes.layer + 2 * sizes.largest_module) * dtype_bytes / GIB
 
 
@@ -178,8 +179,8 @@ def base_passes(run: RunConfig) -> int:
 
 def _gather_volume(run: RunConfig, sizes: ModelSizes, dtype_bytes: int) -> dict[str, float]:
     """GiB all-gathered per micro-batch: ``gathered`` once; ``streamed`` at most twice per pass, in
-    forward and in backward (a checkpointed layer's recompute reuses the backward's gather; P3
-    measured 0.75-0.88 of this bound, with and without checkpointing)."""
+    forward and in backward (a checkpointed layer's recompute reuses the backward's gather; the
+    measured volume is benchmark P3's)."""
     streamed = (sizes.base * base_passes(run) + sizes.total - sizes.base) * 2
     return {GATHERED: sizes.total * dtype_bytes / GIB, STREAMED: streamed * dtype_bytes / GIB}
 

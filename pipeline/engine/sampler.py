@@ -22,7 +22,8 @@ def stage_for_epoch(epoch: int, curriculum: CurriculumSettings, method: str) -> 
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class RankSharding:
+    """Which records this rank reads: every ``world``-th of the seeded order, in micro-batches."""
     micro_batch_size: int
     grad_accum: int
     rank: int
@@ -30,21 +31,22 @@ class BatchPlan:
     seed: int
 
 
-def rank_indices(n_records: int, plan: BatchPlan, epoch: int, shuffle: bool, max_steps: int = 0) -> list[list[int]]:
+def rank_indices(n_records: int, sharding: RankSharding, epoch: int, shuffle: bool,
+                 max_steps: int = 0) -> list[list[int]]:
     """Record indices of each of this rank's micro-batches (a multiple of the accumulation steps);
     ``max_steps`` > 0 keeps the first that many optimizer steps of the epoch's order."""
     if shuffle:
-        generator = torch.Generator().manual_seed(plan.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(sharding.seed * 100_003 + epoch)
         order = torch.randperm(n_records, generator=generator).tolist()
     else:
         order = list(range(n_records))
-    per_rank = len(order) // plan.world
-    mine = order[plan.rank::plan.world][:per_rank]
-    n_batches = per_rank // plan.micro_batch_size
-    n_batches -= n_batches % plan.grad_accum
+    per_rank = len(order) // sharding.world
+    mine = order[sharding.rank::sharding.world][:per_rank]
+    n_batches = per_rank // sharding.micro_batch_size
+    n_batches -= n_batches % sharding.grad_accum
     if max_steps:
-        n_batches = min(n_batches, max_steps * plan.grad_accum)
-    return [mine[i * plan.micro_batch_size:(i + 1) * plan.micro_batch_size] for i in range(n_batches)]
+        n_batches = min(n_batches, max_steps * sharding.grad_accum)
+    return [mine[i * sharding.micro_batch_size:(i + 1) * sharding.micro_batch_size] for i in range(n_batches)]
 
 
 def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: MethodConfig,

@@ -27,7 +27,7 @@ from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED, apply_
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
 from pipeline.engine.memory_plan import local_hardware, make_plan
 from pipeline.engine.model_shapes import model_sizes
-from pipeline.engine.sampler import BatchPlan, iter_batches, rank_indices, stage_for_epoch
+from pipeline.engine.sampler import RankSharding, iter_batches, rank_indices, stage_for_epoch
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 from pipeline.latent.methods import get_method, layout
@@ -183,13 +183,13 @@ class Trainer:
                      f"step {self.progress.global_step}, stage {self.progress.stage}")
 
     # ---------------------------------------------------------------- data
-    def _plan(self) -> BatchPlan:
+    def _sharding(self) -> RankSharding:
         t = self.run.train
-        return BatchPlan(t.micro_batch_size, t.grad_accum, self.rank, self.world, t.seed)
+        return RankSharding(t.micro_batch_size, t.grad_accum, self.rank, self.world, t.seed)
 
     def _indices(self, epoch: int) -> list[list[int]]:
         t = self.run.train
-        return rank_indices(len(self.train_records), self._plan(), epoch, t.shuffle, t.steps_per_epoch)
+        return rank_indices(len(self.train_records), self._sharding(), epoch, t.shuffle, t.steps_per_epoch)
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> int:
@@ -306,8 +306,8 @@ class Trainer:
         """Mean valid loss over an equal number of batches on every rank; never the test split."""
         self.engine.eval()
         self.engine.module.diagnostics = False
-        plan = dataclasses.replace(self._plan(), grad_accum=1)
-        indices = rank_indices(len(self.valid_records), plan, 0, shuffle=False)
+        sharding = dataclasses.replace(self._sharding(), grad_accum=1)
+        indices = rank_indices(len(self.valid_records), sharding, 0, shuffle=False)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in iter_batches(self.valid_records, indices, self.special, self.run.method, stage, self.prefix_ids):
             with step_gather(self.engine, self.gather_policy):

@@ -9,14 +9,14 @@ import torch
 from experiments.jobs import Job, JobFailed, done_record, run_jobs
 from experiments.sweep import SweepPlan, check_settings, final_runs, jobs_for
 from experiments.sweep_methods import CHAINED
-from pipeline.engine.sampler import BatchPlan, rank_indices
+from pipeline.engine.sampler import RankSharding, rank_indices
 from pipeline.latent.geometry import per_problem, summarise, vocab_centre
 
 pytestmark = pytest.mark.unit
 
 
 def test_steps_per_epoch_draws_a_fresh_subset_each_epoch():
-    plan = BatchPlan(micro_batch_size=4, grad_accum=2, rank=0, world=1, seed=0)
+    plan = RankSharding(micro_batch_size=4, grad_accum=2, rank=0, world=1, seed=0)
     full = rank_indices(100, plan, 0, shuffle=True)
     capped = rank_indices(100, plan, 0, shuffle=True, max_steps=3)
     assert len(full) == 24 and capped == full[:6]               # 3 steps x 2 accumulation micro-batches
