@@ -31,6 +31,7 @@ def test_jacobi_codi_simcot_trains_under_zero3_merges_and_evaluates(tiny_shards,
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     latent = report["latent_config"]
-    assert latent["latent_update"] == "jacobi" and latent["jacobi_iterations"] == 2 and latent["n_latents"] == 3
+    method = latent["method_config"]
+    assert method["latent_update"] == "jacobi" and method["jacobi_iterations"] == 2 and latent["n_latents"] == 3
     assert report["sets"]["synth"]["n"] == 6
     assert len(report["latents"]) == 2 and all(len(p["decoded_steps"]) == 3 for p in report["latents"])
