@@ -29,12 +29,18 @@ BENCHMARKS = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments; a benchmark's own options go to its ``build_parser``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=list(BENCHMARKS),
                         help="; ".join(f"{name}: {what}" for name, (_, what, _) in BENCHMARKS.items()))
     parser.add_argument("--no-save", action="store_true", help="print only; keep no file in benchmarks/results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     module, _, takes_options = BENCHMARKS[args.which]
     if rest and not takes_options:

@@ -25,11 +25,16 @@ def _timed_build(sources: list[str], tokenizer: str, out: str) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     parser.add_argument("--skip-full", action="store_true", help="skip the 385,620-record build")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     gsm8k = os.path.join(args.data, "gsm8k", "train.jsonl")
     aug = os.path.join(args.data, "gsm8k_aug", "train_first3000.txt")
     with tempfile.TemporaryDirectory() as work:

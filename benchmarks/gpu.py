@@ -161,7 +161,8 @@ def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
@@ -176,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-adam", action="store_true",
                         help="torch's AdamW instead of DeepSpeed's fused Adam (no JIT compile on a fresh machine)")
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of 3 steps per run here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from pipeline.engine.build_model import pick_attention
     from pipeline.engine.distributed import init_distributed
 

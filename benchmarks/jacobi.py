@@ -65,12 +65,17 @@ def generation(shape: dict, n_latents: int, iterations: int, repeats: int) -> tu
     return _median_ms(lambda: run(None), repeats, lambda: run(iterations))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks jacobi", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each, alternated (default 7)")
     parser.add_argument("--iterations", type=int, default=3, help="Jacobi iterations T (default 3)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(2)
     for what, bench in (("train-step", train_step), ("generate", generation)):
         for shape_name, shape in SHAPES.items():

@@ -132,7 +132,8 @@ def line(name: str, layers: int, r: dict) -> str:
             f"   (min-max ms: zero3 {spread(r['zero3'])}, plain {spread(r['plain'])})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -142,7 +143,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="when ZeRO-3 reduces gradients (pipeline/engine/grad_reduce.py; default: the plan's pick)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="the latents' collapse diagnostics in every step (the trainer: printed steps only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     from pipeline.engine.distributed import init_distributed
 

@@ -89,7 +89,8 @@ def summary(runs: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks (DeepSpeed ZeRO-3, gloo)")
     parser.add_argument("--eval-limit", type=int, default=500, help="test problems evaluated per run")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     out = os.path.abspath(args.out)
     for name in ("cot", "coconut-simcot"):       # the demo always starts fresh

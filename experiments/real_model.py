@@ -154,7 +154,8 @@ def results_table(study: Study, cut: int) -> str:
     return table
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.real_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/smollm2", help="study directory (default runs/smollm2)")
@@ -166,6 +167,11 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="global batch of every run")
     parser.add_argument("--nproc", type=int, default=2, help="ZeRO-3 ranks per run")
     parser.add_argument("--eval-limit", type=int, default=200, help="GSM8K test problems (0: all 1,319)")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for path, what in ((args.model, "run `make smollm2` first"), (args.data, "give --data")):
         if not os.path.isdir(path):

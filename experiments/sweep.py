@@ -144,7 +144,7 @@ def jobs_for(plan: SweepPlan, shards: str) -> list[Job]:
     return jobs
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/sweep", help="sweep directory (default runs/sweep)")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     points = tuple(sorted({int(p) for p in args.points.split(",") if p.strip()}))
     if not points or points[0] < 1:

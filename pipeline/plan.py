@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     from pipeline.engine.memory_plan import SequenceShape
 
     defaults = SequenceShape()
@@ -55,6 +56,13 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--step-tokens", type=int, default=defaults.step)
     parser.add_argument("--answer-tokens", type=int, default=defaults.answer)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    from pipeline.engine.memory_plan import SequenceShape
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if min(args.nodes, args.gpus_per_node) < 1 or args.gpu_mem_gib <= 0:
         parser.error("--nodes and --gpus-per-node must be >= 1 and --gpu-mem-gib > 0")

@@ -22,13 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # the deepspeed launcher adds it
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 method.simcot=true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     from common.cli import DATA_ERROR_EXIT, PLAN_EXIT, UserError
     from data_prep import ShardError
     from pipeline.engine.checkpoint import CheckpointError

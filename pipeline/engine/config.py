@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, a YAML recipe, dotted ``key=value`` overrides, strict.
 
-    python -m pipeline.train --config configs/tiny-cpu.yaml train.lr=3e-3 method.simcot=true
+    python -m pipeline.train --config configs/tiny-cpu.yaml train.lr=3e-3 method.name=coconut method.simcot=true
 
 An unknown key is an error that names the closest valid key; a value of the wrong type is an
 error that names the key and the expected type. The resolved config is saved in the run dir.
