@@ -1,4 +1,4 @@
-# Quick start:  make demo   (the embedded default end to end on this CPU, ~9 min)
+# Quick start:  make demo   (the embedded default end to end on this CPU, about 9 min on 2 cores)
 #               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README); make lint (ruff)
 #               make smollm2 (real pretrained weights offline: models/smollm2-135m; README "Real pretrained weights")
@@ -45,7 +45,7 @@ demo: setup
 sweep: setup
 	$(PY) -m experiments.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
 
-# Benchmarks P1-P5, P7-P9 on this machine (several minutes); P6 needs a GPU: python -m benchmarks gpu
+# Benchmarks P1-P5, P7-P11 on this machine (several minutes); P6 needs a GPU: python -m benchmarks gpu
 bench: setup
 	$(PY) -m benchmarks build
 	$(PY) -m benchmarks latent
@@ -53,6 +53,8 @@ bench: setup
 	$(PY) -m benchmarks zero
 	$(PY) -m benchmarks overhead
 	$(PY) -m benchmarks jacobi
+	$(PY) -m benchmarks trainer
+	$(PY) -m benchmarks pass_profile
 
 # The packaged GGUF de-quantised once into an ordinary HF directory (safetensors), ~20 s
 smollm2: $(SMOLLM2)/config.json

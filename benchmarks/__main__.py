@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m benchmarks {build,latent,generate,zero,overhead,gpu,jacobi} [options]``.
+"""Benchmarks: ``python -m benchmarks {build,latent,generate,zero,overhead,gpu,jacobi,trainer,pass_profile} [options]``.
 
 Each figure is a ratio against a baseline run in the same process; the README lists the results.
 ``make bench`` runs the ones this CPU can (P6 needs a GPU). What a benchmark prints is also kept in
@@ -26,6 +26,8 @@ BENCHMARKS = {
     "overhead": ("benchmarks.overhead", "P8 engine step vs plain PyTorch", True),
     "gpu": ("benchmarks.gpu", "P6 throughput and MFU on one GPU", True),
     "jacobi": ("benchmarks.jacobi", "P9 parallel (Jacobi) vs sequential latents", True),
+    "trainer": ("benchmarks.trainer", "P10 the trainer's loop vs a plain PyTorch loop", True),
+    "pass_profile": ("benchmarks.pass_profile", "P11 host time of one latent pass", True),
 }
 
 

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
     parser.add_argument("--train", type=int, default=20000, help="synthetic training problems")
     parser.add_argument("--valid", type=int, default=200, help="synthetic valid problems (validated every epoch)")
-    parser.add_argument("--cot-steps", type=int, default=1500, help="optimizer steps of the CoT run")
+    parser.add_argument("--cot-steps", type=int, default=1000, help="optimizer steps of the CoT run")
     parser.add_argument("--stage-steps", type=int, default=200, help="Coconut+SIM-CoT steps at each curriculum "
                         f"stage 1-{LATENT_STAGES} (default 200)")
     parser.add_argument("--final-steps", type=int, default=800, help="Coconut+SIM-CoT steps with every step latent "

@@ -103,10 +103,9 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None, decoder_vocab: 
         base = AutoModelForCausalLM.from_config(cfg)
         decoder = None
         if run.method.simcot:
-            decoder_cfg = lm_config(run, 1, run.model.step_decoder())     # a pretrained model's own table
-            if not run.model.step_decoder().name_or_path:                  # built in code: cut to the original
-                decoder_cfg.vocab_size = decoder_vocab or cfg.vocab_size - TINY_ADDED_TOKENS
-            decoder = AutoModelForCausalLM.from_config(decoder_cfg)
+            settings = run.model.step_decoder()
+            rows = 0 if settings.name_or_path else decoder_vocab or cfg.vocab_size - TINY_ADDED_TOKENS
+            decoder = AutoModelForCausalLM.from_config(lm_config(run, rows, settings))   # 0: its own table
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)
         return LatentReasoner(base, run.method, eos_id=0, step_decoder=decoder,

@@ -234,3 +234,11 @@ def test_the_collators_label_index_selects_what_the_boolean_mask_selects():
     for key in ("answer_ce", "teacher_ce", "total"):
         assert torch.equal(indexed[key], masked[key])
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(indexed_grads, masked_grads))
+
+
+def test_a_decoder_copied_here_can_have_the_original_vocabulary():
+    cfg = MethodConfig("codi", num_latent=3, simcot=True)
+    model = LatentReasoner(tiny_llama(100), cfg, eos_id=SP["eos"], decoder_vocab=95)
+    table = model.step_decoder.get_output_embeddings().weight
+    assert table.shape[0] == 95 and torch.equal(table, model.base.get_output_embeddings().weight[:95])
+    assert model(_batch(RECORDS, cfg, 0))["step_ce"] > 0
