@@ -92,7 +92,7 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
     source = {"run": run_dir, "tag": tag, "global_step": client.get("global_step")}
     with open(os.path.join(tmp, LATENT_CONFIG), "w", encoding="utf-8") as handle:
         json.dump(latent_config(run, client["stage"], shards, bool(projection), source), handle, indent=2)
-    check_logits(base.float(), tmp, shards, tolerance=1e-5 if dtype == "fp32" else 5e-2)
+    check_logits(base.float(), tmp, shards, tolerance=1e-3 if dtype == "fp32" else 5e-2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -101,8 +101,9 @@ def merge(run_dir: str, tag: str | None = None, dtype: str = "fp32", out: str | 
 @torch.no_grad()
 def check_logits(reference, merged_dir: str, shards, tolerance: float) -> float:
     """The merged directory, reloaded, must give the consolidated weights' logits, to ``tolerance``
-    of their largest magnitude (a trained model's logits reach the hundreds, where fp32 rounding in
-    another kernel path alone moves them by 1e-4) -> the relative difference."""
+    of their largest magnitude -> that relative difference. A key that lands in the wrong place or
+    a LoRA left unmerged moves them by far more than 1e-3; multithreaded CPU kernels alone were
+    seen to move a 30-layer model's by 9e-5 between two forwards of the same weights."""
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
