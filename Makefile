@@ -1,4 +1,4 @@
-# Quick start:  make demo   (the embedded default end to end on this CPU, about 9 min on 2 cores)
+# Quick start:  make demo   (the embedded default end to end on this CPU, under 9 min on 2 cores)
 #               make sweep  (toy latent-scaling reproduction, ~35 min on 2 cores; SWEEP_ARGS=...)
 #               make test   (the test suite; tiers by marker, see README); make lint (ruff)
 #               make smollm2 (real pretrained weights offline: models/smollm2-135m; README "Real pretrained weights")
