@@ -1,7 +1,7 @@
 """Benchmark P10 (``python -m benchmarks trainer``): the trainer's whole step, as a user pays it.
 
 In one process (1 rank, 1 thread, fp32), the embedded default's recipe (``configs/tiny-cpu.yaml``:
-CoT, micro batch 16, ZeRO-3) on shards built here from the synthetic task: ``Trainer.fit`` as
+CoT, micro batch 16, ZeRO-3) on the demo's synthetic shards (2,000 problems): ``Trainer.fit`` as
 ``python -m pipeline.train`` runs it (sampler, layout and collation, the engine step under the
 memory plan's policy, telemetry, the stop flag, logging), against a plain PyTorch loop written
 from scratch over the same records (a ``LlamaForCausalLM`` of the same shape, the explicit-CoT
@@ -15,7 +15,6 @@ min-max of ``--steps`` steps after 10 warm-up, one line in a fixed form:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import tempfile
@@ -33,21 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=60, help="timed steps after 10 warm-up (default 60)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (default 1)")
     return parser
-
-
-def make_shards(work: str) -> str:
-    """2,000 synthetic training problems, the SentencePiece tokenizer, shards (about 15 s)."""
-    from data_prep.build import BuildOptions, run_build
-    from data_prep.synth import SynthConfig, generate_splits, write_splits
-    from data_prep.tokenizer import build_tokenizer
-
-    paths = write_splits(os.path.join(work, "synth"), generate_splits({"train": 2000, "valid": 20, "test": 20}, 0,
-                                                                      SynthConfig()))
-    build_tokenizer([paths["train"]], 512, None, os.path.join(work, "tok"))
-    shards = os.path.join(work, "shards")
-    run_build(BuildOptions([f"gsm8k-aug:{paths[s]}" for s in ("train", "valid")], os.path.join(work, "tok"), shards),
-              log=lambda *_: None)
-    return shards
 
 
 def plain_loop(run, records: list[dict], special: dict[str, int], vocab: int, seed: int = 0):
@@ -83,10 +67,11 @@ def plain_loop(run, records: list[dict], special: dict[str, int], vocab: int, se
 
 
 def measure(steps: int, work: str) -> dict[str, list[float]]:
+    from experiments.demo import prepare_data
     from pipeline.engine.config import load_config
     from pipeline.engine.trainer import Trainer
 
-    shards = make_shards(work)
+    shards = prepare_data(work, 2000, 0, n_valid=20, log=lambda *_, **__: None)   # the demo's data, smaller
     run = load_config("configs/tiny-cpu.yaml", [f"data={shards}", f"runs_dir={work}/runs", "name=p10",
                                                 "train.validate=false", f"train.max_steps={WARMUP + steps}",
                                                 "train.epochs=10", "checkpoint.checksums=false"])

@@ -26,20 +26,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_STAGES, C_THOUGHT = 3, 2   # Coconut + SIM-CoT ends with every step latent: 6 latents (2-4 steps a problem)
 
 
-def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None, n_valid: int = 200) -> str:
+def prepare_data(out: str, n_train: int, seed: int, task: SynthConfig | None = None, n_valid: int = 200,
+                 log=print) -> str:
+    """Synthetic problems, their SentencePiece tokenizer and verified shards under ``out/data``
+    (the demo's, the sweep's and benchmark P10's data) -> the shard directory."""
     data = os.path.join(out, "data")
-    print(f"[1/5] synthetic problems -> {data}/synth", flush=True)
+    log(f"[1/5] synthetic problems -> {data}/synth", flush=True)
     splits = generate_splits({"train": n_train, "valid": n_valid, "test": 500}, seed, task or SynthConfig())
     paths = write_splits(os.path.join(data, "synth"), splits)
-    print(f"[2/5] SentencePiece tokenizer + shards -> {data}/shards", flush=True)
+    log(f"[2/5] SentencePiece tokenizer + shards -> {data}/shards", flush=True)
     build_tokenizer([paths["train"]], 512, None, os.path.join(data, "tokenizer"))
     shards = os.path.join(data, "shards")
     run_build(BuildOptions([f"gsm8k-aug:{paths[s]}" for s in ("train", "valid", "test")],
-                           os.path.join(data, "tokenizer"), shards, shards=2, overwrite=True))
+                           os.path.join(data, "tokenizer"), shards, shards=2, overwrite=True), log=log)
     problems = verify_shards(shards)
     if problems:
         raise SystemExit("shard verification failed: " + "; ".join(problems))
-    print(inspect_shards(shards, examples=1).split("\n[")[0], flush=True)
+    log(inspect_shards(shards, examples=1).split("\n[")[0], flush=True)
     return shards
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
+from pipeline.latent.methods.base import ADDED_TOKENS
 
 # Published shapes (config.json of each hub model): hidden, intermediate, layers, heads, kv heads, tied.
 _LLAMA3 = {"vocab_size": 128_256, "rope_theta": 500_000.0, "max_position_embeddings": 131_072}
@@ -39,10 +40,10 @@ KNOWN_SHAPES = {
     "openai-community/gpt2": {"model_type": "gpt2", "vocab_size": 50_257, "n_embd": 768, "n_layer": 12,
                               "n_head": 12, "n_positions": 1024},
 }
-# Token ids data_prep adds to a pretrained tokenizer (start/latent/end, bot/eot, pad when missing),
-# and to the SentencePiece one it trains (which has a pad).
-ADDED_TOKENS = 6
-TINY_ADDED_TOKENS = 5
+# Rows data_prep adds to a pretrained tokenizer (every ADDED_TOKENS, pad included where it has
+# none), and to the SentencePiece one it trains for the tiny model (which has its own pad).
+ADDED_ROWS = len(ADDED_TOKENS)
+TINY_ADDED_ROWS = ADDED_ROWS - 1
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def lm_config(run: RunConfig, vocab_size: int | None = None, settings: ModelSett
         shape = dict(KNOWN_SHAPES[m.name_or_path])
         cfg = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape)
     if vocab_size is None:
-        vocab_size = cfg.vocab_size + ADDED_TOKENS
+        vocab_size = cfg.vocab_size + ADDED_ROWS
     cfg.vocab_size = max(cfg.vocab_size, vocab_size)     # the trainer resizes to the tokenizer the same way
     return cfg
 
@@ -104,7 +105,7 @@ def meta_reasoner(run: RunConfig, vocab_size: int | None = None, decoder_vocab: 
         decoder = None
         if run.method.simcot:
             settings = run.model.step_decoder()
-            rows = 0 if settings.name_or_path else decoder_vocab or cfg.vocab_size - TINY_ADDED_TOKENS
+            rows = 0 if settings.name_or_path else decoder_vocab or cfg.vocab_size - TINY_ADDED_ROWS
             decoder = AutoModelForCausalLM.from_config(lm_config(run, rows, settings))   # 0: its own table
         if run.model.lora.enabled:
             base = apply_lora(base, run.model.lora)

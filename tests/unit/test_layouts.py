@@ -125,6 +125,8 @@ def test_the_start_up_report_counts_the_steps_the_span_rule_finds():
     report = get_method(cfg.name).target_report(cfg, SP, [merged])
     assert "2 of 3 steps found" in report and "1 problems have fewer spans than steps" in report
     assert get_method(cfg.name).target_report(MethodConfig("codi", simcot=True, step_targets="pieces"), SP, TOY) is None
+    quirks = MethodConfig("codi", num_latent=3, simcot=True, remove_eos=False, reference_quirks=True)
+    assert "0 of 4 steps found" in get_method(cfg.name).target_report(quirks, SP, TOY)     # as its layout: none
 
 
 def test_the_span_rule_skips_what_is_not_a_closed_step():

@@ -50,6 +50,14 @@ def test_latent_tokens_are_added_once_and_saved(spm_tokenizer_dir, tmp_path):
     assert fingerprint(AutoTokenizer.from_pretrained(tmp_path)) == fingerprint(tok)
 
 
+def test_the_pipeline_names_the_tokens_data_prep_adds():
+    """pipeline.latent keeps its own list of the added tokens' names (it reads shards, never
+    data_prep's internals): the two must name the same tokens."""
+    from pipeline.latent.methods.base import ADDED_TOKENS
+
+    assert set(ADDED_TOKENS) == set(LATENT_TOKENS) | {"pad"} and len(ADDED_TOKENS) == len(LATENT_TOKENS) + 1
+
+
 def test_step_ids_equal_the_explicit_cot_tokenisation_with_sentencepiece(spm_tokenizer_dir, synth_dir):
     tok = AutoTokenizer.from_pretrained(spm_tokenizer_dir)
     rows = _problems(synth_dir)

@@ -22,6 +22,8 @@ one step each, the overflow merged into the last slot, missing slots masked.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .base import IGNORE, Example, Method, SequenceShape, concat, problem_of, register
@@ -43,23 +45,20 @@ class CODI(Method):
         return list(question) + sep + [special["bot"]] + [special["latent"]] * n_latents + [special["eot"]] + sep
 
     def layout(self, p, special, cfg, stage, prefix_ids):
-        q, steps, ans = p.question, p.steps, p.answer
+        q, ans = p.question, p.answer
         if prefix_ids is None:
             raise ValueError("CODI layout needs prefix_ids (the tokenised answer prefix)")
         start, eos, n = answer_start(ans, prefix_ids), special["eos"], cfg.num_latent
-        teacher_steps = steps if cfg.include_last_step else steps[:-1]
+        t = teacher(p, cfg, special)
         sep = [] if cfg.remove_eos else [eos]
-        question, cot = q + sep, teacher_cot(p, cfg, teacher_steps) + sep
         head = self.prompt(cfg, q, special, n)
         unlabelled = len(head) - len(sep)       # the EOS after <eot> is the student's first label
         example = Example(head + ans + [eos], [IGNORE] * unlabelled + sep + ans + [eos], n,
-                          teacher_ids=question + cot + ans + [eos],
-                          teacher_labels=[IGNORE] * len(question) + cot + ans + [eos],
+                          teacher_ids=t.ids, teacher_labels=[IGNORE] * len(t.question) + t.ids[len(t.question):],
                           distill_index=len(head) + start - 1,
-                          teacher_distill_index=len(question) + len(cot) + start - 1)
+                          teacher_distill_index=len(t.question) + len(t.cot) + start - 1)
         if cfg.simcot:
-            example.step_targets = slot_targets(decoder_steps(cfg, special, teacher_steps, cot, example.teacher_ids),
-                                                n + 1)
+            example.step_targets = slot_targets(decoder_steps(cfg, special, t), n + 1)
         return example
 
     def target_report(self, cfg, special, records):
@@ -67,18 +66,16 @@ class CODI(Method):
         merges with other text has no span (the reference loses it too); never silently."""
         if not cfg.simcot or cfg.step_targets != "spans":
             return None
-        opens, close = step_markers(special)
         steps = found = short = 0
         for record in records:
-            p = problem_of(record)
-            teacher = p.steps if cfg.include_last_step else p.steps[:-1]
-            spans = len(step_spans(teacher_cot(p, cfg, teacher), opens, close))
-            steps, found, short = steps + len(teacher), found + min(spans, len(teacher)), short + (spans < len(teacher))
+            t = teacher(problem_of(record), cfg, special)
+            spans = len(decoder_steps(cfg, special, t))
+            steps, found, short = steps + len(t.steps), found + min(spans, len(t.steps)), short + (spans < len(t.steps))
         line = (f"step targets: the <<..>> spans of the teacher's CoT ids (method.step_targets=spans), "
                 f"{found} of {steps} steps found in {len(records)} train problems")
         return line + (f"; {short} problems have fewer spans than steps (brackets merged with other text by this "
-                       "tokenizer: the reference loses those steps too; method.step_targets=pieces keeps them)"
-                       if short else "")
+                       "tokenizer, or under reference_quirks an EOS before the CoT: the reference loses those "
+                       "steps too; method.step_targets=pieces keeps them)" if short else "")
 
     def slot_vectors(self, cfg, latents, next_latent):
         return torch.cat([latents, next_latent], dim=1).unsqueeze(2)
@@ -123,18 +120,33 @@ def teacher_cot(p, cfg, teacher_steps: list[list[int]]) -> list[int]:
     return list(p.joined_cot[1] if cfg.include_last_step else p.joined_cot[0])
 
 
-def decoder_steps(cfg, special: dict[str, int], teacher_steps: list[list[int]], cot: list[int],
-                  teacher_ids: list[int]) -> list[list[int]]:
+class Teacher(NamedTuple):
+    """The teacher's sequence of one problem: ``question + cot + answer EOS``."""
+    steps: list[list[int]]      # the CoT steps it reads (the last dropped unless include_last_step)
+    question: list[int]         # the question (and its EOS with remove_eos: false)
+    cot: list[int]              # the CoT ids (:func:`teacher_cot`; and an EOS with remove_eos: false)
+    ids: list[int]              # the whole sequence
+
+
+def teacher(p, cfg, special: dict[str, int]) -> Teacher:
+    """Problem ``p``'s teacher sequence, as the layout and the start-up report read it."""
+    steps = p.steps if cfg.include_last_step else p.steps[:-1]
+    sep = [] if cfg.remove_eos else [special["eos"]]
+    question, cot = p.question + sep, teacher_cot(p, cfg, steps) + sep
+    return Teacher(steps, question, cot, question + cot + p.answer + [special["eos"]])
+
+
+def decoder_steps(cfg, special: dict[str, int], t: Teacher) -> list[list[int]]:
     """The steps the decoder slots reproduce (before slot assignment): the spans of the teacher's CoT
     ids, or with ``reference_quirks`` of its whole sequence up to the first EOS or pad, as the
     reference scans ``ref_input_ids`` (so ``remove_eos: false``, which puts an EOS after the
     question, leaves no step: its step loss is 0); ``step_targets: pieces``: the per-step ids."""
     if cfg.step_targets == "pieces":
-        return teacher_steps
+        return t.steps
     opens, close = step_markers(special)
     if cfg.reference_quirks:
-        return step_spans(teacher_ids, opens, close, stops=(special["eos"], special["pad"]))
-    return step_spans(cot, opens, close)
+        return step_spans(t.ids, opens, close, stops=(special["eos"], special["pad"]))
+    return step_spans(t.cot, opens, close)
 
 
 def step_markers(special: dict[str, int]) -> tuple[tuple[int, ...], int]:
