@@ -45,7 +45,7 @@ demo: setup
 sweep: setup
 	$(PY) -m experiments.sweep --out $(SWEEP_DIR) $(SWEEP_ARGS)
 
-# Benchmarks P1-P5, P7-P11 on this machine (several minutes); P6 needs a GPU: python -m benchmarks gpu
+# Benchmarks P1-P5, P7-P12 on this machine (several minutes); P6 needs a GPU: python -m benchmarks gpu
 bench: setup
 	$(PY) -m benchmarks build
 	$(PY) -m benchmarks latent
@@ -55,6 +55,7 @@ bench: setup
 	$(PY) -m benchmarks jacobi
 	$(PY) -m benchmarks trainer
 	$(PY) -m benchmarks pass_profile
+	$(PY) -m benchmarks compile
 
 # The packaged GGUF de-quantised once into an ordinary HF directory (safetensors), ~20 s
 smollm2: $(SMOLLM2)/config.json

@@ -5,9 +5,11 @@ and randomly initialised (hidden 2048, 16 layers, 32/8 heads, MLP 8192, vocab 12
 embeddings); the data is synthetic GSM8k-Aug-shaped (question ~40 tokens, 3-4 steps of ~10 tokens).
 FLOPs count every latent pass, the teacher, every decoder token and the LM heads where labels
 exist (pipeline/engine/telemetry.py). One engine per (recipe, attention) runs every batch size, and
-a least-squares line through (batch, step time) gives the fixed per-step cost.
+a least-squares line through (batch, step time) gives the fixed per-step cost. ``--body-forward``
+compares how the decoder stacks run (transformers' model, the lean forward, the compiled one: P12).
 
     python -m benchmarks gpu [--batches 16,32,64] [--attention sdpa,auto] [--steps 10] [--profile DIR]
+    python -m benchmarks gpu --body-forward transformers,lean,compiled --recipe both   # the #28 check
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ RECIPES = {"cot": ("CoT (baseline)", ["method.name=cot"]),
 VOCAB = 128_256
 
 
-def build_engine(method: list[str], args, attention: str, on_cuda: bool):
+def build_engine(method: list[str], args, attention: str, body_forward: str, on_cuda: bool):
     """-> (engine, the attention that runs, FlopModel, layout, gather policy) for one recipe, configured as the
     trainer configures it (gradient buckets sized to the trainable parameters, the optimizer the
     DeepSpeed JSON resolves to: DeepSpeed's fused Adam on CUDA, JIT-compiled on first use)."""
@@ -49,6 +51,7 @@ def build_engine(method: list[str], args, attention: str, on_cuda: bool):
 
     run = load_config(None, [*SHAPES[args.shape], *method, "train.micro_batch_size=16", "train.lr=1e-4",
                              "train.max_grad_norm=1.0", f"model.attn_implementation={attention}",
+                             f"model.body_forward={body_forward}",
                              f"deepspeed={args.ds_config}"])
     sizes = model_sizes(run, VOCAB)
     ds = resolve_ds_config(run.deepspeed, run, 1, sizes.hidden, on_cuda, bf16=on_cuda,
@@ -133,9 +136,10 @@ def profile_steps(engine, policy: str, batches, path: str, on_cuda: bool) -> Non
     print(f"  profile of 3 steps: {path}", flush=True)
 
 
-def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
+def sweep(key: str, attention: str, body_forward: str, args, on_cuda: bool) -> None:
     name, method = RECIPES[key]
-    engine, ran, flop_model, cfg, policy = build_engine(method, args, attention, on_cuda)
+    engine, ran, flop_model, cfg, policy = build_engine(method, args, attention, body_forward, on_cuda)
+    ran = f"{ran}, {engine.module.body_forward}"
     points, batches = {}, []
     for batch in args.batches:
         try:
@@ -155,7 +159,8 @@ def sweep(key: str, attention: str, args, on_cuda: bool) -> None:
               f"batch-{32 if 32 in points else max(points)} step; {fit[1] * 1000:.2f} ms per sample", flush=True)
     if args.profile and batches:
         os.makedirs(args.profile, exist_ok=True)
-        profile_steps(engine, policy, batches, os.path.join(args.profile, f"profile-{key}-{ran}.txt"), on_cuda)
+        path = os.path.join(args.profile, f"profile-{key}-{ran.replace(', ', '-')}.txt")
+        profile_steps(engine, policy, batches, path, on_cuda)
     del engine
     if on_cuda:
         torch.cuda.empty_cache()
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64])
     parser.add_argument("--attention", type=lambda s: s.split(","), default=["sdpa"],
                         help="model.attn_implementation values to run, comma-separated (sdpa, flash_attention_4, ...)")
+    parser.add_argument("--body-forward", type=lambda s: s.split(","), default=["auto"],
+                        help="model.body_forward values to run, comma-separated (transformers, lean, compiled)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--recipe", choices=[*RECIPES, "both"], default="both")
     parser.add_argument("--ds-config", default="ds_configs/zero3.json",
@@ -190,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     if on_cuda:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for attention in dict.fromkeys(pick_attention(a, on_cuda) for a in args.attention):
-        for key in RECIPES:
-            if args.recipe in (key, "both"):
-                sweep(key, attention, args, on_cuda)
+        for body_forward in args.body_forward:
+            for key in RECIPES:
+                if args.recipe in (key, "both"):
+                    sweep(key, attention, body_forward, args, on_cuda)
 
 
 if __name__ == "__main__":

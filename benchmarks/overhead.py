@@ -37,11 +37,14 @@ CASES = {
 }
 
 
-def reasoner(cfg: MethodConfig, layers: int, diagnostics: bool = True) -> LatentReasoner:
-    """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape;
-    ``diagnostics``: the latents' collapse diagnostics in every forward (the trainer: printed steps only)."""
-    decoder = bench_model(VOCAB, layers, HIDDEN) if cfg.simcot else None
-    model = LatentReasoner(bench_model(VOCAB, layers, HIDDEN), cfg, eos_id=SPECIAL["eos"], step_decoder=decoder)
+def reasoner(cfg: MethodConfig, layers: int, diagnostics: bool = True, hidden: int = HIDDEN,
+             body_forward: str = "auto") -> LatentReasoner:
+    """The benchmarks' LLaMA (bench_latent.bench_model: 4x MLP, 8 heads) at the P8 shape (or another
+    ``hidden``); ``diagnostics``: the latents' collapse diagnostics in every forward (the trainer:
+    printed steps only); ``body_forward``: how the decoder stacks run (benchmark P12)."""
+    decoder = bench_model(VOCAB, layers, hidden) if cfg.simcot else None
+    model = LatentReasoner(bench_model(VOCAB, layers, hidden), cfg, eos_id=SPECIAL["eos"], step_decoder=decoder,
+                           body_forward=body_forward)
     model.diagnostics = diagnostics
     return model
 

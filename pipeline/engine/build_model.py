@@ -10,6 +10,7 @@ import os
 import torch
 
 from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
+from pipeline.latent.lean_forward import resolve_body_forward
 from pipeline.latent.methods import get_method
 from pipeline.latent.reasoner import LatentReasoner
 from pipeline.latent.vocab import Vocab
@@ -158,9 +159,13 @@ def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda
         print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
+    try:
+        body_forward = resolve_body_forward(run.model.body_forward, base.config)
+    except ValueError as err:
+        raise ConfigError(f"model.{err}; set model.body_forward=auto") from None
     model = LatentReasoner(base, run.method, eos_id=vocab.special["eos"], step_decoder=decoder,
                            masked_classes=get_method(run.method.name).masked_classes(vocab.special, vocab.original),
-                           gradient_checkpointing=run.model.gradient_checkpointing)
+                           gradient_checkpointing=run.model.gradient_checkpointing, body_forward=body_forward)
     if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
         # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
         # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).

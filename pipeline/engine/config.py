@@ -48,12 +48,19 @@ class ModelSettings:
     attn_implementation: str = "auto"   # auto = sdpa (fastest measured); flash_attention_4|flash_attention_2
     dtype: str = "auto"                 # auto: bf16 on CUDA (fp32 master weights), fp32 on CPU
     gradient_checkpointing: bool = False
+    # how training runs the decoder stacks (every pass of the base, the step decoder): auto = lean where the
+    # family allows (the same arithmetic, fewer host operations); compiled = lean under torch.compile
+    # (its first step compiles; needs ZeRO-3's gathered policy); transformers = the model's own forward
+    body_forward: Literal["auto", "transformers", "lean", "compiled"] = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     init_seed: int = 0
     decoder_path: str = ""              # SIM-CoT step decoder: "" a copy of the base (the reference's default);
                                         # an HF id/dir (the reference's decoder_path), or "tiny": `decoder_tiny`
     decoder_tiny: TinyModel = field(default_factory=TinyModel)
+
+    def __post_init__(self):
+        check_choices(self)
 
     def step_decoder(self) -> ModelSettings:
         """How the SIM-CoT step decoder is built: the base's own settings unless ``decoder_path``."""

@@ -141,6 +141,7 @@ class Trainer:
         run, vocab_size = self.run, self.vocab.size
         bf16 = run.model.dtype == "bf16" or (run.model.dtype == "auto" and self.on_cuda)
         self._plan_memory(bf16)
+        self._check_body_forward()
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(run, os.path.join(self.run_dir, "config.yaml"))
@@ -148,6 +149,8 @@ class Trainer:
                 json.dump(self.ds_config, handle, indent=2)
         model, attention, self._hf_ds_keepalive = build_reasoner(run, self.vocab, self.ds_config, self.on_cuda,
                                                                  new_rows_like(self.shards.tokenizer, run.method.name))
+        picked = f" (model.body_forward=auto on {self.device.type})" if run.model.body_forward == "auto" else ""
+        self.say(f"decoder stacks run: {model.body_forward}{picked}")
         total, trainable = count_params(model)
         picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
         self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "
@@ -169,6 +172,14 @@ class Trainer:
         self.flop_model = FlopModel(body_params(base), body_params(decoder) if decoder is not None else 0,
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
                                     self.run.method.slot_width(), self.run.method.jacobi or 0)
+
+    def _check_body_forward(self) -> None:
+        """Before the model is built: a compiled forward reads the weights as plain tensors, which
+        ZeRO-3 holds only under the gathered policy (its module hooks removed for the step)."""
+        if self.run.model.body_forward == "compiled" and self.gather_policy not in (GATHERED, REPLICATED):
+            raise UserError(f"model.body_forward=compiled needs ZeRO-3's gathered policy (this run: "
+                            f"{self.gather_policy}); set model.body_forward=lean, or train.zero3_gather=gathered "
+                            "where the memory plan allows it")
 
     def _scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,

@@ -32,6 +32,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from pipeline.latent.lean_forward import ColumnPasses, lean_forward
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, for some columns
 
 
@@ -48,7 +50,7 @@ class LatentPasses:
     latents: torch.Tensor
     next_latent: torch.Tensor
     layer_states: torch.Tensor | None
-    cache_chunks: list = None         # the keys/values of every pass, for decoding after the prompt
+    cache_chunks: list = None         # the keys/values of every pass (or of several as one), for decoding on
     latent_mask: torch.Tensor | None = None   # [B, n]: which of ``latents`` are latents (None: all)
 
 
@@ -96,8 +98,12 @@ def enable_cache_safe_checkpointing(model) -> None:
             module._can_checkpoint_with_cache = True
 
 
-def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False):
-    """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states)."""
+def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False,
+             body_forward: str = "transformers"):
+    """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states).
+    ``body_forward``: transformers' model, or ``lean``/``compiled`` (pipeline/latent/lean_forward.py)."""
+    if body_forward != "transformers":
+        return lean_forward(body, embeds, mask, positions, chunks, want_layers, body_forward == "compiled")
     cache = PassCache(chunks, body.config.num_hidden_layers)
     out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
                use_cache=True, output_hidden_states=want_layers)
@@ -116,7 +122,8 @@ def pass_count(n_latents: int, jacobi_iterations: int | None = None) -> int:
 def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  first: int, n_latents: int, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_layers_at: torch.Tensor | None = None, jacobi_iterations: int | None = None,
-                 reference=None, latent_mask: torch.Tensor | None = None) -> LatentPasses:
+                 reference=None, latent_mask: torch.Tensor | None = None,
+                 body_forward: str = "transformers") -> LatentPasses:
     """Run the latent loop over a batch whose latents occupy columns ``[first, first+n_latents)``.
 
     ``body`` is the decoder stack (``LlamaModel``: embeddings in, last hidden state out).
@@ -128,7 +135,10 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     and no mask after the question pass), else ``attention_mask`` and ``position_ids`` throughout.
     ``latent_mask`` [B, n_latents]: True where column ``first + i`` is one of row b's latents, each
     row's a contiguous run (None: every row, every column); the other columns keep their tokens.
+    ``body_forward``: every pass's forward, transformers' model or ``pipeline.latent.lean_forward``'s
+    (``lean``, ``compiled``: the single-column passes then carry every layer's keys and values whole).
     """
+    projection = project if isinstance(project, torch.nn.Module) else None    # a module can join a compiled graph
     project = project or (lambda h: h)
     if n_latents == 0:
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
@@ -136,34 +146,55 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
         if reference is not None:
             raise ValueError("the CODI reference's attention is not defined for Jacobi updates")
         return jacobi_latents(body, embeds, attention_mask, position_ids, first, n_latents, project,
-                              keep_layers_at, jacobi_iterations, latent_mask)
+                              keep_layers_at, jacobi_iterations, latent_mask, body_forward)
     question_mask, later_mask = attention_mask[:, :first], attention_mask
     if reference is not None:
         position_ids, question_mask, later_mask = reference
     feed = _feeder(embeds, first, latent_mask)
     chunks: list[KV] = []
-    hidden, kv, _ = run_pass(body, embeds[:, :first], question_mask, position_ids[:, :first], chunks)
+    hidden, kv, _ = run_pass(body, embeds[:, :first], question_mask, position_ids[:, :first], chunks,
+                             body_forward=body_forward)
     chunks.append(kv)
-    pieces, latents = [hidden], []
-    latent = feed(0, project(hidden[:, -1:]))
-    for i in range(n_latents - 1):
-        latents.append(latent)
-        col = first + i
-        hidden, kv, _ = run_pass(body, latent, later_mask[:, :col + 1], position_ids[:, col:col + 1], chunks)
-        chunks.append(kv)
-        pieces.append(hidden)
-        latent = feed(i + 1, project(hidden))
-    latents.append(latent)
+    columns, latents, chunks = _latent_columns(body, feed, project, projection, feed(0, project(hidden[:, -1:])),
+                                               first, n_latents, later_mask, position_ids, chunks, body_forward)
+    pieces, latent = [hidden, *columns], latents[-1]
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
     want_layers = keep_layers_at is not None
-    hidden, kv, layers = run_pass(body, tail, later_mask, position_ids[:, last:], chunks, want_layers)
+    hidden, kv, layers = run_pass(body, tail, later_mask, position_ids[:, last:], chunks, want_layers, body_forward)
     chunks.append(kv)
     pieces.append(hidden)
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - last] if want_layers else None
     return LatentPasses(torch.cat(pieces, dim=1), torch.cat(latents, dim=1), project(hidden[:, :1]), layer_states,
                         chunks, latent_mask)
+
+
+def _latent_columns(body, feed, project, projection, latent, first: int, n_latents: int, later_mask, position_ids,
+                    chunks: list[KV], body_forward: str):
+    """Passes 1 .. n-1, one latent column each, from the first latent -> (their last hidden states,
+    every latent fed, the chunks so far: one per pass, or every column as one under the lean
+    forward). The lean forward runs ``projection`` (``project`` when it is a module, else None)
+    inside each pass, in its graph when compiled; otherwise ``project`` is applied after the pass."""
+    lean = None
+    if body_forward != "transformers" and n_latents > 1:
+        lean = ColumnPasses(body, position_ids[:, first:first + n_latents - 1], later_mask, chunks[0],
+                            body_forward == "compiled", latent, projection)
+    pieces, latents = [], []
+    for i in range(n_latents - 1):
+        latents.append(latent)
+        col = first + i
+        if lean is None:
+            mask = None if later_mask is None else later_mask[:, :col + 1]
+            hidden, kv, _ = run_pass(body, latent, mask, position_ids[:, col:col + 1], chunks)
+            chunks.append(kv)
+            projected = project(hidden)
+        else:
+            hidden, projected = lean(latent, i)
+            projected = projected if projection is not None else project(hidden)
+        pieces.append(hidden)
+        latent = feed(i + 1, projected)
+    return pieces, latents + [latent], chunks if lean is None else [lean.past]
 
 
 def _feeder(embeds: torch.Tensor, first: int, latent_mask: torch.Tensor | None):
@@ -176,7 +207,7 @@ def _feeder(embeds: torch.Tensor, first: int, latent_mask: torch.Tensor | None):
 
 def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_latents: int, project,
                    keep_layers_at: torch.Tensor | None, iterations: int,
-                   latent_mask: torch.Tensor | None = None) -> LatentPasses:
+                   latent_mask: torch.Tensor | None = None, body_forward: str = "transformers") -> LatentPasses:
     """Parallel (Jacobi) latent updates, as PCCoT: the slots start as their token embeddings (the
     latent token's), and each of ``iterations`` passes runs all slots at once (the question's keys
     and values reused), slot ``i`` then taking the last-layer state of column ``first + i - 1``:
@@ -186,17 +217,20 @@ def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_lat
     tail. Passes: ``iterations + 2`` whatever the data (ZeRO-3 lockstep); gradients flow through
     every iteration. Columns ``latent_mask`` excludes keep their token embeddings throughout."""
     end = first + n_latents
-    hidden, prefix, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first], [])
+    hidden, prefix, _ = run_pass(body, embeds[:, :first], attention_mask[:, :first], position_ids[:, :first], [],
+                                 body_forward=body_forward)
     from_question = project(hidden[:, -1:])
     tokens = latents = embeds[:, first:end]
     for _ in range(iterations):
-        slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix])
+        slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix],
+                               body_forward=body_forward)
         latents = torch.cat([from_question, project(slots[:, :-1])], dim=1)
         if latent_mask is not None:
             latents = torch.where(latent_mask[..., None], latents, tokens)
     tail = torch.cat([latents, embeds[:, end:]], dim=1)
     want_layers = keep_layers_at is not None
-    out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers)
+    out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers,
+                               body_forward)
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - first] if want_layers else None
     return LatentPasses(torch.cat([hidden, out], dim=1), latents, project(out[:, n_latents - 1:n_latents]),

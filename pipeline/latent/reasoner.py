@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.batch import Batch
+from pipeline.latent.lean_forward import check_lean_support, lean_forward, resolve_body_forward
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
 from pipeline.latent.methods import IGNORE, MethodConfig, get_method
 from pipeline.latent.reference_quirks import reference_attention, row0_width
@@ -92,11 +93,13 @@ class LatentReasoner(nn.Module):
     ``decoder_vocab``: the classes of a step decoder copied from the base here (no ``step_decoder``
     given): the vocabulary before the latent tokens were added, as the reference's unresized
     decoder has (None: the base's). ``gradient_checkpointing``: per layer, through the latent
-    passes, the KV cache kept."""
+    passes, the KV cache kept. ``body_forward``: how training runs the decoder stacks (the base's in
+    every pass, the step decoder's): transformers' model, ``lean`` or ``compiled``
+    (``pipeline.latent.lean_forward.resolve_body_forward``; ``auto``: lean where the family allows)."""
 
     def __init__(self, base: nn.Module, cfg: MethodConfig, eos_id: int | None = None,
                  step_decoder: nn.Module | None = None, masked_classes: Sequence[int] = (),
-                 decoder_vocab: int | None = None, gradient_checkpointing: bool = False):
+                 decoder_vocab: int | None = None, gradient_checkpointing: bool = False, body_forward: str = "auto"):
         super().__init__()
         self.base = base
         self.cfg = cfg
@@ -117,6 +120,7 @@ class LatentReasoner(nn.Module):
         # not a parameter, not saved: the method's vocabulary, re-derived wherever the model is built
         self.register_buffer("masked_classes", torch.tensor(sorted(masked_classes), dtype=torch.long),
                              persistent=False)
+        self.body_forward = resolve_body_forward(body_forward, base.config)
         self.diagnostics = True     # the latents' collapse diagnostics in forward's output (the trainer: when it logs)
         if gradient_checkpointing:
             for lm in (self.base, self.step_decoder):
@@ -174,17 +178,28 @@ class LatentReasoner(nn.Module):
     def _answer_pass(self, batch: Batch, embeds: torch.Tensor):
         n = batch.n_latents if self.method.fills_latents else 0
         if n == 0:
-            hidden = self.body(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).last_hidden_state
-            return hidden, None
+            return self.forward_body(self.body, embeds, batch.attention_mask, batch.position_ids)[0], None
         reference = None
         if self.cfg.reference_attention:
             reference = reference_attention(batch.attention_mask, batch.first_latent, embeds.dtype)
         passes = fill_latents(self.body, embeds, batch.attention_mask, batch.position_ids, batch.first_latent, n,
                               project=self.projection, keep_layers_at=batch.distill_index,
                               jacobi_iterations=self.cfg.jacobi, reference=reference,
-                              latent_mask=batch.latent_mask())
+                              latent_mask=batch.latent_mask(), body_forward=self.body_forward)
         return passes.hidden, passes
+
+    def forward_body(self, body, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                     want_layers: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decoder stack over whole sequences, uncached -> (last hidden, every layer's hidden states
+        stacked [L+1, B, T, d] when ``want_layers``), by ``self.body_forward``."""
+        kind = self.body_forward if check_lean_support(body.config) is None else "transformers"  # another decoder
+        if kind != "transformers":
+            hidden, _, layers = lean_forward(body, embeds, mask, positions, [], want_layers, kind == "compiled")
+            return hidden, layers
+        # no cache: a checkpointed layer replayed in backward would append to it a second time
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                   output_hidden_states=want_layers)
+        return out.last_hidden_state, torch.stack(out.hidden_states, 0) if want_layers else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -234,12 +249,12 @@ class LatentReasoner(nn.Module):
 
     def _teacher(self, batch: Batch, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
-        out = self.body(inputs_embeds=embeds, attention_mask=batch.teacher_attention_mask,
-                        position_ids=batch.teacher_position_ids, output_hidden_states=True)
-        teacher_ce = labelled_ce(self.base.get_output_embeddings(), out.last_hidden_state, batch.teacher_labels,
+        hidden, layers = self.forward_body(self.body, embeds, batch.teacher_attention_mask,
+                                           batch.teacher_position_ids, want_layers=True)
+        teacher_ce = labelled_ce(self.base.get_output_embeddings(), hidden, batch.teacher_labels,
                                  batch.teacher_label_index, self.masked_classes)
         rows = torch.arange(len(batch.teacher_distill_index))
-        target = torch.stack(out.hidden_states, 0)[:, rows, batch.teacher_distill_index].detach()  # [L+1, B, d]
+        target = layers[:, rows, batch.teacher_distill_index].detach()                         # [L+1, B, d]
         student = passes.layer_states                                                         # [L+1, B, d]
         return teacher_ce, distill_loss(student, target, self.cfg.distill_loss, self.cfg.distill_div_std)
 
@@ -263,9 +278,7 @@ class LatentReasoner(nn.Module):
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
         positions = torch.arange(c + width, device=ids.device).add(self.method.decoder_first_position)
-        # no cache: a checkpointed layer replayed in backward would append to it a second time
-        hidden = self.step_decoder.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
-                                                 position_ids=positions.expand(b * s, -1)).last_hidden_state
+        hidden = self.forward_body(self.step_decoder.get_decoder(), embeds, mask, positions.expand(b * s, -1))[0]
         # position c-1+j predicts target[j]; the labelled (row, j) found once (one device sync, not three)
         rows, cols = valid.nonzero(as_tuple=True)
         at = rows * hidden.size(1) + (c - 1) + cols

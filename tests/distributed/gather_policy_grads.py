@@ -2,7 +2,8 @@
 ``gathered`` with gradients reduced after backward in buckets of one layer (1 rank, in this
 process), and the same step in plain PyTorch eager from the same weights; saves every loss and
 full gradient, and the most parameters ``streamed`` held gathered in a second step (the first
-records DeepSpeed's trace and releases everything at once).
+records DeepSpeed's trace and releases everything at once). For CODI + SIM-CoT, also the gathered
+step with the compiled forward (``model.body_forward=compiled``).
 
     python -m tests.distributed.gather_policy_grads METHOD OUT.pt
 """
@@ -19,10 +20,12 @@ from pipeline.latent.batch import Batch
 
 LAYERS = 4         # the streamed window (about three layers and the embeddings) is then below the base
 VARIANTS = {"streamed": (STREAMED, OVERLAPPED), "gathered": (GATHERED, OVERLAPPED),
-            "after_backward": (GATHERED, AFTER_BACKWARD)}
+            "after_backward": (GATHERED, AFTER_BACKWARD), "compiled": (GATHERED, AFTER_BACKWARD)}
+COMPILED_FOR = "codi+simcot"     # its step compiles every kind of pass: question, columns, tail, teacher, decoder
 
 
-def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch) -> tuple[dict, dict, dict, int]:
+def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch,
+               body_forward: str = "auto") -> tuple[dict, dict, dict, int]:
     """-> (losses, full gradients, the starting weights, and under ``streamed`` the peak of gathered
     elements in a second step)."""
     import deepspeed
@@ -41,7 +44,7 @@ def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch) -> tupl
     if grad_reduce == AFTER_BACKWARD:       # several buckets, not one
         ds["zero_optimization"]["reduce_bucket_size"] = layer
     keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init: both policies start from the same weights)
-    model = reasoner(cfg, layers=LAYERS)
+    model = reasoner(cfg, layers=LAYERS, body_forward=body_forward)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, policy)
     apply_grad_reduce(engine, grad_reduce)
@@ -79,7 +82,10 @@ if __name__ == "__main__":
     batch = batches(cfg, stage, n=1)[0]
     result = {}
     for variant, (policy, grad_reduce) in VARIANTS.items():
-        losses, grads, weights, peak = zero3_step(method, policy, grad_reduce, batch)
+        if variant == "compiled" and method != COMPILED_FOR:
+            continue
+        forward = "compiled" if variant == "compiled" else "auto"
+        losses, grads, weights, peak = zero3_step(method, policy, grad_reduce, batch, forward)
         result[variant] = {"losses": losses, "grads": grads, "peak": peak}
     losses, grads = plain_step(method, batch, weights)
     model = reasoner(cfg, LAYERS)

@@ -1,6 +1,7 @@
 """The memory plan's gather policies compute what plain PyTorch computes: ``gathered`` (DeepSpeed's
 module hooks removed, the whole model gathered once around forward and backward) bit for bit,
-with DeepSpeed's per-parameter gradient hooks and with gradients reduced after backward;
+with DeepSpeed's per-parameter gradient hooks and with gradients reduced after backward, and
+with the compiled forward to fp32 rounding;
 ``streamed`` (DeepSpeed's hooks, released after every pass's backward) to fp32 rounding, holding
 no more than the plan's window of parameters at once."""
 import os
@@ -42,6 +43,14 @@ def test_gathered_and_streamed_steps_equal_plain_pytorch_and_streamed_holds_a_wi
     sizes = result["sizes"]
     assert streamed["peak"] <= 3 * sizes["layer"] + 2 * sizes["embedding"]
     assert streamed["peak"] < sizes["base"]
+    if "compiled" in result:     # torch.compile over ZeRO-3's gathered parameters: fp32 rounding of plain's
+        compiled = result["compiled"]
+        for key, value in plain["losses"].items():
+            assert compiled["losses"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        for name, zero3 in compiled["grads"].items():
+            grad = _dense(plain["grads"][name], zero3)
+            assert (zero3 - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-9, name
+    assert ("compiled" in result) == (method == "codi+simcot")
 
 
 def test_the_streamed_window_holds_with_a_frozen_lora_base_and_checkpointing(tmp_path):

@@ -39,6 +39,17 @@ def test_gradients_reduced_after_backward_are_refused_where_the_model_is_not_gat
             and "set train.grad_reduce=overlapped" in done.stderr)
 
 
+def test_a_compiled_forward_is_refused_where_zero3_parameters_are_not_gathered(tiny_shards, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml",
+                           f"data={tiny_shards}", f"runs_dir={tmp_path}", "name=refused", *COMMON,
+                           "method.name=coconut", "train.zero3_gather=streamed", "model.body_forward=compiled"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert ("model.body_forward=compiled needs ZeRO-3's gathered policy (this run: streamed)" in done.stderr
+            and "set model.body_forward=lean" in done.stderr)
+
+
 def test_a_streamed_latent_run_bounds_zero3_live_parameters_and_trains(tiny_shards, tmp_path):
     code, out = torchrun(["--config", "configs/tiny-cpu.yaml", f"data={tiny_shards}", f"runs_dir={tmp_path}",
                           "name=streamed", *COMMON, "method.name=codi", "method.simcot=true", "method.num_latent=2",

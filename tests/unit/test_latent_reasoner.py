@@ -151,7 +151,7 @@ def test_the_step_decoder_reads_the_references_positions_and_mode(name, first, d
     cfg, stage = METHODS[name]
     model = _model(cfg).train()
     seen = []
-    model.step_decoder.get_decoder().register_forward_pre_hook(
+    model.step_decoder.get_decoder().rotary_emb.register_forward_pre_hook(     # the positions, whatever the forward
         lambda _m, _a, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
     model(_batch(RECORDS, cfg, stage))
     assert seen[0][:, 0].eq(first).all() and seen[0][0].tolist() == list(range(first, first + seen[0].size(1)))

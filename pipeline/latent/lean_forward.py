@@ -1,0 +1,237 @@
+"""A lean forward of a LLaMA-family decoder stack: the same weights and the same operators as
+transformers' model, without the model-level work around the layers; optionally compiled.
+
+    hidden, chunk, layers = lean_forward(body, embeds, mask, positions, chunks, want_layers, compiled)
+    passes = ColumnPasses(body, positions, mask, question_chunk, compiled, embeds)   # the latent loop's
+
+Why: a latent pass runs one column per row through every layer, so at small or launch-bound
+shapes the work transformers does around the layers (mask building, cache objects, output
+classes, decorators, kwargs plumbing) is a third of its host time (benchmark P11). Here a forward
+is the layers' arithmetic alone: RMSNorm, the projections (called as modules, so LoRA adapters and
+ZeRO-3's hooks see their calls), rotary embedding, SDPA with transformers' mask (causal and
+padding, :func:`sdpa_mask`), the MLP. The single-column passes of the latent loop
+(:class:`ColumnPasses`) carry every layer's keys and values whole from pass to pass.
+
+``compiled``: the stack under ``torch.compile`` (inductor) in training: one graph per kind of call
+(the latent loop's columns; whole sequences with or without earlier keys, with or without every
+layer's states), the key and column counts dynamic, so curriculum stages and batches do not
+recompile (benchmark P12 counts). It reads the weights as plain tensors: plain PyTorch, ZeRO-1/2,
+or ZeRO-3 under the ``gathered`` policy (the trainer refuses the others). Evaluation and no-grad
+calls run the eager stack. Measured on CPU (P12); not yet on a GPU.
+
+Families: LLaMA, Mistral and Qwen2 (their layers are this arithmetic; Qwen2's biases live in the
+projections), with SDPA or flash attention; :func:`check_lean_support` says why another cannot.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LEAN_FAMILIES = ("llama", "mistral", "qwen2")
+BODY_FORWARDS = ("auto", "transformers", "lean", "compiled")
+
+
+def check_lean_support(config) -> str | None:
+    """-> why the lean forward cannot run this model (None: it can)."""
+    if config.model_type not in LEAN_FAMILIES:
+        return f"model_type {config.model_type!r} is not one of {LEAN_FAMILIES}"
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        return "eager attention (the lean forward computes SDPA's)"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout={config.attention_dropout} (the lean forward has none)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act={config.hidden_act!r} (the lean forward computes SiLU)"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "a sliding attention window"
+    return None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def attend(q, k, v, past, cos, sin, mask, heads: int, kv_heads: int, head_dim: int, scale: float):
+    """T columns' attention: q, k, v [B, T, *]; ``past`` (keys, values) [B, kv_heads, K, head_dim] or
+    None; ``mask`` [B, 1, T, K + T] (True: attend) or None (every key) -> (output [B, T, heads *
+    head_dim], the keys and values of the K + T columns)."""
+    b, t = q.shape[:2]
+    q = rotate(q.view(b, t, heads, head_dim).transpose(1, 2), cos, sin)
+    keys = rotate(k.view(b, t, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    values = v.view(b, t, kv_heads, head_dim).transpose(1, 2)
+    if past is not None:
+        keys, values = torch.cat([past[0], keys], dim=2), torch.cat([past[1], values], dim=2)
+    expand = heads // kv_heads
+    out = F.scaled_dot_product_attention(q, keys.repeat_interleave(expand, dim=1) if expand > 1 else keys,
+                                         values.repeat_interleave(expand, dim=1) if expand > 1 else values,
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b, t, heads * head_dim), keys, values
+
+
+def lean_layer(layer, x, cos, sin, past, mask):
+    """One decoder layer: LlamaDecoderLayer's arithmetic -> (x, keys, values)."""
+    attn, cfg = layer.self_attn, layer.self_attn.config
+    h = layer.input_layernorm(x)
+    out, keys, values = attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), past, cos, sin, mask,
+                               cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling)
+    x = x + attn.o_proj(out)
+    h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)), keys, values
+
+
+def lean_stack(body, x, cos, sin, past: list | None, mask, structure: str, want_layers: bool = False):
+    """Every layer, then the final norm -> (hidden, every layer's keys and values over the past and
+    these columns, the hidden states as transformers' ``output_hidden_states`` lists them or None).
+    ``structure`` (:func:`structure_key`) says which layers are checkpointed: read from it, not from
+    the modules, so that a compiled stack guards on it in place of the module guards it skips."""
+    checkpointed = structure.rsplit("|", 1)[-1]
+    grown, states = [], [x]
+    for i, layer in enumerate(body.layers):
+        args = (layer, x, cos, sin, None if past is None else past[i], mask)
+        if checkpointed[i] == "1":
+            x, keys, values = checkpoint(lean_layer, *args, use_reentrant=False)
+        else:
+            x, keys, values = lean_layer(*args)
+        grown.append((keys, values))
+        states.append(x)
+    hidden = body.norm(x)
+    return hidden, grown, torch.stack(states[:-1] + [hidden]) if want_layers else None
+
+
+def structure_key(body, project=None) -> str:
+    """What a compiled stack's graph depends on beyond its tensors: the layers' module classes (a
+    LoRA projection is another graph; every layer of a body is built alike, so the first one's
+    classes stand for all), the attention heads, the training flag, the latent projection's class,
+    dropout and mode, and last, which layers are checkpointed now (per-layer checkpointing applies
+    in training only, as transformers' does)."""
+    cfg = body.config
+    classes = ",".join(type(m).__name__ for m in body.layers[0].modules())
+    projection = "-" if project is None else f"{type(project).__name__}:{getattr(project, 'dropout', 0)}:" \
+                                              f"{int(project.training)}"
+    flags = "".join(str(int(getattr(layer, "gradient_checkpointing", False) and layer.training
+                            and torch.is_grad_enabled())) for layer in body.layers)
+    return (f"{classes}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}|{int(body.training)}|{projection}|"
+            f"{flags}")
+
+
+_COMPILED: dict = {}      # function -> its compiled form, made on first use (torch.compile caches per code object)
+
+
+def compile_stack(stack):
+    """``stack`` (:func:`lean_stack`, :func:`column_stack`) under ``torch.compile``. The guards on
+    every module attribute are skipped (they cost more than the layers' arithmetic at small
+    shapes: 160 us a call, measured); the parameters are still the graph's inputs, read from the
+    modules at each call, and the ``structure`` string (:func:`structure_key`) the stack reads
+    stands in for the module guards."""
+    if stack not in _COMPILED:
+        _COMPILED[stack] = torch.compile(stack, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    return _COMPILED[stack]
+
+
+def column_stack(body, x, cos, sin, past: list, mask, structure: str, project):
+    """One single-column pass and the projection of its output (CODI's ``prj``; None: none) ->
+    (hidden, every layer's keys and values, the next latent before feeding)."""
+    hidden, grown, _ = lean_stack(body, x, cos, sin, past, mask, structure)
+    return hidden, grown, hidden if project is None else project(hidden)
+
+
+def mark_dynamic(x, cos, sin, past, mask, columns: tuple[int, int, int] | None = None) -> None:
+    """Tell ``torch.compile`` which sizes vary between calls, so that one graph serves them all: the
+    batch, the keys' count (it grows pass by pass, and with the question's length), and for whole
+    sequences the ``columns`` dims of x, cos/sin and the mask (their length). The marks live on
+    these very tensors: mark what is passed, not a tensor it is made from."""
+    x_col, rot_col, mask_col = columns or (None, None, None)
+    for tensor, dims in [(x, (0, x_col)), (cos, (0, rot_col)), (sin, (0, rot_col)),
+                         (mask, (0, mask_col, 3))] + [(t, (0, 2)) for kv in past or [] for t in kv]:
+        for dim in dims if tensor is not None else ():
+            if dim is not None and tensor.size(dim) > 1:        # a size of 1 stays specialised (broadcast)
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+class ColumnPasses:
+    """The single-column passes of one latent loop: the rotary tables of their positions computed
+    once, the attention mask made once, every layer's keys and values carried whole from pass to
+    pass (each pass appends its column inside the stack: no per-pass concatenation of chunks), the
+    latent projection (a module, or None) inside the same graph when compiled.
+
+        passes = ColumnPasses(body, positions[:, first:first + n - 1], mask, question_chunk, compiled, embeds, prj)
+        hidden, projected = passes(latent, 0)      # column first; then passes(latent, 1) at first + 1, ...
+        passes.past                                # [(keys, values)] per layer: every column run so far
+    """
+
+    def __init__(self, body, positions: torch.Tensor, mask: torch.Tensor | None, past: list, compiled: bool,
+                 like: torch.Tensor, project: torch.nn.Module | None = None):
+        # every input the same layout whatever the pass or the batch: a compiled graph guards on strides
+        self.body, self.project, self.past = body, project, [(k.contiguous(), v.contiguous()) for k, v in past]
+        cos, sin = body.rotary_emb(like, position_ids=positions)         # ``like``: their dtype and device
+        self.cos, self.sin = (t.transpose(0, 1)[:, :, None, None].contiguous() for t in (cos, sin))  # [n, B, 1, 1, d]
+        self.mask = None if mask is None else mask[:, None, None, :].bool()
+        self.compiled = compiled and torch.is_grad_enabled()       # a graph pays for itself where there is a backward
+        self.stack = compile_stack(column_stack) if self.compiled else column_stack
+        self.structure = structure_key(body, project)
+
+    def __call__(self, latent: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run column ``i`` of the passes (fed ``latent`` [B, 1, H]) -> (its last hidden state, that
+        projected), each [B, 1, H]."""
+        keys = self.past[0][0].size(2)
+        mask = None if self.mask is None else self.mask[..., :keys + 1]
+        latent, cos, sin = latent.contiguous(), self.cos[i], self.sin[i]
+        if self.compiled:
+            mark_dynamic(latent, cos, sin, self.past, mask)
+        hidden, self.past, projected = self.stack(self.body, latent, cos, sin, self.past, mask, self.structure,
+                                                  self.project)
+        return hidden, projected
+
+
+def sdpa_mask(mask: torch.Tensor | None, columns: int, past: int, device=None) -> torch.Tensor | None:
+    """transformers' SDPA mask for ``columns`` query columns after ``past`` keys: causal (column i sees
+    keys up to ``past + i``) and the 2-D padding mask [B, past + columns] (1: attend), as a [B or 1,
+    1, columns, past + columns] bool; a 4-D mask is used as given; None for one column and no mask."""
+    if mask is not None and mask.dim() == 4:
+        return mask
+    if mask is None and columns == 1:
+        return None
+    keys = torch.arange(past + columns, device=device)
+    causal = (keys[None, :] <= keys[past:, None])[None, None]
+    return causal if mask is None else causal & mask[:, None, None, :].bool()
+
+
+def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool = False, compiled: bool = False):
+    """One forward over some columns given earlier passes' key/value chunks, as
+    ``pipeline.latent.loop.run_pass`` returns it: (last hidden, this pass's keys and values per
+    layer, every layer's hidden states stacked or None). ``mask``: 2-D padding or 4-D, or None."""
+    past = None
+    if len(chunks) == 1:
+        past = chunks[0]
+    elif chunks:
+        past = [(torch.cat([c[i][0] for c in chunks], dim=2), torch.cat([c[i][1] for c in chunks], dim=2))
+                for i in range(len(body.layers))]
+    known = 0 if past is None else past[0][0].size(2)
+    columns = embeds.size(1)
+    cos, sin = body.rotary_emb(embeds, position_ids=positions)
+    attn_mask = sdpa_mask(mask, columns, known, embeds.device)
+    inputs = (embeds.contiguous(), cos.unsqueeze(1), sin.unsqueeze(1), past, attn_mask)
+    stack = lean_stack
+    if compiled and torch.is_grad_enabled():
+        stack = compile_stack(lean_stack)
+        mark_dynamic(*inputs, columns=(1, 2, 2))
+    hidden, grown, layers = stack(body, *inputs, structure_key(body), want_layers)
+    return hidden, [(k[:, :, known:], v[:, :, known:]) for k, v in grown], layers
+
+
+def resolve_body_forward(requested: str, config) -> str:
+    """``model.body_forward`` -> how training runs the decoder stacks: ``auto`` is ``lean`` where
+    the model's family allows it (the same arithmetic, fewer host operations: benchmark P12), else
+    ``transformers``. ``compiled`` is chosen explicitly: its first training step compiles (tens of
+    seconds on a CPU), which pays off over a run at host-bound shapes (P12)."""
+    if requested not in BODY_FORWARDS:
+        raise ValueError(f"body_forward={requested!r}: one of {BODY_FORWARDS}")
+    why_not = check_lean_support(config)
+    if requested == "auto":
+        return "transformers" if why_not else "lean"
+    if requested != "transformers" and why_not:
+        raise ValueError(f"body_forward={requested} cannot run this model: {why_not}")
+    return requested
