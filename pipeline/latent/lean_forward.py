@@ -101,19 +101,21 @@ def lean_stack(body, x, cos, sin, past: list | None, mask, structure: str, want_
 
 
 def structure_key(body, project=None) -> str:
-    """What a compiled stack's graph depends on beyond its tensors: the layers' module classes (a
-    LoRA projection is another graph; every layer of a body is built alike, so the first one's
-    classes stand for all), the attention heads, the training flag, the latent projection's class,
-    dropout and mode, and last, which layers are checkpointed now (per-layer checkpointing applies
-    in training only, as transformers' does)."""
-    cfg = body.config
-    classes = ",".join(type(m).__name__ for m in body.layers[0].modules())
+    """What a compiled stack's graph depends on beyond its input tensors, whose guards on module
+    attributes it skips: the layers' module classes and weight shapes and dtypes (a LoRA projection,
+    another rank or width is another graph; every layer of a body is built alike, so the first one
+    stands for all), the attention heads, the training flag, the latent projection's class, dropout
+    and mode, and last, which layers are checkpointed now (per-layer checkpointing applies in
+    training only, as transformers' does)."""
+    cfg, first = body.config, body.layers[0]
+    classes = ",".join(type(m).__name__ for m in first.modules())
+    weights = ",".join(f"{tuple(p.shape)}{p.dtype}" for p in first.parameters())
     projection = "-" if project is None else f"{type(project).__name__}:{getattr(project, 'dropout', 0)}:" \
                                               f"{int(project.training)}"
     flags = "".join(str(int(getattr(layer, "gradient_checkpointing", False) and layer.training
                             and torch.is_grad_enabled())) for layer in body.layers)
-    return (f"{classes}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}|{int(body.training)}|{projection}|"
-            f"{flags}")
+    return (f"{classes}|{weights}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}|{int(body.training)}|"
+            f"{projection}|{flags}")
 
 
 _COMPILED: dict = {}      # function -> its compiled form, made on first use (torch.compile caches per code object)

@@ -3,10 +3,12 @@
 process), and the same step in plain PyTorch eager from the same weights; saves every loss and
 full gradient, and the most parameters ``streamed`` held gathered in a second step (the first
 records DeepSpeed's trace and releases everything at once). For CODI + SIM-CoT, also the gathered
-step with the compiled forward (``model.body_forward=compiled``).
+step with the compiled forward (``model.body_forward=compiled``) of a 1-layer model under the CODI
+reference's attention, and its plain step.
 
     python -m tests.distributed.gather_policy_grads METHOD OUT.pt
 """
+import dataclasses
 import sys
 
 import torch
@@ -17,15 +19,17 @@ from pipeline.engine.distributed import init_distributed, teardown
 from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy, step_gather
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
 from pipeline.latent.batch import Batch
+from pipeline.latent.methods import MethodConfig
 
 LAYERS = 4         # the streamed window (about three layers and the embeddings) is then below the base
 VARIANTS = {"streamed": (STREAMED, OVERLAPPED), "gathered": (GATHERED, OVERLAPPED),
-            "after_backward": (GATHERED, AFTER_BACKWARD), "compiled": (GATHERED, AFTER_BACKWARD)}
+            "after_backward": (GATHERED, AFTER_BACKWARD)}
 COMPILED_FOR = "codi+simcot"     # its step compiles every kind of pass: question, columns, tail, teacher, decoder
+COMPILED = dataclasses.replace(CASES[COMPILED_FOR][0], reference_attention=True)   # a 4-D mask, then none
 
 
-def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch,
-               body_forward: str = "auto") -> tuple[dict, dict, dict, int]:
+def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch, body_forward: str = "auto",
+               layers: int = LAYERS, cfg: MethodConfig | None = None) -> tuple[dict, dict, dict, int]:
     """-> (losses, full gradients, the starting weights, and under ``streamed`` the peak of gathered
     elements in a second step)."""
     import deepspeed
@@ -35,16 +39,16 @@ def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch,
     from pipeline.engine.config import load_config
     from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings
 
-    cfg, _ = CASES[method]
+    cfg = cfg or CASES[method][0]
     config = load_config(None, ["train.micro_batch_size=4"])
     ds = resolve_ds_config("ds_configs/zero3.json", config, 1, HIDDEN, on_cuda=False, bf16=False)
-    layer = sum(p.numel() for p in reasoner(cfg, LAYERS).base.model.layers[0].parameters())
+    layer = sum(p.numel() for p in reasoner(cfg, layers).base.model.layers[0].parameters())
     if policy == STREAMED:       # as the trainer sets it
         ds["zero_optimization"].update(streamed_zero_settings(layer, VOCAB * HIDDEN))
     if grad_reduce == AFTER_BACKWARD:       # several buckets, not one
         ds["zero_optimization"]["reduce_bucket_size"] = layer
     keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (zero.Init: both policies start from the same weights)
-    model = reasoner(cfg, layers=LAYERS, body_forward=body_forward)
+    model = reasoner(cfg, layers=layers, body_forward=body_forward)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     apply_gather_policy(engine, policy)
     apply_grad_reduce(engine, grad_reduce)
@@ -65,9 +69,10 @@ def zero3_step(method: str, policy: str, grad_reduce: str, batch: Batch,
     return {k: v.item() for k, v in losses.items()}, grads, weights, live.peak
 
 
-def plain_step(method: str, batch: Batch, weights: dict) -> tuple[dict, dict]:
-    cfg, _ = CASES[method]
-    model = reasoner(cfg, layers=LAYERS)
+def plain_step(method: str, batch: Batch, weights: dict, layers: int = LAYERS,
+               cfg: MethodConfig | None = None) -> tuple[dict, dict]:
+    cfg = cfg or CASES[method][0]
+    model = reasoner(cfg, layers=layers)
     model.load_state_dict(weights)
     losses = model(batch)
     losses["total"].backward()
@@ -82,11 +87,12 @@ if __name__ == "__main__":
     batch = batches(cfg, stage, n=1)[0]
     result = {}
     for variant, (policy, grad_reduce) in VARIANTS.items():
-        if variant == "compiled" and method != COMPILED_FOR:
-            continue
-        forward = "compiled" if variant == "compiled" else "auto"
-        losses, grads, weights, peak = zero3_step(method, policy, grad_reduce, batch, forward)
+        losses, grads, weights, peak = zero3_step(method, policy, grad_reduce, batch)
         result[variant] = {"losses": losses, "grads": grads, "peak": peak}
+    if method == COMPILED_FOR:       # 1 layer (it compiles in a fraction of the time), its own plain step
+        losses, grads, one_layer, _ = zero3_step(method, GATHERED, AFTER_BACKWARD, batch, "compiled", 1, COMPILED)
+        result["compiled"] = {"losses": losses, "grads": grads,
+                              "plain": plain_step(method, batch, one_layer, 1, COMPILED)}
     losses, grads = plain_step(method, batch, weights)
     model = reasoner(cfg, LAYERS)
     result["plain"] = {"losses": losses, "grads": grads}

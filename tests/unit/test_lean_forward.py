@@ -117,15 +117,14 @@ def test_auto_is_lean_where_the_family_allows_it_and_an_explicit_choice_that_can
 def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_batches():
     """Curriculum stages 2, 3 and 4 (4, 6 and 6 latents: other passes, other first columns) and
     another batch size compile nothing new; per-layer checkpointing is another structure (its own
-    graphs, once); CODI's reference attention (a 4-D question mask, none after) too. Losses within
-    1e-5 relative, gradients within 1e-5 of each tensor's largest."""
+    graphs, once). Losses within 1e-5 relative, gradients within 1e-5 of each tensor's largest.
+    CODI's (teacher, reference attention) compiled: tests/distributed/test_gather_policy.py."""
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
     torch._dynamo.reset()
     coconut = MethodConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True)
-    codi = METHODS["codi+simcot, reference attention"][0]
+    plain = MethodConfig("coconut", c_thought=2, max_latent_stage=3)       # no decoder: one graph fewer to compile
     runs = [(coconut, 2, RECORDS, False), (coconut, 3, RECORDS, False), (coconut, 4, RECORDS[:2], False),
-            (coconut, 3, RECORDS, True), (coconut, 4, RECORDS, True), (coconut, 2, RECORDS[1:], False),
-            (codi, 0, RECORDS, False), (codi, 0, RECORDS[:2], False)]
+            (plain, 3, RECORDS, True), (plain, 4, RECORDS, True), (coconut, 2, RECORDS[1:], False)]
     seen = []
     for cfg, stage, records, checkpointing in runs:
         batch = _batch(cfg, stage, records)
@@ -135,4 +134,3 @@ def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_b
     assert seen[0] > 0
     assert seen[0] == seen[1] == seen[2]                    # stages and a batch size: no recompile
     assert seen[3] > seen[2] and seen[3] == seen[4] == seen[5]   # checkpointing: its graphs once
-    assert seen[6] >= seen[5] and seen[6] == seen[7]
