@@ -12,10 +12,10 @@ ZeRO-3's hooks see their calls), rotary embedding, SDPA with transformers' mask 
 padding, :func:`sdpa_mask`), the MLP. The single-column passes of the latent loop
 (:class:`ColumnPasses`) carry every layer's keys and values whole from pass to pass.
 
-``compiled``: the stack under ``torch.compile`` (inductor) in training: one graph per kind of call
-(the latent loop's columns; whole sequences with or without earlier keys, with or without every
-layer's states), the key and column counts dynamic, so curriculum stages and batches do not
-recompile (benchmark P12 counts). It reads the weights as plain tensors: plain PyTorch, ZeRO-1/2,
+``compiled``: the stack under ``torch.compile`` (inductor) wherever gradients are taken: one graph
+per kind of call (the latent loop's columns; whole sequences with or without earlier keys, with
+or without every layer's states), the key and column counts dynamic, so curriculum stages and
+batches do not recompile (benchmark P12 counts). It reads the weights as plain tensors: plain PyTorch, ZeRO-1/2,
 or ZeRO-3 under the ``gathered`` policy (the trainer refuses the others). Evaluation and no-grad
 calls run the eager stack. Measured on CPU (P12); not yet on a GPU.
 
