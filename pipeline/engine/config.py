@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from common.cli import UserError
+from pipeline.latent.lean_forward import BODY_FORWARDS
 from pipeline.latent.methods import MethodConfig
 from pipeline.latent.methods.config import check_choices
 
@@ -51,7 +52,7 @@ class ModelSettings:
     # how training runs the decoder stacks (every pass of the base, the step decoder): auto = lean where the
     # family allows (the same arithmetic, fewer host operations); compiled = lean under torch.compile
     # (its first step compiles; needs ZeRO-3's gathered policy); transformers = the model's own forward
-    body_forward: Literal["auto", "transformers", "lean", "compiled"] = "auto"
+    body_forward: Literal[BODY_FORWARDS] = "auto"     # the choices, once: pipeline/latent/lean_forward.py
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     init_seed: int = 0
