@@ -2,7 +2,7 @@
 transformers' model, without the model-level work around the layers; optionally compiled.
 
     hidden, chunk, layers = lean_forward(body, embeds, mask, positions, chunks, want_layers, compiled)
-    passes = ColumnPasses(body, positions, mask, question_chunk, compiled, embeds)   # the latent loop's
+    hidden, fed, next_latent = ColumnPasses(body, positions, mask, question_chunk, compiled, embeds)(latent)
 
 Why: a latent pass runs one column per row through every layer, so at small or launch-bound
 shapes the work transformers does around the layers (mask building, cache objects, output
@@ -13,9 +13,10 @@ padding, :func:`sdpa_mask`), the MLP. The single-column passes of the latent loo
 (:class:`ColumnPasses`) carry every layer's keys and values whole from pass to pass.
 
 ``compiled``: the stack under ``torch.compile`` (inductor) wherever gradients are taken: one graph
-per kind of call (the latent loop's columns; whole sequences with or without earlier keys, with
-or without every layer's states), the key and column counts dynamic, so curriculum stages and
-batches do not recompile (benchmark P12 counts). It reads the weights as plain tensors: plain PyTorch, ZeRO-1/2,
+per kind of call (the latent loop's passes, ``COLUMNS_PER_GRAPH`` to a call and the rest one to a
+call; whole sequences with or without earlier keys, with or without every layer's states), the
+key and column counts dynamic, so curriculum stages and batches do not recompile (benchmark P12
+counts). It reads the weights as plain tensors: plain PyTorch, ZeRO-1/2,
 or ZeRO-3 under the ``gathered`` policy (the trainer refuses the others). Evaluation and no-grad
 calls run the eager stack. Measured on CPU (P12); not yet on a GPU.
 
@@ -122,7 +123,7 @@ _COMPILED: dict = {}      # function -> its compiled form, made on first use (to
 
 
 def compile_stack(stack):
-    """``stack`` (:func:`lean_stack`, :func:`column_stack`) under ``torch.compile``. The guards on
+    """``stack`` (:func:`lean_stack`, :func:`column_block`) under ``torch.compile``. The guards on
     every module attribute are skipped (they cost more than the layers' arithmetic at small
     shapes: 160 us a call, measured); the parameters are still the graph's inputs, read from the
     modules at each call, and the ``structure`` string (:func:`structure_key`) the stack reads
@@ -133,59 +134,94 @@ def compile_stack(stack):
     return _COMPILED[stack]
 
 
-def column_stack(body, x, cos, sin, past: list, mask, structure: str, project):
-    """One single-column pass and the projection of its output (CODI's ``prj``; None: none) ->
-    (hidden, every layer's keys and values, the next latent before feeding)."""
-    hidden, grown, _ = lean_stack(body, x, cos, sin, past, mask, structure)
-    return hidden, grown, hidden if project is None else project(hidden)
+COLUMNS_PER_GRAPH = 5   # compiled: single-column passes per graph call, fixed so that every latent count shares the
+                        # graphs (P12: a call costs ~0.6 ms of wrapper work, a pass's arithmetic less at small shapes)
 
 
-def mark_dynamic(x, cos, sin, past, mask, columns: tuple[int, int, int] | None = None) -> None:
-    """Tell ``torch.compile`` which sizes vary between calls, so that one graph serves them all: the
-    batch, the keys' count (it grows pass by pass, and with the question's length), and for whole
-    sequences the ``columns`` dims of x, cos/sin and the mask (their length). The marks live on
-    these very tensors: mark what is passed, not a tensor it is made from."""
-    x_col, rot_col, mask_col = columns or (None, None, None)
-    for tensor, dims in [(x, (0, x_col)), (cos, (0, rot_col)), (sin, (0, rot_col)),
-                         (mask, (0, mask_col, 3))] + [(t, (0, 2)) for kv in past or [] for t in kv]:
+def column_block(body, latent, cos, sin, past: list, mask, structure: str, project, keep, tokens):
+    """``len(cos)`` single-column passes in a row, each fed the one before's last hidden state through
+    ``project`` (CODI's ``prj``; None: as it is), or where ``keep`` [B, passes] is False the row's
+    token embedding in ``tokens`` [B, passes, H] -> (each pass's last hidden state and each latent fed,
+    [B, passes, H] each, the next latent [B, 1, H], every layer's keys and values so far)."""
+    hiddens, fed = [], []
+    known = past[0][0].size(2)
+    for i in range(cos.size(0)):
+        fed.append(latent)
+        columns_mask = None if mask is None else mask[..., :known + i + 1]
+        hidden, past, _ = lean_stack(body, latent, cos[i], sin[i], past, columns_mask, structure)
+        hiddens.append(hidden)
+        latent = hidden if project is None else project(hidden)
+        if keep is not None:
+            latent = torch.where(keep[:, i, None, None], latent, tokens[:, i:i + 1])
+    return torch.cat(hiddens, dim=1), torch.cat(fed, dim=1), latent, past
+
+
+def mark_dynamic(*marks) -> None:
+    """Tell ``torch.compile`` which sizes vary between calls, so that one graph serves them all: each
+    mark is (a tensor or None, its dims that vary: the batch, the keys' count that grows pass by pass
+    and with the question's length, a whole sequence's length). The marks live on these very
+    tensors: mark what is passed, not a tensor it is made from."""
+    for tensor, dims in marks:
         for dim in dims if tensor is not None else ():
-            if dim is not None and tensor.size(dim) > 1:        # a size of 1 stays specialised (broadcast)
+            if tensor.size(dim) > 1:        # a size of 1 stays specialised (broadcast)
                 torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def past_marks(past: list | None) -> list:
+    return [(t, (0, 2)) for kv in past or [] for t in kv]
 
 
 class ColumnPasses:
     """The single-column passes of one latent loop: the rotary tables of their positions computed
     once, the attention mask made once, every layer's keys and values carried whole from pass to
     pass (each pass appends its column inside the stack: no per-pass concatenation of chunks), the
-    latent projection (a module, or None) inside the same graph when compiled.
+    latent projection and the per-row feeding inside the same graph when compiled, and
+    ``COLUMNS_PER_GRAPH`` passes per graph call (the rest one by one).
 
-        passes = ColumnPasses(body, positions[:, first:first + n - 1], mask, question_chunk, compiled, embeds, prj)
-        hidden, projected = passes(latent, 0)      # column first; then passes(latent, 1) at first + 1, ...
-        passes.past                                # [(keys, values)] per layer: every column run so far
+        passes = ColumnPasses(body, positions[:, first:first + n - 1], mask, question_chunk, compiled, embeds, prj,
+                              keep=latent_mask[:, 1:], tokens=embeds[:, first + 1:first + n])
+        hidden, fed, next_latent = passes(first_latent)     # columns first .. first + n - 2
+        passes.past                                         # [(keys, values)] per layer: every column run
     """
 
     def __init__(self, body, positions: torch.Tensor, mask: torch.Tensor | None, past: list, compiled: bool,
-                 like: torch.Tensor, project: torch.nn.Module | None = None):
+                 like: torch.Tensor, project=None, keep: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+                 ) -> None:
         # every input the same layout whatever the pass or the batch: a compiled graph guards on strides
         self.body, self.project, self.past = body, project, [(k.contiguous(), v.contiguous()) for k, v in past]
         cos, sin = body.rotary_emb(like, position_ids=positions)         # ``like``: their dtype and device
         self.cos, self.sin = (t.transpose(0, 1)[:, :, None, None].contiguous() for t in (cos, sin))  # [n, B, 1, 1, d]
         self.mask = None if mask is None else mask[:, None, None, :].bool()
+        self.keep, self.tokens = keep, tokens
         self.compiled = compiled and torch.is_grad_enabled()       # a graph pays for itself where there is a backward
-        self.stack = compile_stack(column_stack) if self.compiled else column_stack
-        self.structure = structure_key(body, project)
+        self.stack = compile_stack(column_block) if self.compiled else column_block
+        self.per_call = COLUMNS_PER_GRAPH if self.compiled else positions.size(1)    # eager: no graph to size
+        self.structure = structure_key(body, project if isinstance(project, torch.nn.Module) else None)
 
-    def __call__(self, latent: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run column ``i`` of the passes (fed ``latent`` [B, 1, H]) -> (its last hidden state, that
-        projected), each [B, 1, H]."""
+    def __call__(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run every pass, the first fed ``latent`` [B, 1, H] -> (each pass's last hidden state, each
+        latent fed, [B, passes, H] each; the latent the last pass makes, [B, 1, H])."""
+        hiddens, fed, done, total = [], [], 0, self.cos.size(0)
+        while done < total:
+            count = self.per_call if total - done >= self.per_call else 1
+            hidden, latents, latent = self._run(latent, done, count)
+            hiddens.append(hidden)
+            fed.append(latents)
+            done += count
+        return torch.cat(hiddens, dim=1), torch.cat(fed, dim=1), latent
+
+    def _run(self, latent, start: int, count: int):
+        end = start + count
         keys = self.past[0][0].size(2)
-        mask = None if self.mask is None else self.mask[..., :keys + 1]
-        latent, cos, sin = latent.contiguous(), self.cos[i], self.sin[i]
+        mask = None if self.mask is None else self.mask[..., :keys + count]
+        keep = None if self.keep is None else self.keep[:, start:end].contiguous()
+        tokens = None if self.keep is None else self.tokens[:, start:end].contiguous()
+        inputs = (latent.contiguous(), self.cos[start:end], self.sin[start:end], self.past, mask)
         if self.compiled:
-            mark_dynamic(latent, cos, sin, self.past, mask)
-        hidden, self.past, projected = self.stack(self.body, latent, cos, sin, self.past, mask, self.structure,
-                                                  self.project)
-        return hidden, projected
+            mark_dynamic((inputs[0], (0,)), (inputs[1], (1,)), (inputs[2], (1,)), (mask, (0, 3)), (keep, (0,)),
+                         (tokens, (0,)), *past_marks(self.past))
+        hidden, latents, latent, self.past = self.stack(self.body, *inputs, self.structure, self.project, keep, tokens)
+        return hidden, latents, latent
 
 
 def sdpa_mask(mask: torch.Tensor | None, columns: int, past: int, device=None) -> torch.Tensor | None:
@@ -219,7 +255,8 @@ def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool 
     stack = lean_stack
     if compiled and torch.is_grad_enabled():
         stack = compile_stack(lean_stack)
-        mark_dynamic(*inputs, columns=(1, 2, 2))
+        x, cos, sin, _, attn_mask = inputs
+        mark_dynamic((x, (0, 1)), (cos, (0, 2)), (sin, (0, 2)), (attn_mask, (0, 2, 3)), *past_marks(past))
     hidden, grown, layers = stack(body, *inputs, structure_key(body), want_layers)
     return hidden, [(k[:, :, known:], v[:, :, known:]) for k, v in grown], layers
 

@@ -138,8 +138,7 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     ``body_forward``: every pass's forward, transformers' model or ``pipeline.latent.lean_forward``'s
     (``lean``, ``compiled``: the single-column passes then carry every layer's keys and values whole).
     """
-    projection = project if isinstance(project, torch.nn.Module) else None    # a module can join a compiled graph
-    project = project or (lambda h: h)
+    projection, project = project, project or (lambda h: h)       # the lean forward runs ``projection`` in its stack
     if n_latents == 0:
         raise ValueError("fill_latents needs at least one latent; run the model directly for none")
     if jacobi_iterations is not None:
@@ -151,12 +150,19 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
     if reference is not None:
         position_ids, question_mask, later_mask = reference
     feed = _feeder(embeds, first, latent_mask)
-    chunks: list[KV] = []
-    hidden, kv, _ = run_pass(body, embeds[:, :first], question_mask, position_ids[:, :first], chunks,
+    hidden, kv, _ = run_pass(body, embeds[:, :first], question_mask, position_ids[:, :first], [],
                              body_forward=body_forward)
-    chunks.append(kv)
-    columns, latents, chunks = _latent_columns(body, feed, project, projection, feed(0, project(hidden[:, -1:])),
-                                               first, n_latents, later_mask, position_ids, chunks, body_forward)
+    latent = feed(0, project(hidden[:, -1:]))
+    if body_forward == "transformers" or n_latents == 1:
+        columns, latents, chunks = _latent_columns(body, feed, project, latent, first, n_latents, later_mask,
+                                                   position_ids, [kv])
+    else:           # the lean forward: all the single-column passes at once, ``projection`` inside them
+        end = first + n_latents
+        keep = None if latent_mask is None else latent_mask[:, 1:]
+        passes = ColumnPasses(body, position_ids[:, first:end - 1], later_mask, kv, body_forward == "compiled", latent,
+                              projection, keep, embeds[:, first + 1:end])
+        column_states, fed, latent = passes(latent)
+        columns, latents, chunks = [column_states], [fed, latent], [passes.past]
     pieces, latent = [hidden, *columns], latents[-1]
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
@@ -170,31 +176,20 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
                         chunks, latent_mask)
 
 
-def _latent_columns(body, feed, project, projection, latent, first: int, n_latents: int, later_mask, position_ids,
-                    chunks: list[KV], body_forward: str):
-    """Passes 1 .. n-1, one latent column each, from the first latent -> (their last hidden states,
-    every latent fed, the chunks so far: one per pass, or every column as one under the lean
-    forward). The lean forward runs ``projection`` (``project`` when it is a module, else None)
-    inside each pass, in its graph when compiled; otherwise ``project`` is applied after the pass."""
-    lean = None
-    if body_forward != "transformers" and n_latents > 1:
-        lean = ColumnPasses(body, position_ids[:, first:first + n_latents - 1], later_mask, chunks[0],
-                            body_forward == "compiled", latent, projection)
+def _latent_columns(body, feed, project, latent, first: int, n_latents: int, later_mask, position_ids,
+                    chunks: list[KV]):
+    """Passes 1 .. n-1 under transformers' model, one latent column each, from the first latent ->
+    (their last hidden states, every latent fed, the chunks: one per pass)."""
     pieces, latents = [], []
     for i in range(n_latents - 1):
         latents.append(latent)
         col = first + i
-        if lean is None:
-            mask = None if later_mask is None else later_mask[:, :col + 1]
-            hidden, kv, _ = run_pass(body, latent, mask, position_ids[:, col:col + 1], chunks)
-            chunks.append(kv)
-            projected = project(hidden)
-        else:
-            hidden, projected = lean(latent, i)
-            projected = projected if projection is not None else project(hidden)
+        mask = None if later_mask is None else later_mask[:, :col + 1]
+        hidden, kv, _ = run_pass(body, latent, mask, position_ids[:, col:col + 1], chunks)
+        chunks.append(kv)
         pieces.append(hidden)
-        latent = feed(i + 1, projected)
-    return pieces, latents + [latent], chunks if lean is None else [lean.past]
+        latent = feed(i + 1, project(hidden))
+    return pieces, latents + [latent], chunks
 
 
 def _feeder(embeds: torch.Tensor, first: int, latent_mask: torch.Tensor | None):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.latent import lean_forward
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.lean_forward import check_lean_support, resolve_body_forward
 from pipeline.latent.loop import fill_latents
@@ -114,23 +115,28 @@ def test_auto_is_lean_where_the_family_allows_it_and_an_explicit_choice_that_can
     assert "model_type 'gpt2'" in check_lean_support(GPT2Config())
 
 
-def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_batches():
-    """Curriculum stages 2, 3 and 4 (4, 6 and 6 latents: other passes, other first columns) and
+def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_batches(monkeypatch):
+    """Latent counts 6, 4 and 8 (5, 3 and 7 column passes: a graph of 2 passes and one of 1 in every
+    combination; ragged rows, each row's feeding inside those graphs), other first columns and
     another batch size compile nothing new; per-layer checkpointing is another structure (its own
     graphs, once). Losses within 1e-5 relative, gradients within 1e-5 of each tensor's largest.
-    CODI's (teacher, reference attention) compiled: tests/distributed/test_gather_policy.py."""
+    Rows all alike and CODI (the teacher, the reference attention, the projection inside the column
+    graphs), compiled: tests/distributed/test_gather_policy.py; across curriculum stages: P12."""
+    monkeypatch.setattr(lean_forward, "COLUMNS_PER_GRAPH", 2)    # 5 by default: the same graph, smaller to compile
     graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
     torch._dynamo.reset()
-    coconut = MethodConfig("coconut", c_thought=2, max_latent_stage=3, simcot=True)
+    ragged = {stages: MethodConfig("coconut", c_thought=2, max_latent_stage=stages, pad_latent_to_max=False,
+                                   simcot=True) for stages in (3, 4)}       # the last stage: rows of fewer steps
     plain = MethodConfig("coconut", c_thought=2, max_latent_stage=3)       # no decoder: one graph fewer to compile
-    runs = [(coconut, 2, RECORDS, False), (coconut, 3, RECORDS, False), (coconut, 4, RECORDS[:2], False),
-            (plain, 3, RECORDS, True), (plain, 4, RECORDS, True), (coconut, 2, RECORDS[1:], False)]
+    runs = [(ragged[3], 4, RECORDS, False), (ragged[3], 4, RECORDS[1:], False), (ragged[4], 5, RECORDS, False),
+            (plain, 1, RECORDS, True), (plain, 1, RECORDS[:2], True), (ragged[3], 4, RECORDS[::2], False)]
     seen = []
     for cfg, stage, records, checkpointing in runs:
         batch = _batch(cfg, stage, records)
+        assert (batch.latent_mask() is not None) == (cfg is not plain)
         want = _step(cfg, "transformers", batch, checkpointing, layers=1)    # 1 layer: compiles in half the time
         assert_same_step(_step(cfg, "compiled", batch, checkpointing, layers=1), want, rel=1e-5)
         seen.append(graphs())
     assert seen[0] > 0
-    assert seen[0] == seen[1] == seen[2]                    # stages and a batch size: no recompile
+    assert seen[0] == seen[1] == seen[2]                    # latent counts and a batch size: no recompile
     assert seen[3] > seen[2] and seen[3] == seen[4] == seen[5]   # checkpointing: its graphs once
