@@ -138,6 +138,13 @@ COLUMNS_PER_GRAPH = 5   # compiled: single-column passes per graph call, fixed s
                         # graphs (P12: a call costs ~0.6 ms of wrapper work, a pass's arithmetic less at small shapes)
 
 
+def feed_column(latent: torch.Tensor, is_latent: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """What a latent column is fed, row by row: ``latent`` [B, 1, H] where ``is_latent`` [B] says the
+    column is one of the row's latents, else the row's ``token`` embedding [B, 1, H] (the reference's
+    per-row filling of ragged rows)."""
+    return torch.where(is_latent[:, None, None], latent, token)
+
+
 def column_block(body, latent, cos, sin, past: list, mask, structure: str, project, keep, tokens):
     """``len(cos)`` single-column passes in a row, each fed the one before's last hidden state through
     ``project`` (CODI's ``prj``; None: as it is), or where ``keep`` [B, passes] is False the row's
@@ -152,7 +159,7 @@ def column_block(body, latent, cos, sin, past: list, mask, structure: str, proje
         hiddens.append(hidden)
         latent = hidden if project is None else project(hidden)
         if keep is not None:
-            latent = torch.where(keep[:, i, None, None], latent, tokens[:, i:i + 1])
+            latent = feed_column(latent, keep[:, i], tokens[:, i:i + 1])
     return torch.cat(hiddens, dim=1), torch.cat(fed, dim=1), latent, past
 
 

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pipeline.latent.lean_forward import ColumnPasses, lean_forward
+from pipeline.latent.lean_forward import ColumnPasses, feed_column, lean_forward
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, for some columns
 
@@ -197,7 +197,7 @@ def _feeder(embeds: torch.Tensor, first: int, latent_mask: torch.Tensor | None):
     latent, else the row's token embedding (the reference's per-row filling)."""
     if latent_mask is None:
         return lambda i, latent: latent
-    return lambda i, latent: torch.where(latent_mask[:, i, None, None], latent, embeds[:, first + i:first + i + 1])
+    return lambda i, latent: feed_column(latent, latent_mask[:, i], embeds[:, first + i:first + i + 1])
 
 
 def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_latents: int, project,
