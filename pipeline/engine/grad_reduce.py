@@ -13,12 +13,21 @@ parameter per micro-batch: a fixed host cost per step that grows with the parame
 next to the gathered model): no per-parameter hooks; when backward has finished, the gradients
 are reduce-scattered and partitioned a bucket at a time, by the very functions DeepSpeed's
 epilogue uses for its last bucket (``__avg_scatter_grads``, ``partition_grads``), in the same
-order (by parameter id), so the partitions and the optimizer step are bit-identical to
-``overlapped`` (tested on one and two ranks). What it gives up is the overlap of the
-reduce-scatters with backward, which a latent method barely has anyway: autograd sums a base
-parameter's contributions from all passes before its hook can fire, at the very end of backward.
+order (by parameter id), so the partitions are bit-identical to ``overlapped``'s, and so are the
+optimizer steps on a CPU (tested on one and two ranks; on CUDA see the norm below). What it
+gives up is the overlap of the reduce-scatters with backward, which a latent method barely has
+anyway: autograd sums a base parameter's contributions from all passes before its hook can fire,
+at the very end of backward.
 The lockstep rule keeps the collectives matched: every rank runs the same module calls, so every
 rank holds gradients for the same parameters.
+
+On a partition group of one rank (one GPU, or one CPU process) the reduce-scatter is the identity,
+but DeepSpeed 0.19.8 still copies every gradient of a bucket into a new flat buffer, divides it by
+one and runs the collective: about 1.2 ms of a 20 ms CoT step at the P8 shape, and a second copy of
+the bucket's gradients in memory. ``after_backward`` runs DeepSpeed's own ``__avg_scatter_grads``
+(its casts and scalings) with only that collective replaced by the identity, while it reduces;
+DeepSpeed's hooks (``overlapped``) never see the replacement. It also takes the gradient norm in
+one foreach call (grad_norm.py): bit-identical to DeepSpeed's on a CPU, fp32 rounding of it on CUDA.
 
 Which of DeepSpeed's reduction paths it stands for: DeepSpeed's bucket flush
 (``__reduce_and_partition_ipg_grads``) reduce-scatters the bucket's gradients
@@ -32,7 +41,10 @@ Every DeepSpeed internal it uses is named through ``deepspeed_internals.internal
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
+from pipeline.engine.grad_norm import install_foreach_grad_norm
 
 OVERLAPPED = "overlapped"
 AFTER_BACKWARD = "after_backward"
@@ -59,6 +71,8 @@ def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
                              internal(optimizer, "reduce_bucket_size", needed))
     params = sorted((p for group in internal(optimizer, "fp16_groups", needed) for p in group if p.requires_grad),
                     key=lambda p: p.ds_id)
+    identity_on_one_rank = _one_rank_identity(needed)
+    install_foreach_grad_norm(optimizer, needed)
     for handle in hooks:
         handle.remove()
     hooks.clear()
@@ -70,12 +84,37 @@ def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
         for p in params:
             if p.grad is not None:
                 by_comm_dtype.setdefault(comm_dtype(p), []).append(p)
-        for dtype, ready in by_comm_dtype.items():
-            for bucket in buckets(ready, bucket_size):
-                partition(bucket, scatter(bucket, dtype))
+        with identity_on_one_rank():
+            for dtype, ready in by_comm_dtype.items():
+                for bucket in buckets(ready, bucket_size):
+                    partition(bucket, scatter(bucket, dtype))
         epilogue()
 
     optimizer.independent_gradient_partition_epilogue = reduce_then_epilogue
+
+
+def _one_rank_identity(needed: str):
+    """A context in which ``__avg_scatter_grads``' reduce-scatter returns its input, flattened, on
+    a group of one rank (DeepSpeed's pre-division by one and the collective are exact identities);
+    any larger group gets DeepSpeed's collective."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero import stage3
+
+    collective = internal(stage3, "reduce_scatter_coalesced", needed)
+
+    def reduce_scatter_coalesced(tensors: list, group=None) -> list:
+        if dist.get_world_size(group) == 1:
+            return [tensor.view(-1) for tensor in tensors]
+        return collective(tensors, group)
+
+    @contextmanager
+    def identity_on_one_rank():
+        stage3.reduce_scatter_coalesced = reduce_scatter_coalesced
+        try:
+            yield
+        finally:
+            stage3.reduce_scatter_coalesced = collective
+    return identity_on_one_rank
 
 
 # the optimizer's switches for the reduction paths after_backward does not reproduce: (attribute,

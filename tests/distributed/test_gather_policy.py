@@ -1,7 +1,8 @@
 """The memory plan's gather policies compute what plain PyTorch computes: ``gathered`` (DeepSpeed's
 module hooks removed, the whole model gathered once around forward and backward) bit for bit,
-with DeepSpeed's per-parameter gradient hooks and with gradients reduced after backward, and
-with the compiled forward to fp32 rounding;
+with DeepSpeed's per-parameter gradient hooks and with gradients reduced after backward (one
+micro-batch or two accumulated; its gradient norm bit for bit DeepSpeed's), and with the compiled
+forward to fp32 rounding;
 ``streamed`` (DeepSpeed's hooks, released after every pass's backward) to fp32 rounding, holding
 no more than the plan's window of parameters at once."""
 import os
@@ -29,15 +30,18 @@ def test_gathered_and_streamed_steps_equal_plain_pytorch_and_streamed_holds_a_wi
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     gathered, streamed, plain = result["gathered"], result["streamed"], result["plain"]
-    once = result["after_backward"]
-    assert gathered["losses"] == plain["losses"] == streamed["losses"] == once["losses"]   # forward: bit-identical
+    once, accumulated = result["after_backward"], result["accumulated"]
+    assert gathered["losses"] == plain["losses"] == streamed["losses"] == once["losses"] == accumulated["losses"]
     for name, zero3 in gathered["grads"].items():
         grad = _dense(plain["grads"][name], zero3)
         assert torch.equal(zero3, grad), name                                     # backward: bit-identical
         assert torch.equal(once["grads"][name], grad), name
+        assert torch.equal(accumulated["grads"][name], grad), name      # g / 2 + g / 2: exact
         # DeepSpeed's hooks add autograd nodes that change the order gradient contributions are
         # summed in: the hooked step differs from both at fp32 rounding only
         assert torch.allclose(streamed["grads"][name], grad, rtol=1e-5, atol=1e-7), name
+    for ours, deepspeeds in once["norms"] + accumulated["norms"]:
+        assert ours.dtype == deepspeeds.dtype and ours.item() > 0 and torch.equal(ours, deepspeeds)
     # streamed: about three layers and the embedding at once (the plan budgets three layers and two
     # embedding-sized modules), never the whole base a latent method's passes used to pin
     sizes = result["sizes"]

@@ -62,7 +62,7 @@ def test_coconut_simcot_trains_and_writes_the_run_directory(tiny_shards, tmp_pat
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_shards, tmp_path):
     """The interrupted run reduces its gradients after backward (the plan's pick), the straight one
-    with DeepSpeed's per-parameter hooks: their losses agree bit for bit throughout."""
+    with DeepSpeed's per-parameter hooks: their losses and gradient norms agree bit for bit throughout."""
     extra = ["method.name=codi", "method.simcot=true", "method.num_latent=3", "train.grad_accum=2",
              "train.max_steps=8", "train.validate=false"]
     code, out = torchrun(_args(tiny_shards, tmp_path, "straight", *extra, "train.grad_reduce=overlapped"))
@@ -78,6 +78,9 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tiny_shards, tmp_pat
     straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 9))
     assert [resumed[s] for s in range(1, 9)] == [straight[s] for s in range(1, 9)]
+    # the gradient norm: DeepSpeed's (overlapped) and grad_norm.py's foreach (after_backward) on 2 ranks
+    norms = [losses_by_step(tmp_path / run, "grad_norm") for run in ("straight", "resumed")]
+    assert norms[0] == norms[1] and len(norms[0]) == 8 and all(n > 0 for n in norms[0].values())
 
 
 def test_ranks_with_different_data_shapes_do_not_hang(tiny_shards, tmp_path, spm_tokenizer_dir):

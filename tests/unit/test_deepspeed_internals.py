@@ -37,7 +37,10 @@ def _engine(offload_attrs=None, optimizer_attrs=None):
                                 get_param_comm_dtype=None, reduce_bucket_size=10, reduce_scatter=True,
                                 all2all_process_group=None, zenflow=False, use_muon=False,
                                 autoep_folding_tp_group=None,
-                                _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads=lambda *a: None)
+                                _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads=lambda *a: None,
+                                get_grad_norm_direct=lambda *a: None, _get_param_partition_group=lambda p: None,
+                                _autoep_expert_parallel_group=lambda params: None, model_parallel_group=None,
+                                model_parallel_rank=0)
     for name in offload_attrs or ():
         delattr(offload, name)
     for name in optimizer_attrs or ():
@@ -55,7 +58,9 @@ GATHER_INTERNALS = {GATHERED: ["parameter_offload", "forward_hooks", "backward_h
                     STREAMED: ["parameter_offload"]}
 GRAD_INTERNALS = ["_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", "_grad_acc_hooks", "leaf_parameters",
                   "fp16_groups", "independent_gradient_partition_epilogue", "partition_grads",
-                  "get_param_comm_dtype", "reduce_bucket_size"] + [name for name, _, _ in OTHER_PATHS]
+                  "get_param_comm_dtype", "reduce_bucket_size", "get_grad_norm_direct", "_get_param_partition_group",
+                  "_autoep_expert_parallel_group", "model_parallel_group", "model_parallel_rank",
+                  ] + [name for name, _, _ in OTHER_PATHS]
 
 
 @pytest.mark.parametrize("policy, name", [(p, n) for p, names in GATHER_INTERNALS.items() for n in names])
@@ -91,6 +96,14 @@ def test_the_after_backward_reduction_refuses_a_deepspeed_without_an_internal(na
         apply_grad_reduce(_engine(optimizer_attrs=[name]), AFTER_BACKWARD)
 
 
+def test_the_after_backward_reduction_refuses_a_deepspeed_without_its_reduce_scatter(monkeypatch):
+    from deepspeed.runtime.zero import stage3
+
+    monkeypatch.delattr(stage3, "reduce_scatter_coalesced")
+    with pytest.raises(DeepSpeedInternalError, match="has no module.reduce_scatter_coalesced, which train.grad_red"):
+        apply_grad_reduce(_engine(), AFTER_BACKWARD)
+
+
 @pytest.mark.parametrize("name, kept, what", OTHER_PATHS)
 def test_the_after_backward_reduction_refuses_the_paths_it_does_not_reproduce(name, kept, what):
     engine = _engine()
@@ -109,6 +122,7 @@ def test_an_untested_deepspeed_version_is_refused_or_warned_about(monkeypatch, c
 
 
 def test_the_real_classes_carry_the_methods_the_guards_name():
+    from deepspeed.runtime.zero import stage3
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
@@ -116,5 +130,7 @@ def test_the_real_classes_carry_the_methods_the_guards_name():
     for name in ("_remove_module_hooks", "post_sub_module_backward_function"):
         assert callable(getattr(DeepSpeedZeRoOffload, name)), name
     for name in ("_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", "partition_grads", "get_param_comm_dtype",
-                 "independent_gradient_partition_epilogue"):
+                 "independent_gradient_partition_epilogue", "get_grad_norm_direct", "_get_param_partition_group",
+                 "_autoep_expert_parallel_group"):
         assert callable(getattr(Stage3, name)), name
+    assert callable(stage3.reduce_scatter_coalesced)
