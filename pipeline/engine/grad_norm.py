@@ -35,20 +35,29 @@ def install_foreach_grad_norm(optimizer, needed: str) -> None:
     def get_grad_norm_direct(gradients, params, norm_type=2):
         if norm_type != 2 or tensor_parallel or not gradients or pg_utils.is_parallel(expert_group(params)):
             return deepspeeds(gradients, params, norm_type)
-        return foreach_grad_norm(gradients, get_norm_dtype(), partition_group(params[0]))
+        group = partition_group(params[0])
+        return foreach_grad_norm(gradients, get_norm_dtype(), None if one_rank(group) else group)
 
     optimizer.get_grad_norm_direct = get_grad_norm_direct
 
 
-def foreach_grad_norm(gradients: list, dtype: torch.dtype, group=None) -> torch.Tensor:
-    """The 2-norm of all ``gradients`` in ``dtype``, their squares summed over the ranks of
-    ``group`` (a partition each), or -1 where it is not finite: DeepSpeed's mark of a step to skip."""
+def one_rank(group) -> bool:
+    """Whether ``group`` (None: the world, as DeepSpeed's collectives read it) is a single rank, where
+    a reduction over it is the identity."""
     import deepspeed.comm as dist
-    from deepspeed.comm import pg_utils
+
+    return dist.get_world_size(group=group) == 1
+
+
+def foreach_grad_norm(gradients: list, dtype: torch.dtype, summed_over=None) -> torch.Tensor:
+    """The 2-norm of all ``gradients`` in ``dtype``, their squares summed over the ranks of the group
+    ``summed_over`` (a partition each; None: this rank's alone), or -1 where it is not finite:
+    DeepSpeed's mark of a step to skip."""
+    import deepspeed.comm as dist
 
     total = torch.sum(torch.pow(torch.stack(torch._foreach_norm(gradients, 2.0, dtype=dtype)), 2.0))
-    if pg_utils.is_parallel(group):
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    if summed_over is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=summed_over)
     total = total ** 0.5
     invalid = total.isnan().logical_or(total.isinf())
     return torch.where(invalid, torch.tensor(-1.0, device=total.device, dtype=torch.float), total)

@@ -44,7 +44,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
-from pipeline.engine.grad_norm import install_foreach_grad_norm
+from pipeline.engine.grad_norm import install_foreach_grad_norm, one_rank
 
 OVERLAPPED = "overlapped"
 AFTER_BACKWARD = "after_backward"
@@ -97,13 +97,12 @@ def _one_rank_identity(needed: str):
     """A context in which ``__avg_scatter_grads``' reduce-scatter returns its input, flattened, on
     a group of one rank (DeepSpeed's pre-division by one and the collective are exact identities);
     any larger group gets DeepSpeed's collective."""
-    import deepspeed.comm as dist
     from deepspeed.runtime.zero import stage3
 
     collective = internal(stage3, "reduce_scatter_coalesced", needed)
 
     def reduce_scatter_coalesced(tensors: list, group=None) -> list:
-        if dist.get_world_size(group) == 1:
+        if one_rank(group):
             return [tensor.view(-1) for tensor in tensors]
         return collective(tensors, group)
 
