@@ -1,16 +1,16 @@
 """Benchmark P10 (``python -m benchmarks trainer``): the trainer's whole step, as a user pays it.
 
-In one process (1 rank, 1 thread, fp32), the embedded default's recipe (``configs/tiny-cpu.yaml``:
-CoT, micro batch 16, ZeRO-3) on the demo's synthetic shards (2,000 problems): ``Trainer.fit`` as
-``python -m pipeline.train`` runs it (sampler, layout and collation, the engine step under the
-memory plan's policy, telemetry, the stop flag, logging), against a plain PyTorch loop written
-from scratch over the same records (a ``LlamaForCausalLM`` of the same shape, the explicit-CoT
-text laid out and padded per step, ``model(...).loss``, gradient clipping, AdamW). The plain step
-runs inside the trainer's loop right after each of its steps, so a slow spell of a shared machine
-lands on both; each is timed from the end of the other's step to the end of its own. Median and
-min-max of ``--steps`` steps after 10 warm-up, one line in a fixed form:
+1 rank, fp32, the embedded default's recipe (``configs/tiny-cpu.yaml``: CoT, micro batch 16,
+ZeRO-3) on the demo's synthetic shards (2,000 problems): ``Trainer.fit`` as ``python -m
+pipeline.train`` runs it (sampler, layout and collation, the engine step under the memory plan's
+policy, telemetry, the stop flag, logging), each step timed from the end of the one before, against
+a plain loop written without the project's code over the same records (a ``LlamaForCausalLM`` of
+the same shape, the explicit-CoT text laid out and padded per step, ``model(...).loss``, gradient
+clipping, AdamW). Each runs in a clean process of its own, 10 steps at a time in turn
+(benchmarks/in_turn.py), at 1 thread and at the machine's default. Median and min-max of ``--steps``
+steps after 10 warm-up, one line per thread count in a fixed form:
 
-    trainer cot steps=<n> trainer=<ms> plain=<ms> ratio=<r>x
+    trainer cot threads=<t> steps=<n> trainer=<ms> plain=<ms> ratio=<r>x
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from benchmarks.in_turn import Side, in_turn, timed_forever
+
 WARMUP = 10
 
 
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="timed steps after 10 warm-up (default 60)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of both loops (default 1)")
+    parser.add_argument("--threads", default=f"1,{torch.get_num_threads()}",
+                        help="comma-separated torch thread counts, both loops alike (default: 1 and this machine's)")
     return parser
 
 
@@ -66,48 +69,64 @@ def plain_loop(run, records: list[dict], special: dict[str, int], vocab: int, se
     return step
 
 
-def measure(steps: int, work: str) -> dict[str, list[float]]:
-    from experiments.demo import prepare_data
+def recipe(shards: str, work: str, steps: int):
     from pipeline.engine.config import load_config
+
+    return load_config("configs/tiny-cpu.yaml", [f"data={shards}", f"runs_dir={work}/runs", "name=p10",
+                                                 "train.validate=false", f"train.max_steps={steps}", "train.epochs=10",
+                                                 "checkpoint.checksums=false"])
+
+
+def trainer_side(pace, shards: str, work: str, steps: int) -> None:
+    """``Trainer.fit``, each optimizer step timed from the end of the one before, in a process of its own."""
+    from pipeline.engine.distributed import teardown
     from pipeline.engine.trainer import Trainer
 
-    shards = prepare_data(work, 2000, 0, n_valid=20, log=lambda *_, **__: None)   # the demo's data, smaller
-    run = load_config("configs/tiny-cpu.yaml", [f"data={shards}", f"runs_dir={work}/runs", "name=p10",
-                                                "train.validate=false", f"train.max_steps={WARMUP + steps}",
-                                                "train.epochs=10", "checkpoint.checksums=false"])
-
-    class InTurn(Trainer):
-        """The trainer, with the plain loop's step run (and timed) after each of its own."""
-
+    class Paced(Trainer):
         def _log_step(self, stage: int) -> None:
             super()._log_step(stage)
-            now = time.perf_counter()
-            times["trainer"].append(now - self.mark)
-            plain()
+            pace(time.perf_counter() - self.mark)
             self.mark = time.perf_counter()
-            times["plain"].append(self.mark - now)
 
-    times: dict[str, list[float]] = {"trainer": [], "plain": []}
-    trainer = InTurn(run)
-    plain = plain_loop(run, trainer.train_records, trainer.special, trainer.vocab.size)
-    trainer.mark = time.perf_counter()
-    trainer.fit()
-    return {name: values[WARMUP:] for name, values in times.items()}
+    trainer = Paced(recipe(shards, work, steps))
+    try:
+        pace.start()
+        trainer.mark = time.perf_counter()
+        trainer.fit()
+    finally:
+        teardown()
+
+
+def plain_side(pace, shards: str, work: str, steps: int) -> None:
+    """The plain loop over the same records, in a clean process (the shards read, no project model code)."""
+    from data_prep import load_shards
+    from pipeline.latent.vocab import Vocab
+
+    data = load_shards(shards)
+    vocab = Vocab.of(data)
+    step = plain_loop(recipe(shards, work, steps), data.split("train").to_list(), vocab.special, vocab.size)
+    timed_forever(lambda _: step(), [None], pace)
+
+
+def measure(steps: int, threads: int, work: str, shards: str) -> dict[str, list[float]]:
+    kwargs = {"shards": shards, "work": work, "steps": WARMUP + steps + 1}
+    return in_turn({"trainer": Side(__name__, "trainer_side", kwargs), "plain": Side(__name__, "plain_side", kwargs)},
+                   threads, WARMUP, steps, chunk=10)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from pipeline.engine.distributed import init_distributed, teardown
+    from experiments.demo import prepare_data
 
-    init_distributed()
+    print("P10 the trainer's loop vs a plain PyTorch loop, each in a clean process: configs/tiny-cpu.yaml (CoT, "
+          "micro batch 16), 1 rank, fp32 (goal ratio <= 1.15x at every thread count)", flush=True)
     with tempfile.TemporaryDirectory() as work:
-        times = measure(args.steps, work)
-    ms = lambda xs: f"{1000 * statistics.median(xs):.1f}"  # noqa: E731
-    spread = lambda xs: f"{1000 * min(xs):.0f}-{1000 * max(xs):.0f}"  # noqa: E731
-    ratio = statistics.median(times["trainer"]) / statistics.median(times["plain"])
-    print(f"P10 the trainer's loop vs a plain PyTorch loop: configs/tiny-cpu.yaml (CoT, micro batch 16), 1 rank, "
-          f"{args.threads} thread(s), fp32 (goal ratio <= 1.25x)")
-    print(f"trainer cot steps={len(times['trainer'])} trainer={ms(times['trainer'])} plain={ms(times['plain'])} "
-          f"ratio={ratio:.2f}x   (min-max ms: trainer {spread(times['trainer'])}, plain {spread(times['plain'])})")
-    teardown()
+        shards = prepare_data(work, 2000, 0, n_valid=20, log=lambda *_, **__: None)   # the demo's data, smaller
+        for threads in (int(x) for x in dict.fromkeys(args.threads.split(","))):
+            times = measure(args.steps, threads, work, shards)
+            ms = lambda xs: f"{1000 * statistics.median(xs):.1f}"  # noqa: E731
+            spread = lambda xs: f"{1000 * min(xs):.0f}-{1000 * max(xs):.0f}"  # noqa: E731
+            ratio = statistics.median(times["trainer"]) / statistics.median(times["plain"])
+            print(f"trainer cot threads={threads} steps={len(times['trainer'])} trainer={ms(times['trainer'])} "
+                  f"plain={ms(times['plain'])} ratio={ratio:.2f}x   (min-max ms: trainer {spread(times['trainer'])}, "
+                  f"plain {spread(times['plain'])})", flush=True)

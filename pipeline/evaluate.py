@@ -26,8 +26,12 @@ from common.cli import UserError, run_cli
 from data_prep import load_shards, read_manifest
 from pipeline.inference.decode_latents import decode_latents
 from pipeline.inference.evaluation import evaluate_set
-from pipeline.inference.merged import fingerprint, load_merged
+from pipeline.inference.generate import generation_passes
+from pipeline.inference.merged import TRAINED, fingerprint, load_merged
 from pipeline.inference.report import write_report
+from pipeline.latent.attention import kernel_report
+from pipeline.latent.lean_forward import BODY_FORWARDS
+from pipeline.latent.methods import get_method
 
 
 def eval_device(requested: str, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -87,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="report directory (default: MODEL/../eval)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: this rank's GPU where CUDA is, else the CPU")
+    parser.add_argument("--attn-implementation", default=TRAINED, metavar="KERNEL",
+                        help="the attention kernel every pass calls: trained (the one the model was trained with), "
+                             "sdpa, eager, flash_attention_2, flash_attention_4, or one registered with transformers' "
+                             "AttentionInterface")
+    parser.add_argument("--body-forward", default=TRAINED, choices=[TRAINED, *BODY_FORWARDS],
+                        help="the decoder stack generation runs: trained (the one training ran), or as "
+                             "model.body_forward (compiled runs lean here)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 on a GPU, fp32 on the CPU (as training runs)")
     return parser
@@ -98,7 +109,12 @@ def _main(argv: list[str] | None) -> int:
         from pipeline.engine.distributed import init_distributed
         init_distributed()
     sets = eval_sets(args.set)
-    merged = load_merged(args.model, *eval_device(args.device, args.dtype))
+    merged = load_merged(args.model, *eval_device(args.device, args.dtype), args.attn_implementation,
+                         args.body_forward)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        kinds = get_method(merged.cfg.name).pass_kinds(merged.cfg)
+        passes = generation_passes(merged.model, merged.decoder, merged.body_forward, kinds)
+        print(f"attention kernel per pass: {kernel_report(passes)}", flush=True)
     report = {"model": os.path.abspath(args.model), "model_fingerprint": fingerprint(args.model),
               "latent_config": {k: v for k, v in merged.latent.items() if k != "special_tokens"},
               "split": args.split, "sets": {}, "latents": []}

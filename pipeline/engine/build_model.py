@@ -10,33 +10,11 @@ import os
 import torch
 
 from pipeline.engine.config import ConfigError, ModelSettings, RunConfig
+from pipeline.latent.attention import pick_attention
 from pipeline.latent.lean_forward import resolve_body_forward
 from pipeline.latent.methods import get_method
 from pipeline.latent.reasoner import LatentReasoner
 from pipeline.latent.vocab import Vocab
-
-
-def flash_kernels(on_cuda: bool) -> dict[str, bool]:
-    """Which flash-attention kernels can run here: FlashAttention-4 (``flash-attn-4``, Hopper or
-    newer), FlashAttention-2 (``flash-attn``)."""
-    from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
-
-    return {"flash_attention_4": on_cuda and is_flash_attn_4_available() and torch.cuda.get_device_capability()[0] >= 9,
-            "flash_attention_2": on_cuda and is_flash_attn_2_available()}
-
-
-def pick_attention(requested: str, on_cuda: bool) -> str:
-    """``auto`` is SDPA: on recent GPUs torch's SDPA already runs cuDNN's flash kernel, and
-    FlashAttention-4's heavier host-side call made the latent methods, whose passes are many small
-    calls, slower (benchmarks, P6). A flash kernel is an explicit choice; one that cannot run here
-    is refused with the package to install."""
-    if requested == "auto":
-        return "sdpa"
-    available = flash_kernels(on_cuda)
-    if requested in available and not available[requested]:
-        raise ConfigError(f"model.attn_implementation={requested} cannot run here (needs CUDA and "
-                         f"`pip install -r requirements-gpu.txt`); use auto or sdpa")
-    return requested
 
 
 def build_lm(settings: ModelSettings, vocab_size: int, attention: str):

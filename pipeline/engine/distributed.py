@@ -16,6 +16,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from pipeline.engine.threads import confine_helper_threads
+
 # DeepSpeed JIT-builds its shm collective op on every CPU init (43 s cold on 2 cores);
 # a lock older than this was left by a build that was killed, never by one still running.
 STALE_BUILD_LOCK_S = 600
@@ -94,6 +96,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         env.setdefault("LOCAL_SIZE", env.get("LOCAL_WORLD_SIZE", "1"))
         clear_stale_build_lock()
     if not dist.is_initialized():
+        confine_helper_threads()        # before gloo starts its work threads: they must start no OpenMP team
         deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
         if not on_cuda:
             release_shm_buffer()

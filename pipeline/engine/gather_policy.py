@@ -13,7 +13,10 @@ changes too (DeepSpeed's trace-based reuse breaks on both). DeepSpeed's per-modu
 hooks are then removed: with every parameter already gathered they only cost time, and a latent
 step calls every module K+2 times. Gradients are reduced and partitioned as ``train.grad_reduce``
 says (grad_reduce.py); losses and gradients are bit-identical to plain PyTorch's (tested).
-Gradients and optimizer states stay partitioned.
+Gradients and optimizer states stay partitioned. On a partition group of one rank (one GPU, one
+CPU process) a parameter's partition holds all of it, so the gather is that partition seen in the
+parameter's shape (no buffer, no copy): DeepSpeed's all-gather and its walk over every module to
+release them are a fixed host cost per step there for an identity (benchmark P8).
 
 ``streamed`` (the plan's choice when the whole model does not fit): DeepSpeed's own per-module
 fetch and release with a bounded live window (the plan sets ``stage3_max_live_parameters`` /
@@ -33,8 +36,12 @@ without one is refused with the setting that avoids it.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
+
+import torch
 
 from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
+from pipeline.engine.grad_norm import one_rank
 
 GATHERED = "gathered"
 STREAMED = "streamed"
@@ -42,14 +49,19 @@ REPLICATED = "replicated"      # ZeRO-0/1/2: parameters are never partitioned, n
 POLICIES = (GATHERED, STREAMED, REPLICATED)
 
 
+_GATHERS: WeakKeyDictionary = WeakKeyDictionary()       # engine -> how step_gather gathers its parameters
+
+
 def _zero3_params(engine) -> list:
     return [p for p in engine.module.parameters() if hasattr(p, "ds_active_sub_modules")]
 
 
-def apply_gather_policy(engine, policy: str, check: Check = ENFORCE) -> None:
+def apply_gather_policy(engine, policy: str, check: Check = ENFORCE, one_rank_partitions: bool = True) -> None:
     """Once, after ``deepspeed.initialize``: under ``gathered`` drop DeepSpeed's module hooks,
     under ``streamed`` make them release after every call's backward. ``check``: what an untested
-    DeepSpeed version gets (``train.deepspeed_check``)."""
+    DeepSpeed version gets (``train.deepspeed_check``); ``one_rank_partitions=False``: DeepSpeed's
+    own gather even on a group of one rank (what the partitions-as-parameters path is tested
+    against)."""
     if policy not in POLICIES:
         raise ValueError(f"gather policy {policy!r}: expected one of {', '.join(POLICIES)}")
     if policy == REPLICATED:
@@ -66,6 +78,7 @@ def apply_gather_policy(engine, policy: str, check: Check = ENFORCE) -> None:
         internal(offload, "_remove_module_hooks", needed)()
         internal(offload, "forward_hooks", needed).clear()
         internal(offload, "backward_hooks", needed).clear()
+        _GATHERS[engine] = _gather_of(engine, offload, needed, one_rank_partitions)
     else:
         _release_per_call(offload, engine.module, needed)
 
@@ -117,11 +130,76 @@ def _release_after_call_backward(release, module):
 @contextmanager
 def step_gather(engine, policy: str):
     """Around one forward (+ backward): the whole model gathered under ``gathered``, else nothing."""
-    params = _zero3_params(engine) if policy == GATHERED else []
-    if not params:
+    if policy != GATHERED:
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params):
+    if engine not in _GATHERS:
+        raise RuntimeError("step_gather(engine, 'gathered') before apply_gather_policy(engine, 'gathered')")
+    with _GATHERS[engine]():
         yield
+
+
+def _gather_of(engine, offload, needed: str, one_rank_partitions: bool):
+    """-> the context that gathers the engine's parameters for a step: DeepSpeed's
+    ``GatheredParameters``, or on a partition group of one rank :class:`_PartitionsAsParameters`
+    (which then also stands for DeepSpeed's release of every parameter)."""
+    import deepspeed
+    from deepspeed.runtime.zero import partition_parameters
+
+    params = _zero3_params(engine)
+    partitions = _PartitionsAsParameters(params, internal(partition_parameters, "ZeroParamStatus", needed), needed)
+    internal(offload, "partition_all_parameters", needed)
+    whole = all(one_rank(group) and partition.numel() == numel
+                for group, partition, numel in zip(partitions.groups, partitions.partitions, partitions.numels))
+    if not (whole and one_rank_partitions):
+        return lambda: deepspeed.zero.GatheredParameters(params)
+    offload.partition_all_parameters = partitions.release_all       # an instance attribute shadows the method
+    return partitions.step
+
+
+class _PartitionsAsParameters:
+    """On a partition group of one rank a parameter's partition holds all of it: inside a step each
+    parameter's data is its partition in the parameter's shape (no buffer, no copy) and its status
+    ``AVAILABLE``; after the step it is released as DeepSpeed releases it (empty data,
+    ``NOT_AVAILABLE``; DeepSpeed's persistent parameters stay gathered until its own release before
+    the optimizer step, which :meth:`release_all` stands for, and its re-gather after it), so
+    checkpoints save and load DeepSpeed's released state."""
+
+    def __init__(self, params: list, status, needed: str):
+        self.params, self.status = params, status
+        self.persistent = [internal(p, "ds_persist", needed) for p in params]
+        self.groups = [internal(p, "ds_process_group", needed) for p in params]
+        self.partitions = [internal(p, "ds_tensor", needed) for p in params]
+        self.numels = [internal(p, "ds_numel", needed) for p in params]
+        for p in params:
+            internal(p, "ds_shape", needed)
+
+    @contextmanager
+    def step(self):
+        for p in self.params:
+            self._check_not_inflight(p)
+            p.data = p.ds_tensor.data.view(p.ds_shape)
+            p.ds_status = self.status.AVAILABLE
+        try:
+            yield
+        finally:
+            for p, persistent in zip(self.params, self.persistent):
+                if not persistent:
+                    self._release(p)
+
+    def release_all(self) -> None:
+        """DeepSpeed's ``partition_all_parameters`` (before an optimizer step, around checkpoints):
+        every parameter released, over the list made once."""
+        for p in self.params:
+            self._check_not_inflight(p)
+            p.ds_active_sub_modules.clear()
+            self._release(p)
+
+    def _release(self, p) -> None:
+        """As DeepSpeed's ``free_param``: the data emptied, the status ``NOT_AVAILABLE``."""
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        p.ds_status = self.status.NOT_AVAILABLE
+
+    def _check_not_inflight(self, p) -> None:
+        if p.ds_status == self.status.INFLIGHT:
+            raise RuntimeError(f"ZeRO-3 parameter {p.ds_id} is being gathered: the gathered policy starts no gather")

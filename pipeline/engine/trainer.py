@@ -30,6 +30,7 @@ from pipeline.engine.model_shapes import model_sizes
 from pipeline.engine.sampler import RankSharding, iter_batches, rank_indices, stage_for_epoch
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
+from pipeline.latent.attention import kernel_report
 from pipeline.latent.methods import get_method, layout
 from pipeline.latent.vocab import Vocab
 
@@ -147,13 +148,13 @@ class Trainer:
             save_config(run, os.path.join(self.run_dir, "config.yaml"))
             with open(os.path.join(self.run_dir, "ds_config.json"), "w", encoding="utf-8") as handle:
                 json.dump(self.ds_config, handle, indent=2)
-        model, attention, self._hf_ds_keepalive = build_reasoner(run, self.vocab, self.ds_config, self.on_cuda,
-                                                                 new_rows_like(self.shards.tokenizer, run.method.name))
-        picked = f" (model.body_forward=auto on {self.device.type})" if run.model.body_forward == "auto" else ""
-        self.say(f"decoder stacks run: {model.body_forward}{picked}")
+        model, _, self._hf_ds_keepalive = build_reasoner(run, self.vocab, self.ds_config, self.on_cuda,
+                                                         new_rows_like(self.shards.tokenizer, run.method.name))
+        self.say(f"attention kernel per pass: {kernel_report(model.attention_passes())} (model.attn_implementation="
+                 f"{run.model.attn_implementation}, model.body_forward={run.model.body_forward} on {self.device.type})")
         total, trainable = count_params(model)
         picked = f" (model.dtype=auto on {self.device.type})" if run.model.dtype == "auto" else ""
-        self.say(f"attention: {attention} | ZeRO-{zero_stage(self.ds_config)} | "
+        self.say(f"ZeRO-{zero_stage(self.ds_config)} | "
                  f"{'bf16 (fp32 master)' if bf16 else 'fp32'}{picked} | "
                  f"params {total / 1e6:.2f}M ({trainable / 1e6:.2f}M trainable)")
         self.say(f"global batch = {self.ds_config['train_batch_size']} "

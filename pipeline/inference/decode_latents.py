@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.inference.generate import left_pad_prompts, prefill
+from pipeline.inference.generate import Decoding, decoder_stack, left_pad_prompts, prefill
 from pipeline.inference.merged import MergedModel
+from pipeline.latent.loop import run_pass
 from pipeline.latent.methods import get_method
 
 
@@ -23,7 +24,7 @@ def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3
     ids, mask = left_pad_prompts([merged.prompt(r) for r in records[:n_problems]], sp["pad"])
     device = model.get_input_embeddings().weight.device
     _, _, latents, latent_mask = prefill(model, ids.to(device), mask.to(device), sp["latent"], merged.projection,
-                                         cfg.jacobi, cfg.reference_attention)
+                                         cfg.jacobi, cfg.reference_attention, merged.body_forward)
     per_row = list(latents) if latent_mask is None else [v[m] for v, m in zip(latents, latent_mask)]
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     c = cfg.slot_width()
@@ -33,7 +34,7 @@ def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3
         prefixes = torch.cat([v[:g * c].reshape(g, c, v.size(-1)) for v, g in zip(per_row, groups)])
         into = merged.decoder_in or (lambda x: x)
         rows = greedy_steps(merged.decoder, lambda t: into(embed(t)), into(prefixes), sp["eos"], max_len,
-                            method.decoder_first_position)
+                            method.decoder_first_position, merged.body_forward)
         steps = [merged.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     out, cursor = [], 0
     for row, record in enumerate(records[:n_problems]):
@@ -45,25 +46,26 @@ def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3
     return out
 
 
-def greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, first_position: int = 0
-                 ) -> list[list[int]]:
+def greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, first_position: int = 0,
+                 body_forward: str = "auto") -> list[list[int]]:
     """Greedy token ids from latent embeddings, all prefixes as one batch (equal lengths: no
-    padding) on the KV cache, positions counted from ``first_position`` as in training; each row
-    ends before its EOS (a prefix at a time, without the cache, re-reads every prefix per token)."""
-    from transformers import DynamicCache
-
-    inputs, cache = prefixes, DynamicCache()
-    done = torch.zeros(len(prefixes), dtype=torch.bool, device=prefixes.device)
-    tokens = []
-    for _ in range(max_len):
-        start = first_position + cache.get_seq_length()
-        positions = torch.arange(start, start + inputs.size(1), device=inputs.device).expand(len(inputs), -1)
-        logits = decoder(inputs_embeds=inputs, cache=cache, use_cache=True, position_ids=positions).logits
-        token = logits[:, -1].argmax(-1)
-        done |= token == eos
-        if done.all():
+    padding) on the KV cache, positions counted from ``first_position`` as in training, by the
+    stack training ran (``body_forward``); each row ends before its EOS (a prefix at a time, without
+    the cache, re-reads every prefix per token)."""
+    body, head = decoder.get_decoder(), decoder.get_output_embeddings()
+    stack = decoder_stack(body_forward, body.config)
+    positions = torch.arange(prefixes.size(1), device=prefixes.device).add(first_position).expand(len(prefixes), -1)
+    hidden, chunk, _ = run_pass(body, prefixes, None, positions, [], body_forward=stack, kind="step_decoder")
+    decode = Decoding(body, [chunk], None, positions[:, -1], max_len, stack, kind="step_decoder")
+    done, rows = [False] * len(prefixes), []
+    for step in range(max_len):
+        token = head(hidden[:, -1]).argmax(-1)
+        values = token.tolist()                 # the step's one copy to the host
+        done = [d or v == eos for d, v in zip(done, values)]
+        if all(done):
             break
-        tokens.append(torch.where(done, eos, token))
-        inputs = embed(token[:, None])
-    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prefixes]
+        rows.append([eos if d else v for d, v in zip(done, values)])
+        if step < max_len - 1:
+            hidden = decode.step(embed(token[:, None]))
+    rows = [list(row) for row in zip(*rows)] or [[] for _ in prefixes]
     return [row[:row.index(eos)] if eos in row else row for row in rows]

@@ -35,7 +35,7 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
         outputs, latents, latent_mask = generate_with_latents(
             merged.model, [merged.prompt(r) for r in chunk], merged.filled_latent_id(), sp["eos"], max_new,
             pad_id=sp["pad"], project=merged.projection, sync_ranks=True, jacobi_iterations=cfg.jacobi,
-            reference_attention=cfg.reference_attention, masked_classes=masked)
+            reference_attention=cfg.reference_attention, masked_classes=masked, body_forward=merged.body_forward)
         geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
             rows.append(_scored(merged, record, new))

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from common.cli import UserError
+from pipeline.latent.attention import pick_attention
 from pipeline.latent.methods import MethodConfig, get_method
 
 LATENT_CONFIG = "latent_config.json"
 PROJECTION = "projection.safetensors"
 STEP_DECODER = "step_decoder"
 DECODER_INPUT = "decoder_in.safetensors"    # the map from the base's width into a narrower step decoder
+TRAINED = "trained"                          # load_merged: the attention kernel / decoder stack training used
 
 
 class NotMerged(UserError):
@@ -40,6 +42,7 @@ def latent_config(run, stage: int, shards, projection: bool, source: dict) -> di
             "reference_attention": run.method.reference_attention, "original_vocab_size": shards.original_vocab_size,
             "special_tokens": shards.special_tokens, "templates": shards.manifest["templates"],
             "projection": PROJECTION if projection else None,
+            "attn_implementation": run.model.attn_implementation, "body_forward": run.model.body_forward,
             "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},
             "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"], "source": source}
 
@@ -86,6 +89,7 @@ class MergedModel:
     projection: torch.nn.Module | None     # CODI's prj
     decoder: torch.nn.Module | None        # the SIM-CoT step decoder
     decoder_in: torch.nn.Module | None     # into a narrower step decoder
+    body_forward: str = "auto"             # the decoder stack generation runs (the one training ran)
 
     @property
     def special(self) -> dict[str, int]:
@@ -110,7 +114,10 @@ class MergedModel:
                                                         generating=True)
 
 
-def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> MergedModel:
+def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                attention: str = TRAINED, body_forward: str = TRAINED) -> MergedModel:
+    """The merged model in ``model_dir`` on ``device``, its LMs calling the attention kernel and its
+    generation running the decoder stack training used (``TRAINED``), or those named."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = os.path.join(model_dir, LATENT_CONFIG)
@@ -120,10 +127,23 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
     with open(path, encoding="utf-8") as handle:
         latent = json.load(handle)
     device = device or torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    decoder, decoder_in = load_step_decoder(os.path.join(model_dir, STEP_DECODER), device, dtype)
+    kernel = _kernel(latent, attention, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=kernel).to(device).eval()
+    decoder, decoder_in = load_step_decoder(os.path.join(model_dir, STEP_DECODER), device, dtype, kernel)
+    stack = latent.get("body_forward", "auto") if body_forward == TRAINED else body_forward
     return MergedModel(model, AutoTokenizer.from_pretrained(model_dir), latent, method_config(latent),
-                       load_projection(model_dir, latent, model.config.hidden_size, device, dtype), decoder, decoder_in)
+                       load_projection(model_dir, latent, model.config.hidden_size, device, dtype), decoder, decoder_in,
+                       stack)
+
+
+def _kernel(latent: dict, attention: str, device: torch.device) -> str:
+    """The attention kernel to load with: the one training was configured with (absent from a model
+    merged before it was recorded: auto), or ``attention``; refused where it cannot run."""
+    if attention != TRAINED:
+        return pick_attention(attention, device.type == "cuda", setting="--attn-implementation")
+    return pick_attention(latent.get("attn_implementation", "auto"), device.type == "cuda",
+                          setting=f"{LATENT_CONFIG}'s attn_implementation (the kernel the model was trained with; "
+                                  "choose another with --attn-implementation)")
 
 
 def load_projection(model_dir: str, latent: dict, hidden: int, device, dtype):
@@ -139,13 +159,14 @@ def load_projection(model_dir: str, latent: dict, hidden: int, device, dtype):
     return projection.to(device, dtype).eval()
 
 
-def load_step_decoder(decoder_dir: str, device: torch.device, dtype: torch.dtype):
+def load_step_decoder(decoder_dir: str, device: torch.device, dtype: torch.dtype, attention: str = "sdpa"):
     """-> (the step decoder or None, the map from the base's width into it or None)."""
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(decoder_dir):
         return None, None
-    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype).to(device).eval()
+    decoder = AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=dtype, attn_implementation=attention)
+    decoder = decoder.to(device).eval()
     path = os.path.join(decoder_dir, DECODER_INPUT)
     if not os.path.isfile(path):
         return decoder, None

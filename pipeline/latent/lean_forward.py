@@ -8,9 +8,10 @@ Why: a latent pass runs one column per row through every layer, so at small or l
 shapes the work transformers does around the layers (mask building, cache objects, output
 classes, decorators, kwargs plumbing) is a third of its host time (benchmark P11). Here a forward
 is the layers' arithmetic alone: RMSNorm, the projections (called as modules, so LoRA adapters and
-ZeRO-3's hooks see their calls), rotary embedding, SDPA with transformers' mask (causal and
-padding, :func:`sdpa_mask`), the MLP. The single-column passes of the latent loop
-(:class:`ColumnPasses`) carry every layer's keys and values whole from pass to pass.
+ZeRO-3's hooks see their calls), rotary embedding, the configured attention kernel called as
+transformers calls it, with the mask transformers makes for it (pipeline/latent/attention.py), the
+MLP. The single-column passes of the latent loop (:class:`ColumnPasses`) and of greedy decoding
+carry every layer's keys and values whole from pass to pass.
 
 ``compiled``: the stack under ``torch.compile`` (inductor) wherever gradients are taken: one graph
 per kind of call (the latent loop's passes, ``COLUMNS_PER_GRAPH`` to a call and the rest one to a
@@ -21,13 +22,23 @@ or ZeRO-3 under the ``gathered`` policy (the trainer refuses the others). Evalua
 calls run the eager stack. Measured on CPU (P12); not yet on a GPU.
 
 Families: LLaMA, Mistral and Qwen2 (their layers are this arithmetic; Qwen2's biases live in the
-projections), with SDPA or flash attention; :func:`check_lean_support` says why another cannot.
+projections), with any attention kernel whose mask is a tensor or None (SDPA, eager, the flash
+kernels, a registered one); :func:`check_lean_support` says why another cannot.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.latent.attention import (
+    attention_kernel,
+    kernel_mask,
+    kernel_name,
+    mask_part,
+    run_kernel,
+    same_pass_in_recompute,
+)
 
 LEAN_FAMILIES = ("llama", "mistral", "qwen2")
 BODY_FORWARDS = ("auto", "transformers", "lean", "compiled")
@@ -37,10 +48,9 @@ def check_lean_support(config) -> str | None:
     """-> why the lean forward cannot run this model (None: it can)."""
     if config.model_type not in LEAN_FAMILIES:
         return f"model_type {config.model_type!r} is not one of {LEAN_FAMILIES}"
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        return "eager attention (the lean forward computes SDPA's)"
-    if getattr(config, "attention_dropout", 0.0):
-        return f"attention_dropout={config.attention_dropout} (the lean forward has none)"
+    kernel = kernel_name(config)
+    if kernel == "flex_attention" or kernel.startswith("paged"):
+        return f"attention {kernel} (its mask is no tensor that a single latent column can take its part of)"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act={config.hidden_act!r} (the lean forward computes SiLU)"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
@@ -53,46 +63,47 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def attend(q, k, v, past, cos, sin, mask, heads: int, kv_heads: int, head_dim: int, scale: float):
+def attend(attn, kernel, q, k, v, past, cos, sin, mask, positions):
     """T columns' attention: q, k, v [B, T, *]; ``past`` (keys, values) [B, kv_heads, K, head_dim] or
-    None; ``mask`` [B, 1, T, K + T] (True: attend) or None (every key) -> (output [B, T, heads *
-    head_dim], the keys and values of the K + T columns)."""
+    None; ``mask`` what transformers gives ``kernel`` for these columns (:func:`kernel_mask`);
+    ``positions`` [B, T] -> (output [B, T, heads * head_dim], the keys and values of the K + T
+    columns)."""
     b, t = q.shape[:2]
-    q = rotate(q.view(b, t, heads, head_dim).transpose(1, 2), cos, sin)
-    keys = rotate(k.view(b, t, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    values = v.view(b, t, kv_heads, head_dim).transpose(1, 2)
+    q = rotate(q.view(b, t, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    keys = rotate(k.view(b, t, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    values = v.view(b, t, -1, attn.head_dim).transpose(1, 2)
     if past is not None:
         keys, values = torch.cat([past[0], keys], dim=2), torch.cat([past[1], values], dim=2)
-    expand = heads // kv_heads
-    out = F.scaled_dot_product_attention(q, keys.repeat_interleave(expand, dim=1) if expand > 1 else keys,
-                                         values.repeat_interleave(expand, dim=1) if expand > 1 else values,
-                                         attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(b, t, heads * head_dim), keys, values
+    return run_kernel(kernel, attn, q, keys, values, mask, positions), keys, values
 
 
-def lean_layer(layer, x, cos, sin, past, mask):
+def lean_layer(layer, kernel, x, cos, sin, past, mask, positions):
     """One decoder layer: LlamaDecoderLayer's arithmetic -> (x, keys, values)."""
-    attn, cfg = layer.self_attn, layer.self_attn.config
+    attn = layer.self_attn
     h = layer.input_layernorm(x)
-    out, keys, values = attend(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), past, cos, sin, mask,
-                               cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim, attn.scaling)
+    out, keys, values = attend(attn, kernel, attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), past, cos, sin, mask,
+                               positions)
     x = x + attn.o_proj(out)
     h = layer.post_attention_layernorm(x)
     mlp = layer.mlp
     return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)), keys, values
 
 
-def lean_stack(body, x, cos, sin, past: list | None, mask, structure: str, want_layers: bool = False):
+def lean_stack(body, kernel, x, cos, sin, past: list | None, mask, positions, structure: str,
+               want_layers: bool = False):
     """Every layer, then the final norm -> (hidden, every layer's keys and values over the past and
     these columns, the hidden states as transformers' ``output_hidden_states`` lists them or None).
     ``structure`` (:func:`structure_key`) says which layers are checkpointed: read from it, not from
-    the modules, so that a compiled stack guards on it in place of the module guards it skips."""
+    the modules, so that a compiled stack guards on it in place of the module guards it skips. A
+    layer replayed in backward runs under its forward's pass kind (eager; a compiled graph replays
+    inside its own backward)."""
     checkpointed = structure.rsplit("|", 1)[-1]
+    recompute = {} if torch.compiler.is_compiling() else {"context_fn": same_pass_in_recompute}
     grown, states = [], [x]
     for i, layer in enumerate(body.layers):
-        args = (layer, x, cos, sin, None if past is None else past[i], mask)
+        args = (layer, kernel, x, cos, sin, None if past is None else past[i], mask, positions)
         if checkpointed[i] == "1":
-            x, keys, values = checkpoint(lean_layer, *args, use_reentrant=False)
+            x, keys, values = checkpoint(lean_layer, *args, use_reentrant=False, **recompute)
         else:
             x, keys, values = lean_layer(*args)
         grown.append((keys, values))
@@ -105,9 +116,9 @@ def structure_key(body, project=None) -> str:
     """What a compiled stack's graph depends on beyond its input tensors, whose guards on module
     attributes it skips: the layers' module classes and weight shapes and dtypes (a LoRA projection,
     another rank or width is another graph; every layer of a body is built alike, so the first one
-    stands for all), the attention heads, the training flag, the latent projection's class, dropout
-    and mode, and last, which layers are checkpointed now (per-layer checkpointing applies in
-    training only, as transformers' does)."""
+    stands for all), the attention heads and kernel, the training flag, the latent projection's
+    class, dropout and mode, and last, which layers are checkpointed now (per-layer checkpointing
+    applies in training only, as transformers' does)."""
     cfg, first = body.config, body.layers[0]
     classes = ",".join(type(m).__name__ for m in first.modules())
     weights = ",".join(f"{tuple(p.shape)}{p.dtype}" for p in first.parameters())
@@ -115,8 +126,8 @@ def structure_key(body, project=None) -> str:
                                               f"{int(project.training)}"
     flags = "".join(str(int(getattr(layer, "gradient_checkpointing", False) and layer.training
                             and torch.is_grad_enabled())) for layer in body.layers)
-    return (f"{classes}|{weights}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}|{int(body.training)}|"
-            f"{projection}|{flags}")
+    return (f"{classes}|{weights}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}:{kernel_name(cfg)}|"
+            f"{int(body.training)}|{projection}|{flags}")
 
 
 _COMPILED: dict = {}      # function -> its compiled form, made on first use (torch.compile caches per code object)
@@ -145,17 +156,18 @@ def feed_column(latent: torch.Tensor, is_latent: torch.Tensor, token: torch.Tens
     return torch.where(is_latent[:, None, None], latent, token)
 
 
-def column_block(body, latent, cos, sin, past: list, mask, structure: str, project, keep, tokens):
+def column_block(body, kernel, latent, cos, sin, past: list, mask, positions, structure: str, project, keep, tokens):
     """``len(cos)`` single-column passes in a row, each fed the one before's last hidden state through
     ``project`` (CODI's ``prj``; None: as it is), or where ``keep`` [B, passes] is False the row's
     token embedding in ``tokens`` [B, passes, H] -> (each pass's last hidden state and each latent fed,
-    [B, passes, H] each, the next latent [B, 1, H], every layer's keys and values so far)."""
+    [B, passes, H] each, the next latent [B, 1, H], every layer's keys and values so far). ``mask``:
+    these passes' part of their run's mask (:func:`pipeline.latent.attention.mask_part`)."""
     hiddens, fed = [], []
     known = past[0][0].size(2)
     for i in range(cos.size(0)):
         fed.append(latent)
-        columns_mask = None if mask is None else mask[..., :known + i + 1]
-        hidden, past, _ = lean_stack(body, latent, cos[i], sin[i], past, columns_mask, structure)
+        hidden, past, _ = lean_stack(body, kernel, latent, cos[i], sin[i], past, mask_part(mask, i, 1, known + i + 1),
+                                     positions[:, i:i + 1], structure)
         hiddens.append(hidden)
         latent = hidden if project is None else project(hidden)
         if keep is not None:
@@ -178,12 +190,47 @@ def past_marks(past: list | None) -> list:
     return [(t, (0, 2)) for kv in past or [] for t in kv]
 
 
-class ColumnPasses:
-    """The single-column passes of one latent loop: the rotary tables of their positions computed
-    once, the attention mask made once, every layer's keys and values carried whole from pass to
-    pass (each pass appends its column inside the stack: no per-pass concatenation of chunks), the
-    latent projection and the per-row feeding inside the same graph when compiled, and
-    ``COLUMNS_PER_GRAPH`` passes per graph call (the rest one by one).
+def mask_marks(mask: torch.Tensor | None, query_varies: bool = True) -> list:
+    """A kernel's mask: its batch and key counts vary (and its query columns, ``query_varies``)."""
+    if mask is None:
+        return []
+    return [(mask, (0, 1) if mask.dim() == 2 else (0, 2, 3) if query_varies else (0, 3))]
+
+
+class ColumnRun:
+    """A run of single-column passes after the keys and values in ``past`` (a list of (keys, values)
+    per layer): the rotary tables of their ``positions`` [B, n] computed once, the kernel's mask made
+    once for the run (``padding``: the 2-D mask over the ``past`` keys and the n columns, or None),
+    every layer's keys and values carried whole from pass to pass. Greedy decoding feeds it a
+    token per pass (:meth:`step`); the latent loop its latents (:class:`ColumnPasses`)."""
+
+    def __init__(self, body, positions: torch.Tensor, padding: torch.Tensor | None, past: list, like: torch.Tensor,
+                 project=None) -> None:
+        # every input the same layout whatever the pass or the batch: a compiled graph guards on strides
+        self.body, self.project, self.past = body, project, [(k.contiguous(), v.contiguous()) for k, v in past]
+        self.kernel, self.positions = attention_kernel(body.layers[0].self_attn), positions
+        cos, sin = body.rotary_emb(like, position_ids=positions)         # ``like``: their dtype and device
+        self.cos, self.sin = (t.transpose(0, 1)[:, :, None, None].contiguous() for t in (cos, sin))  # [n, B, 1, 1, d]
+        known = self.past[0][0].size(2)
+        self.mask = kernel_mask(body.config, None if padding is None else padding[:, :known + positions.size(1)],
+                                positions.size(1), known, like)
+        self.done = 0
+        self.structure = structure_key(body, project if isinstance(project, torch.nn.Module) else None)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The next pass, fed ``x`` [B, 1, H] -> its last hidden state [B, 1, H] (eager)."""
+        i, keys = self.done, self.past[0][0].size(2)
+        hidden, self.past, _ = lean_stack(self.body, self.kernel, x, self.cos[i], self.sin[i], self.past,
+                                          mask_part(self.mask, i, 1, keys + 1), self.positions[:, i:i + 1],
+                                          self.structure)
+        self.done += 1
+        return hidden
+
+
+class ColumnPasses(ColumnRun):
+    """The single-column passes of one latent loop (a :class:`ColumnRun`): the latent projection and
+    the per-row feeding inside the same graph when compiled, ``COLUMNS_PER_GRAPH`` passes per graph
+    call (the rest one by one).
 
         passes = ColumnPasses(body, positions[:, first:first + n - 1], mask, question_chunk, compiled, embeds, prj,
                               keep=latent_mask[:, 1:], tokens=embeds[:, first + 1:first + n])
@@ -194,54 +241,38 @@ class ColumnPasses:
     def __init__(self, body, positions: torch.Tensor, mask: torch.Tensor | None, past: list, compiled: bool,
                  like: torch.Tensor, project=None, keep: torch.Tensor | None = None, tokens: torch.Tensor | None = None
                  ) -> None:
-        # every input the same layout whatever the pass or the batch: a compiled graph guards on strides
-        self.body, self.project, self.past = body, project, [(k.contiguous(), v.contiguous()) for k, v in past]
-        cos, sin = body.rotary_emb(like, position_ids=positions)         # ``like``: their dtype and device
-        self.cos, self.sin = (t.transpose(0, 1)[:, :, None, None].contiguous() for t in (cos, sin))  # [n, B, 1, 1, d]
-        self.mask = None if mask is None else mask[:, None, None, :].bool()
+        super().__init__(body, positions, mask, past, like, project)
         self.keep, self.tokens = keep, tokens
         self.compiled = compiled and torch.is_grad_enabled()       # a graph pays for itself where there is a backward
         self.stack = compile_stack(column_block) if self.compiled else column_block
         self.per_call = COLUMNS_PER_GRAPH if self.compiled else positions.size(1)    # eager: no graph to size
-        self.structure = structure_key(body, project if isinstance(project, torch.nn.Module) else None)
 
     def __call__(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run every pass, the first fed ``latent`` [B, 1, H] -> (each pass's last hidden state, each
         latent fed, [B, passes, H] each; the latent the last pass makes, [B, 1, H])."""
-        hiddens, fed, done, total = [], [], 0, self.cos.size(0)
-        while done < total:
-            count = self.per_call if total - done >= self.per_call else 1
-            hidden, latents, latent = self._run(latent, done, count)
+        hiddens, fed, total = [], [], self.cos.size(0)
+        while self.done < total:
+            count = self.per_call if total - self.done >= self.per_call else 1
+            hidden, latents, latent = self._run(latent, self.done, count)
             hiddens.append(hidden)
             fed.append(latents)
-            done += count
+            self.done += count
         return torch.cat(hiddens, dim=1), torch.cat(fed, dim=1), latent
 
     def _run(self, latent, start: int, count: int):
         end = start + count
         keys = self.past[0][0].size(2)
-        mask = None if self.mask is None else self.mask[..., :keys + count]
+        mask = mask_part(self.mask, start, count, keys + count)
         keep = None if self.keep is None else self.keep[:, start:end].contiguous()
         tokens = None if self.keep is None else self.tokens[:, start:end].contiguous()
-        inputs = (latent.contiguous(), self.cos[start:end], self.sin[start:end], self.past, mask)
+        positions = self.positions[:, start:end].contiguous()
+        inputs = (latent.contiguous(), self.cos[start:end], self.sin[start:end], self.past, mask, positions)
         if self.compiled:
-            mark_dynamic((inputs[0], (0,)), (inputs[1], (1,)), (inputs[2], (1,)), (mask, (0, 3)), (keep, (0,)),
-                         (tokens, (0,)), *past_marks(self.past))
-        hidden, latents, latent, self.past = self.stack(self.body, *inputs, self.structure, self.project, keep, tokens)
+            mark_dynamic((inputs[0], (0,)), (inputs[1], (1,)), (inputs[2], (1,)), *mask_marks(mask, False),
+                         (positions, (0,)), (keep, (0,)), (tokens, (0,)), *past_marks(self.past))
+        hidden, latents, latent, self.past = self.stack(self.body, self.kernel, *inputs, self.structure, self.project,
+                                                        keep, tokens)
         return hidden, latents, latent
-
-
-def sdpa_mask(mask: torch.Tensor | None, columns: int, past: int, device=None) -> torch.Tensor | None:
-    """transformers' SDPA mask for ``columns`` query columns after ``past`` keys: causal (column i sees
-    keys up to ``past + i``) and the 2-D padding mask [B, past + columns] (1: attend), as a [B or 1,
-    1, columns, past + columns] bool; a 4-D mask is used as given; None for one column and no mask."""
-    if mask is not None and mask.dim() == 4:
-        return mask
-    if mask is None and columns == 1:
-        return None
-    keys = torch.arange(past + columns, device=device)
-    causal = (keys[None, :] <= keys[past:, None])[None, None]
-    return causal if mask is None else causal & mask[:, None, None, :].bool()
 
 
 def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool = False, compiled: bool = False):
@@ -255,16 +286,17 @@ def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool 
         past = [(torch.cat([c[i][0] for c in chunks], dim=2), torch.cat([c[i][1] for c in chunks], dim=2))
                 for i in range(len(body.layers))]
     known = 0 if past is None else past[0][0].size(2)
-    columns = embeds.size(1)
     cos, sin = body.rotary_emb(embeds, position_ids=positions)
-    attn_mask = sdpa_mask(mask, columns, known, embeds.device)
-    inputs = (embeds.contiguous(), cos.unsqueeze(1), sin.unsqueeze(1), past, attn_mask)
+    kernel_input = kernel_mask(body.config, mask, embeds.size(1), known, embeds)
+    inputs = (embeds.contiguous(), cos.unsqueeze(1), sin.unsqueeze(1), past, kernel_input, positions.contiguous())
     stack = lean_stack
     if compiled and torch.is_grad_enabled():
         stack = compile_stack(lean_stack)
-        x, cos, sin, _, attn_mask = inputs
-        mark_dynamic((x, (0, 1)), (cos, (0, 2)), (sin, (0, 2)), (attn_mask, (0, 2, 3)), *past_marks(past))
-    hidden, grown, layers = stack(body, *inputs, structure_key(body), want_layers)
+        x, cos, sin, _, kernel_input, positions = inputs
+        mark_dynamic((x, (0, 1)), (cos, (0, 2)), (sin, (0, 2)), *mask_marks(kernel_input), (positions, (0, 1)),
+                     *past_marks(past))
+    kernel = attention_kernel(body.layers[0].self_attn)
+    hidden, grown, layers = stack(body, kernel, *inputs, structure_key(body), want_layers)
     return hidden, [(k[:, :, known:], v[:, :, known:]) for k, v in grown], layers
 
 

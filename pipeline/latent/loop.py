@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from pipeline.latent.attention import pass_kind, same_pass_in_recompute
 from pipeline.latent.lean_forward import ColumnPasses, feed_column, lean_forward
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) per layer, for some columns
@@ -92,21 +93,25 @@ def enable_cache_safe_checkpointing(model) -> None:
     """Per-layer activation checkpointing (non-reentrant) that keeps the cache: safe because
     every cached forward in this package goes through a :class:`PassCache`. ``use_reentrant=True``
     is never used: it crashes ZeRO when a module runs more than once per step."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "context_fn": same_pass_in_recompute})
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module._can_checkpoint_with_cache = True
 
 
 def run_pass(body, embeds, mask, positions, chunks: list[KV], want_layers: bool = False,
-             body_forward: str = "transformers"):
+             body_forward: str = "transformers", kind: str = "question"):
     """One forward over some columns given earlier chunks -> (last hidden, new chunk, layer states).
-    ``body_forward``: transformers' model, or ``lean``/``compiled`` (pipeline/latent/lean_forward.py)."""
+    ``body_forward``: transformers' model, or ``lean``/``compiled`` (pipeline/latent/lean_forward.py);
+    ``kind``: which pass it is (``pipeline.latent.attention.PASS_KINDS``)."""
     if body_forward != "transformers":
-        return lean_forward(body, embeds, mask, positions, chunks, want_layers, body_forward == "compiled")
+        with pass_kind(kind):
+            return lean_forward(body, embeds, mask, positions, chunks, want_layers, body_forward == "compiled")
     cache = PassCache(chunks, body.config.num_hidden_layers)
-    out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-               use_cache=True, output_hidden_states=want_layers)
+    with pass_kind(kind):
+        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, output_hidden_states=want_layers)
     layers = torch.stack(out.hidden_states, dim=0) if want_layers else None
     return out.last_hidden_state, cache.new_chunk(), layers
 
@@ -161,13 +166,15 @@ def fill_latents(body, embeds: torch.Tensor, attention_mask: torch.Tensor, posit
         keep = None if latent_mask is None else latent_mask[:, 1:]
         passes = ColumnPasses(body, position_ids[:, first:end - 1], later_mask, kv, body_forward == "compiled", latent,
                               projection, keep, embeds[:, first + 1:end])
-        column_states, fed, latent = passes(latent)
+        with pass_kind("latent"):
+            column_states, fed, latent = passes(latent)
         columns, latents, chunks = [column_states], [fed, latent], [passes.past]
     pieces, latent = [hidden, *columns], latents[-1]
     last = first + n_latents - 1
     tail = torch.cat([latent, embeds[:, last + 1:]], dim=1)
     want_layers = keep_layers_at is not None
-    hidden, kv, layers = run_pass(body, tail, later_mask, position_ids[:, last:], chunks, want_layers, body_forward)
+    hidden, kv, layers = run_pass(body, tail, later_mask, position_ids[:, last:], chunks, want_layers, body_forward,
+                                  kind="tail")
     chunks.append(kv)
     pieces.append(hidden)
     rows = torch.arange(embeds.size(0), device=embeds.device)
@@ -185,7 +192,7 @@ def _latent_columns(body, feed, project, latent, first: int, n_latents: int, lat
         latents.append(latent)
         col = first + i
         mask = None if later_mask is None else later_mask[:, :col + 1]
-        hidden, kv, _ = run_pass(body, latent, mask, position_ids[:, col:col + 1], chunks)
+        hidden, kv, _ = run_pass(body, latent, mask, position_ids[:, col:col + 1], chunks, kind="latent")
         chunks.append(kv)
         pieces.append(hidden)
         latent = feed(i + 1, project(hidden))
@@ -218,14 +225,14 @@ def jacobi_latents(body, embeds, attention_mask, position_ids, first: int, n_lat
     tokens = latents = embeds[:, first:end]
     for _ in range(iterations):
         slots, _, _ = run_pass(body, latents, attention_mask[:, :end], position_ids[:, first:end], [prefix],
-                               body_forward=body_forward)
+                               body_forward=body_forward, kind="jacobi")
         latents = torch.cat([from_question, project(slots[:, :-1])], dim=1)
         if latent_mask is not None:
             latents = torch.where(latent_mask[..., None], latents, tokens)
     tail = torch.cat([latents, embeds[:, end:]], dim=1)
     want_layers = keep_layers_at is not None
     out, kv, layers = run_pass(body, tail, attention_mask, position_ids[:, first:], [prefix], want_layers,
-                               body_forward)
+                               body_forward, kind="tail")
     rows = torch.arange(embeds.size(0), device=embeds.device)
     layer_states = layers[:, rows, keep_layers_at - first] if want_layers else None
     return LatentPasses(torch.cat([hidden, out], dim=1), latents, project(out[:, n_latents - 1:n_latents]),

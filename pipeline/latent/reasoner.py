@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from pipeline.latent.attention import pass_kind
 from pipeline.latent.batch import Batch
 from pipeline.latent.lean_forward import check_lean_support, lean_forward, resolve_body_forward
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
@@ -156,6 +157,25 @@ class LatentReasoner(nn.Module):
         return self
 
     # ------------------------------------------------------------------ pieces
+    def stack_of(self, body) -> str:
+        """How ``body`` runs: ``self.body_forward``, or transformers' model for a decoder of another
+        family (a step decoder from ``model.decoder_path``)."""
+        return self.body_forward if check_lean_support(body.config) is None else "transformers"
+
+    def attention_passes(self, generating: bool = False) -> dict[str, tuple]:
+        """Each kind of pass a training step (``generating``: a generation call) runs -> (the config
+        whose attention kernel it calls, its decoder stack), for the start-up report."""
+        base = (self.body.config, "lean" if generating and self.body_forward == "compiled" else self.body_forward)
+        passes = {kind: base for kind in self.method.pass_kinds(self.cfg)}
+        if generating:
+            return {**passes, "decoding": base}
+        if self.method.needs_teacher:
+            passes["teacher"] = base
+        if self.step_decoder is not None:
+            decoder = self.step_decoder.get_decoder()
+            passes["step_decoder"] = (decoder.config, self.stack_of(decoder))
+        return passes
+
     @property
     def body(self):
         return self.base.get_decoder()
@@ -178,7 +198,8 @@ class LatentReasoner(nn.Module):
     def _answer_pass(self, batch: Batch, embeds: torch.Tensor):
         n = batch.n_latents if self.method.fills_latents else 0
         if n == 0:
-            return self.forward_body(self.body, embeds, batch.attention_mask, batch.position_ids)[0], None
+            hidden = self.forward_body(self.body, embeds, batch.attention_mask, batch.position_ids, kind="sequence")[0]
+            return hidden, None
         reference = None
         if self.cfg.reference_attention:
             reference = reference_attention(batch.attention_mask, batch.first_latent, embeds.dtype)
@@ -189,16 +210,18 @@ class LatentReasoner(nn.Module):
         return passes.hidden, passes
 
     def forward_body(self, body, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                     want_layers: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     want_layers: bool = False, kind: str = "sequence") -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decoder stack over whole sequences, uncached -> (last hidden, every layer's hidden states
-        stacked [L+1, B, T, d] when ``want_layers``), by ``self.body_forward``."""
-        kind = self.body_forward if check_lean_support(body.config) is None else "transformers"  # another decoder
-        if kind != "transformers":
-            hidden, _, layers = lean_forward(body, embeds, mask, positions, [], want_layers, kind == "compiled")
-            return hidden, layers
-        # no cache: a checkpointed layer replayed in backward would append to it a second time
-        out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
-                   output_hidden_states=want_layers)
+        stacked [L+1, B, T, d] when ``want_layers``), by ``self.body_forward``; ``kind``: which pass
+        (``pipeline.latent.attention.PASS_KINDS``)."""
+        stack = self.stack_of(body)
+        with pass_kind(kind):
+            if stack != "transformers":
+                hidden, _, layers = lean_forward(body, embeds, mask, positions, [], want_layers, stack == "compiled")
+                return hidden, layers
+            # no cache: a checkpointed layer replayed in backward would append to it a second time
+            out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                       output_hidden_states=want_layers)
         return out.last_hidden_state, torch.stack(out.hidden_states, 0) if want_layers else None
 
     # ------------------------------------------------------------------ forward
@@ -250,7 +273,7 @@ class LatentReasoner(nn.Module):
     def _teacher(self, batch: Batch, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher forward (the reference runs it twice): CE, and detached distillation targets."""
         hidden, layers = self.forward_body(self.body, embeds, batch.teacher_attention_mask,
-                                           batch.teacher_position_ids, want_layers=True)
+                                           batch.teacher_position_ids, want_layers=True, kind="teacher")
         teacher_ce = labelled_ce(self.base.get_output_embeddings(), hidden, batch.teacher_labels,
                                  batch.teacher_label_index, self.masked_classes)
         rows = torch.arange(len(batch.teacher_distill_index))
@@ -278,7 +301,8 @@ class LatentReasoner(nn.Module):
         mask = torch.cat([torch.ones(b * s, c, dtype=torch.long, device=ids.device),
                           (cols[:width] < lengths[:, None]).long()], dim=1)
         positions = torch.arange(c + width, device=ids.device).add(self.method.decoder_first_position)
-        hidden = self.forward_body(self.step_decoder.get_decoder(), embeds, mask, positions.expand(b * s, -1))[0]
+        hidden = self.forward_body(self.step_decoder.get_decoder(), embeds, mask, positions.expand(b * s, -1),
+                                   kind="step_decoder")[0]
         # position c-1+j predicts target[j]; the labelled (row, j) found once (one device sync, not three)
         rows, cols = valid.nonzero(as_tuple=True)
         at = rows * hidden.size(1) + (c - 1) + cols

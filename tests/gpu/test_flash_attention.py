@@ -3,8 +3,8 @@ same logits (bf16). Skipped without CUDA or without an installed flash attention
 import pytest
 import torch
 
-from pipeline.engine.build_model import flash_kernels
 from pipeline.inference.generate import latent_generate, left_pad_prompts
+from pipeline.latent.attention import flash_kernels
 from pipeline.latent.collate import positions_from_mask
 from pipeline.latent.loop import fill_latents, latent_block
 

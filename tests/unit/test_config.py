@@ -102,14 +102,6 @@ def _launch(*args):
     return result.stdout
 
 
-def test_attention_auto_is_sdpa_and_a_flash_kernel_that_cannot_run_is_refused():
-    from pipeline.engine.build_model import pick_attention
-
-    assert pick_attention("auto", on_cuda=False) == "sdpa"
-    with pytest.raises(ConfigError, match="flash_attention_4 cannot run here.*requirements-gpu.txt"):
-        pick_attention("flash_attention_4", on_cuda=False)
-
-
 def test_launch_renders_local_cpu_ranks_with_quoted_arguments():
     out = _launch("train", "--config", "configs/tiny-cpu.yaml", "--nproc", "2", "name=a b; rm -rf /")
     assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m pipeline.train" in out

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.engine import deepspeed_internals
+from pipeline.engine import deepspeed_internals, gather_policy
 from pipeline.engine.deepspeed_internals import DeepSpeedInternalError, check_version
 from pipeline.engine.gather_policy import GATHERED, STREAMED, apply_gather_policy
 from pipeline.engine.grad_reduce import AFTER_BACKWARD, OTHER_PATHS, apply_grad_reduce
@@ -22,6 +22,9 @@ class Offload:
     def _remove_module_hooks(self):
         self.removed = True
 
+    def partition_all_parameters(self):
+        pass
+
     def post_sub_module_backward_function(self, module):
         pass
 
@@ -29,7 +32,9 @@ class Offload:
 def _engine(offload_attrs=None, optimizer_attrs=None):
     """A stand-in with exactly the internals DeepSpeed 0.19.8's ZeRO-3 engine offers."""
     module = torch.nn.Linear(2, 2)
-    module.weight.ds_active_sub_modules = set()
+    weight = module.weight
+    weight.ds_active_sub_modules, weight.ds_persist, weight.ds_process_group = set(), False, object()
+    weight.ds_tensor, weight.ds_numel, weight.ds_shape = torch.zeros(4), 4, (2, 2)
     module.post_bwd_fn = object()
     offload = Offload()
     optimizer = SimpleNamespace(parameter_offload=offload, _grad_acc_hooks=[], leaf_parameters={}, fp16_groups=[[]],
@@ -45,13 +50,42 @@ def _engine(offload_attrs=None, optimizer_attrs=None):
         delattr(offload, name)
     for name in optimizer_attrs or ():
         delattr(optimizer, name)
-    return SimpleNamespace(optimizer=optimizer, module=module)
+    return Engine(optimizer, module)
+
+
+class Engine:
+    """The engine's two parts the patches reach (a class: the gather policy keys a weak map on it)."""
+
+    def __init__(self, optimizer, module):
+        self.optimizer, self.module = optimizer, module
+
+
+@pytest.fixture(autouse=True)
+def one_rank(monkeypatch):
+    """The stand-in's partition group is one rank (no process group runs in the unit tier)."""
+    monkeypatch.setattr(gather_policy, "one_rank", lambda group: True)
 
 
 def test_the_stand_in_passes_every_guard():
     for policy in (GATHERED, STREAMED):
         apply_gather_policy(_engine(), policy)
     apply_grad_reduce(_engine(), AFTER_BACKWARD)
+
+
+@pytest.mark.parametrize("name", ["ds_persist", "ds_process_group", "ds_tensor", "ds_numel", "ds_shape"])
+def test_the_gathered_policy_refuses_parameters_without_a_partition_mark(name):
+    engine = _engine()
+    delattr(engine.module.weight, name)
+    with pytest.raises(DeepSpeedInternalError, match=f"has no Parameter.{name}, which train.zero3_gather=gathered"):
+        apply_gather_policy(engine, GATHERED)
+
+
+def test_the_gathered_policy_refuses_a_deepspeed_without_its_parameter_status(monkeypatch):
+    from deepspeed.runtime.zero import partition_parameters
+
+    monkeypatch.delattr(partition_parameters, "ZeroParamStatus")
+    with pytest.raises(DeepSpeedInternalError, match="has no module.ZeroParamStatus, which train.zero3_gather"):
+        apply_gather_policy(_engine(), GATHERED)
 
 
 GATHER_INTERNALS = {GATHERED: ["parameter_offload", "forward_hooks", "backward_hooks"],
@@ -71,7 +105,7 @@ def test_a_gather_policy_refuses_a_deepspeed_without_an_internal(policy, name):
         apply_gather_policy(engine, policy)
 
 
-@pytest.mark.parametrize("policy, method", [(GATHERED, "_remove_module_hooks"),
+@pytest.mark.parametrize("policy, method", [(GATHERED, "_remove_module_hooks"), (GATHERED, "partition_all_parameters"),
                                             (STREAMED, "post_sub_module_backward_function")])
 def test_a_gather_policy_refuses_an_offload_without_its_method(policy, method, monkeypatch):
     monkeypatch.delattr(Offload, method)
@@ -127,7 +161,7 @@ def test_the_real_classes_carry_the_methods_the_guards_name():
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
     assert deepspeed_internals.installed_version() in deepspeed_internals.TESTED_VERSIONS
-    for name in ("_remove_module_hooks", "post_sub_module_backward_function"):
+    for name in ("_remove_module_hooks", "post_sub_module_backward_function", "partition_all_parameters"):
         assert callable(getattr(DeepSpeedZeRoOffload, name)), name
     for name in ("_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", "partition_grads", "get_param_comm_dtype",
                  "independent_gradient_partition_epilogue", "get_grad_norm_direct", "_get_param_partition_group",

@@ -14,6 +14,7 @@ from pipeline.latent.lean_forward import check_lean_support, resolve_body_forwar
 from pipeline.latent.loop import fill_latents
 from pipeline.latent.methods import MethodConfig, layout
 from pipeline.latent.reasoner import LatentReasoner
+from tests.recording_kernel import COUNT, COUNTING, registered
 from tests.tiny_models import tiny_llama
 from tests.toy_records import RECORDS
 from tests.toy_records import SPECIAL as SP
@@ -37,11 +38,17 @@ def _batch(cfg: MethodConfig, stage: int, records=RECORDS):
     return collate_aligned(examples, SP["latent"], SP["pad"], latent_span=max(e.n_latents for e in examples))
 
 
-def _step(cfg, body_forward: str, batch, checkpointing: bool = False, seed: int = 3, layers: int = 2):
+def _lm(seed: int, layers: int, kernel: str):
+    model = tiny_llama(VOCAB, hidden=64, layers=layers, seed=seed)
+    model.config._attn_implementation = kernel
+    return model
+
+
+def _step(cfg, body_forward: str, batch, checkpointing: bool = False, seed: int = 3, layers: int = 2,
+          kernel: str = "sdpa"):
     """-> (losses, gradients by name) of one training forward and backward."""
-    model = LatentReasoner(tiny_llama(VOCAB, hidden=64, layers=layers, seed=seed), cfg, eos_id=SP["eos"],
-                           step_decoder=tiny_llama(VOCAB, hidden=64, layers=layers, seed=seed + 1) if cfg.simcot
-                           else None,
+    model = LatentReasoner(_lm(seed, layers, kernel), cfg, eos_id=SP["eos"],
+                           step_decoder=_lm(seed + 1, layers, kernel) if cfg.simcot else None,
                            gradient_checkpointing=checkpointing, body_forward=body_forward)
     losses = model(batch)
     losses["total"].backward()
@@ -104,11 +111,13 @@ def test_the_lean_forward_of_a_family_with_biases_and_grouped_heads():
 def test_auto_is_lean_where_the_family_allows_it_and_an_explicit_choice_that_cannot_run_is_refused():
     sdpa = tiny_llama(VOCAB).config
     eager = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, attn_implementation="eager")
+    flex = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, attn_implementation="flex_attention")
     assert resolve_body_forward("auto", sdpa) == "lean" and check_lean_support(sdpa) is None
-    assert resolve_body_forward("auto", eager) == "transformers"
+    assert resolve_body_forward("auto", eager) == "lean"         # the kernel is called through transformers' registry
+    assert resolve_body_forward("auto", flex) == "transformers"
     assert resolve_body_forward("transformers", sdpa) == "transformers"
-    with pytest.raises(ValueError, match="body_forward=compiled cannot run this model: eager attention"):
-        resolve_body_forward("compiled", eager)
+    with pytest.raises(ValueError, match="body_forward=compiled cannot run this model: attention flex_attention"):
+        resolve_body_forward("compiled", flex)
     with pytest.raises(ValueError, match="body_forward='fast'"):
         resolve_body_forward("fast", sdpa)
     from transformers import GPT2Config
@@ -119,7 +128,8 @@ def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_b
     """Latent counts 6, 4 and 8 (5, 3 and 7 column passes: a graph of 2 passes and one of 1 in every
     combination; ragged rows, each row's feeding inside those graphs), other first columns and
     another batch size compile nothing new; per-layer checkpointing is another structure (its own
-    graphs, once). Losses within 1e-5 relative, gradients within 1e-5 of each tensor's largest.
+    graphs, once). Losses within 1e-5 relative, gradients within 1e-5 of each tensor's largest. The
+    compiled graphs call the configured kernel (a registered one) in every pass.
     Rows all alike and CODI (the teacher, the reference attention, the projection inside the column
     graphs), compiled: tests/distributed/test_gather_policy.py; across curriculum stages: P12."""
     monkeypatch.setattr(lean_forward, "COLUMNS_PER_GRAPH", 2)    # 5 by default: the same graph, smaller to compile
@@ -135,7 +145,10 @@ def test_the_compiled_forward_matches_and_does_not_recompile_across_stages_and_b
         batch = _batch(cfg, stage, records)
         assert (batch.latent_mask() is not None) == (cfg is not plain)
         want = _step(cfg, "transformers", batch, checkpointing, layers=1)    # 1 layer: compiles in half the time
-        assert_same_step(_step(cfg, "compiled", batch, checkpointing, layers=1), want, rel=1e-5)
+        with registered():
+            assert_same_step(_step(cfg, "compiled", batch, checkpointing, layers=1, kernel=COUNTING), want, rel=1e-5)
+            # forward: the question, the latent columns after the first, the tail, the step decoder, one layer each
+            assert int(COUNT) == 1 + batch.n_latents - 1 + 1 + cfg.simcot
         seen.append(graphs())
     assert seen[0] > 0
     assert seen[0] == seen[1] == seen[2]                    # latent counts and a batch size: no recompile

@@ -129,6 +129,14 @@ class Method:
         return Example(head + tail, [IGNORE] * len(head) + tail, n_latents)
 
     # -------------------------------------------------------------- model
+    def pass_kinds(self, cfg: MethodConfig) -> tuple[str, ...]:
+        """The kinds of pass (``pipeline.latent.attention.PASS_KINDS``) that run the answer sequence:
+        the latent loop's (Coconut's stage 0 runs whole sequences too), or one whole sequence."""
+        if not self.fills_latents:
+            return ("sequence",)
+        return ("question", "jacobi" if cfg.jacobi else "latent", "tail") + (("sequence",) if self.has_curriculum
+                                                                              else ())
+
     def slot_width(self, cfg: MethodConfig) -> int:
         """Latents per step-decoder slot (and per decoded step at evaluation)."""
         return 1
