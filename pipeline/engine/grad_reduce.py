@@ -26,8 +26,11 @@ but DeepSpeed 0.19.8 still copies every gradient of a bucket into a new flat buf
 one and runs the collective: about 1.2 ms of a 20 ms CoT step at the P8 shape, and a second copy of
 the bucket's gradients in memory. ``after_backward`` runs DeepSpeed's own ``__avg_scatter_grads``
 (its casts and scalings) with only that collective replaced by the identity, while it reduces;
-DeepSpeed's hooks (``overlapped``) never see the replacement. It also takes the gradient norm in
-one foreach call (grad_norm.py): bit-identical to DeepSpeed's on a CPU, fp32 rounding of it on CUDA.
+DeepSpeed's hooks (``overlapped``) never see the replacement. On the first micro-batch, where the
+communication dtype is the parameters', the whole reduction is then a cast copy of each gradient
+into its slot of the partitions, done as one ``_foreach_copy_`` (:class:`_OneRankCopy`). It also
+takes the gradient norm in one foreach call (grad_norm.py): bit-identical to DeepSpeed's on a CPU,
+fp32 rounding of it on CUDA.
 
 Which of DeepSpeed's reduction paths it stands for: DeepSpeed's bucket flush
 (``__reduce_and_partition_ipg_grads``) reduce-scatters the bucket's gradients
@@ -42,6 +45,8 @@ Every DeepSpeed internal it uses is named through ``deepspeed_internals.internal
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
 
 from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
 from pipeline.engine.grad_norm import install_foreach_grad_norm, one_rank
@@ -72,6 +77,7 @@ def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
     params = sorted((p for group in internal(optimizer, "fp16_groups", needed) for p in group if p.requires_grad),
                     key=lambda p: p.ds_id)
     identity_on_one_rank = _one_rank_identity(needed)
+    copy_on_one_rank = _OneRankCopy(optimizer, params, needed)
     install_foreach_grad_norm(optimizer, needed)
     for handle in hooks:
         handle.remove()
@@ -86,6 +92,9 @@ def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
                 by_comm_dtype.setdefault(comm_dtype(p), []).append(p)
         with identity_on_one_rank():
             for dtype, ready in by_comm_dtype.items():
+                if copy_on_one_rank.applies(dtype):
+                    copy_on_one_rank(ready)
+                    continue
                 for bucket in buckets(ready, bucket_size):
                     partition(bucket, scatter(bucket, dtype))
         epilogue()
@@ -114,6 +123,43 @@ def _one_rank_identity(needed: str):
         finally:
             stage3.reduce_scatter_coalesced = collective
     return identity_on_one_rank
+
+
+class _OneRankCopy:
+    """On a partition group of one rank, the first micro-batch's reduction is a copy: DeepSpeed's
+    ``__avg_scatter_grads`` and ``partition_grads`` then come to each full gradient cast into its
+    slot of the gradient partitions (the reduce-scatter the identity, no scaling: no pre-division,
+    no expert averaging), but per parameter in Python. Here it is one ``_foreach_copy_`` (the same
+    casts, so the same bits), where the communication dtype is the parameters'; accumulation into
+    the partitions (a later micro-batch), an offloaded optimizer, any other dtype or a larger group
+    go through DeepSpeed's own functions."""
+
+    def __init__(self, optimizer, params: list, needed: str):
+        self.optimizer, self.needed = optimizer, needed
+        self.slots_name = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
+        for name in (self.slots_name, "micro_step_id", "offload_optimizer", "_offload_boundary_param_ids"):
+            internal(optimizer, name, needed)
+        group = internal(optimizer, "_get_param_partition_group", needed)
+        experts = internal(optimizer, "_autoep_expert_parallel_group", needed)
+        self.dtype = internal(optimizer, "dtype", needed)
+        self.enabled = bool(params) and all(one_rank(group(p)) for p in params) and experts(params) is None
+
+    def applies(self, comm_dtype) -> bool:
+        o = self.optimizer
+        return self.enabled and comm_dtype == self.dtype and o.micro_step_id == 0 and not o.offload_optimizer
+
+    def __call__(self, params: list) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        slots = getattr(self.optimizer, self.slots_name)
+        torch._foreach_copy_([slots[p.ds_id].narrow(0, 0, p.ds_numel) for p in params],
+                             [p.grad.view(-1) for p in params])
+        self.optimizer._offload_boundary_param_ids.update(p.ds_id for p in params)
+        synchronized = get_accelerator().is_synchronized_device()
+        for p in params:
+            if not synchronized:        # as partition_grads: the gradient may still be read by the copy's stream
+                p.grad.record_stream(get_accelerator().current_stream())
+            p.grad = None
 
 
 # the optimizer's switches for the reduction paths after_backward does not reproduce: (attribute,

@@ -45,7 +45,9 @@ def _engine(offload_attrs=None, optimizer_attrs=None):
                                 _DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads=lambda *a: None,
                                 get_grad_norm_direct=lambda *a: None, _get_param_partition_group=lambda p: None,
                                 _autoep_expert_parallel_group=lambda params: None, model_parallel_group=None,
-                                model_parallel_rank=0)
+                                model_parallel_rank=0, _DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition={},
+                                micro_step_id=0, offload_optimizer=False, _offload_boundary_param_ids=set(),
+                                dtype=torch.float32)
     for name in offload_attrs or ():
         delattr(offload, name)
     for name in optimizer_attrs or ():
@@ -94,7 +96,8 @@ GRAD_INTERNALS = ["_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads", "_grad_ac
                   "fp16_groups", "independent_gradient_partition_epilogue", "partition_grads",
                   "get_param_comm_dtype", "reduce_bucket_size", "get_grad_norm_direct", "_get_param_partition_group",
                   "_autoep_expert_parallel_group", "model_parallel_group", "model_parallel_rank",
-                  ] + [name for name, _, _ in OTHER_PATHS]
+                  "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "micro_step_id", "offload_optimizer",
+                  "_offload_boundary_param_ids", "dtype"] + [name for name, _, _ in OTHER_PATHS]
 
 
 @pytest.mark.parametrize("policy, name", [(p, n) for p, names in GATHER_INTERNALS.items() for n in names])
