@@ -46,6 +46,7 @@ def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3
     return out
 
 
+@torch.no_grad()
 def greedy_steps(decoder, embed, prefixes: torch.Tensor, eos: int, max_len: int, first_position: int = 0,
                  body_forward: str = "auto") -> list[list[int]]:
     """Greedy token ids from latent embeddings, all prefixes as one batch (equal lengths: no
