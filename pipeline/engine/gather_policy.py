@@ -147,12 +147,12 @@ def _gather_of(engine, offload, needed: str, one_rank_partitions: bool):
     from deepspeed.runtime.zero import partition_parameters
 
     params = _zero3_params(engine)
-    partitions = _PartitionsAsParameters(params, internal(partition_parameters, "ZeroParamStatus", needed), needed)
-    internal(offload, "partition_all_parameters", needed)
-    whole = all(one_rank(group) and partition.numel() == numel
-                for group, partition, numel in zip(partitions.groups, partitions.partitions, partitions.numels))
+    whole = all(one_rank(internal(p, "ds_process_group", needed))
+                and internal(p, "ds_tensor", needed).numel() == internal(p, "ds_numel", needed) for p in params)
     if not (whole and one_rank_partitions):
         return lambda: deepspeed.zero.GatheredParameters(params)
+    partitions = _PartitionsAsParameters(params, internal(partition_parameters, "ZeroParamStatus", needed), needed)
+    internal(offload, "partition_all_parameters", needed)
     offload.partition_all_parameters = partitions.release_all       # an instance attribute shadows the method
     return partitions.step
 
@@ -168,9 +168,6 @@ class _PartitionsAsParameters:
     def __init__(self, params: list, status, needed: str):
         self.params, self.status = params, status
         self.persistent = [internal(p, "ds_persist", needed) for p in params]
-        self.groups = [internal(p, "ds_process_group", needed) for p in params]
-        self.partitions = [internal(p, "ds_tensor", needed) for p in params]
-        self.numels = [internal(p, "ds_numel", needed) for p in params]
         for p in params:
             internal(p, "ds_shape", needed)
 

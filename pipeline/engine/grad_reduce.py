@@ -134,10 +134,11 @@ class _OneRankCopy:
     the partitions (a later micro-batch), an offloaded optimizer, any other dtype or a larger group
     go through DeepSpeed's own functions."""
 
+    SLOTS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"     # ds_id -> its gradient partition
+
     def __init__(self, optimizer, params: list, needed: str):
-        self.optimizer, self.needed = optimizer, needed
-        self.slots_name = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
-        for name in (self.slots_name, "micro_step_id", "offload_optimizer", "_offload_boundary_param_ids"):
+        self.optimizer = optimizer
+        for name in (self.SLOTS, "micro_step_id", "offload_optimizer", "_offload_boundary_param_ids"):
             internal(optimizer, name, needed)
         group = internal(optimizer, "_get_param_partition_group", needed)
         experts = internal(optimizer, "_autoep_expert_parallel_group", needed)
@@ -151,14 +152,15 @@ class _OneRankCopy:
     def __call__(self, params: list) -> None:
         from deepspeed.accelerator import get_accelerator
 
-        slots = getattr(self.optimizer, self.slots_name)
+        slots = getattr(self.optimizer, self.SLOTS)
         torch._foreach_copy_([slots[p.ds_id].narrow(0, 0, p.ds_numel) for p in params],
                              [p.grad.view(-1) for p in params])
         self.optimizer._offload_boundary_param_ids.update(p.ds_id for p in params)
-        synchronized = get_accelerator().is_synchronized_device()
+        accelerator = get_accelerator()
+        stream = None if accelerator.is_synchronized_device() else accelerator.current_stream()
         for p in params:
-            if not synchronized:        # as partition_grads: the gradient may still be read by the copy's stream
-                p.grad.record_stream(get_accelerator().current_stream())
+            if stream is not None:      # as partition_grads: the gradient may still be read by the copy's stream
+                p.grad.record_stream(stream)
             p.grad = None
 
 

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from pipeline.latent.attention import pass_kind
 from pipeline.latent.collate import align_rows, positions_from_mask
-from pipeline.latent.lean_forward import ColumnRun, check_lean_support, resolve_body_forward
+from pipeline.latent.lean_forward import ColumnRun, joined_chunks, resolve_body_forward, stack_for
 from pipeline.latent.loop import fill_latents, latent_block, run_pass
 from pipeline.latent.reasoner import mask_classes
 from pipeline.latent.reference_quirks import reference_attention as reference_attention_of
@@ -48,8 +48,8 @@ def generation_stack(body_forward: str, config) -> str:
 
 def decoder_stack(body_forward: str, config) -> str:
     """The stack the step decoder runs: the base's, or transformers' model for a decoder of another
-    family (as ``LatentReasoner.stack_of`` trains it)."""
-    return generation_stack(body_forward if check_lean_support(config) is None else "transformers", config)
+    family (``lean_forward.stack_for``, as training runs it)."""
+    return generation_stack(stack_for(body_forward, config), config)
 
 
 def generation_passes(model, decoder, body_forward: str, kinds: tuple[str, ...]) -> dict[str, tuple]:
@@ -96,8 +96,7 @@ class Decoding:
     def __init__(self, body, chunks: list, mask: torch.Tensor | None, position: torch.Tensor, steps: int,
                  stack: str, kind: str = "decoding"):
         self.body, self.stack, self.kind, self.done = body, stack, kind, 0
-        past = [(torch.cat([c[i][0] for c in chunks], dim=2), torch.cat([c[i][1] for c in chunks], dim=2))
-                for i in range(body.config.num_hidden_layers)]
+        past = joined_chunks(chunks)
         if mask is None:
             mask = torch.ones(past[0][0].shape[0], past[0][0].shape[2], dtype=torch.long, device=position.device)
         self.positions = position[:, None] + torch.arange(1, steps + 1, device=position.device)

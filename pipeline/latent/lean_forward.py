@@ -275,16 +275,20 @@ class ColumnPasses(ColumnRun):
         return hidden, latents, latent
 
 
+def joined_chunks(chunks: list) -> list | None:
+    """Earlier passes' key/value chunks (each a (keys, values) per layer) as one (keys, values) per
+    layer over all their columns; a single chunk as it is, None for none."""
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else None
+    return [(torch.cat([c[i][0] for c in chunks], dim=2), torch.cat([c[i][1] for c in chunks], dim=2))
+            for i in range(len(chunks[0]))]
+
+
 def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool = False, compiled: bool = False):
     """One forward over some columns given earlier passes' key/value chunks, as
     ``pipeline.latent.loop.run_pass`` returns it: (last hidden, this pass's keys and values per
     layer, every layer's hidden states stacked or None). ``mask``: 2-D padding or 4-D, or None."""
-    past = None
-    if len(chunks) == 1:
-        past = chunks[0]
-    elif chunks:
-        past = [(torch.cat([c[i][0] for c in chunks], dim=2), torch.cat([c[i][1] for c in chunks], dim=2))
-                for i in range(len(body.layers))]
+    past = joined_chunks(chunks)
     known = 0 if past is None else past[0][0].size(2)
     cos, sin = body.rotary_emb(embeds, position_ids=positions)
     kernel_input = kernel_mask(body.config, mask, embeds.size(1), known, embeds)
@@ -298,6 +302,13 @@ def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool 
     kernel = attention_kernel(body.layers[0].self_attn)
     hidden, grown, layers = stack(body, kernel, *inputs, structure_key(body), want_layers)
     return hidden, [(k[:, :, known:], v[:, :, known:]) for k, v in grown], layers
+
+
+def stack_for(body_forward: str, config) -> str:
+    """The stack a decoder of ``config`` runs where the base runs ``body_forward``: the same, or
+    transformers' model for a family the lean forward cannot run (a step decoder of another family,
+    ``model.decoder_path``)."""
+    return body_forward if check_lean_support(config) is None else "transformers"
 
 
 def resolve_body_forward(requested: str, config) -> str:

@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.attention import pass_kind
 from pipeline.latent.batch import Batch
-from pipeline.latent.lean_forward import check_lean_support, lean_forward, resolve_body_forward
+from pipeline.latent.lean_forward import lean_forward, resolve_body_forward, stack_for
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
 from pipeline.latent.methods import IGNORE, MethodConfig, get_method
 from pipeline.latent.reference_quirks import reference_attention, row0_width
@@ -157,23 +157,16 @@ class LatentReasoner(nn.Module):
         return self
 
     # ------------------------------------------------------------------ pieces
-    def stack_of(self, body) -> str:
-        """How ``body`` runs: ``self.body_forward``, or transformers' model for a decoder of another
-        family (a step decoder from ``model.decoder_path``)."""
-        return self.body_forward if check_lean_support(body.config) is None else "transformers"
-
-    def attention_passes(self, generating: bool = False) -> dict[str, tuple]:
-        """Each kind of pass a training step (``generating``: a generation call) runs -> (the config
-        whose attention kernel it calls, its decoder stack), for the start-up report."""
-        base = (self.body.config, "lean" if generating and self.body_forward == "compiled" else self.body_forward)
+    def attention_passes(self) -> dict[str, tuple]:
+        """Each kind of pass a training step runs -> (the config whose attention kernel it calls, its
+        decoder stack), for the start-up report (generation's: ``pipeline.inference.generate``)."""
+        base = (self.body.config, self.body_forward)
         passes = {kind: base for kind in self.method.pass_kinds(self.cfg)}
-        if generating:
-            return {**passes, "decoding": base}
         if self.method.needs_teacher:
             passes["teacher"] = base
         if self.step_decoder is not None:
-            decoder = self.step_decoder.get_decoder()
-            passes["step_decoder"] = (decoder.config, self.stack_of(decoder))
+            decoder = self.step_decoder.get_decoder().config
+            passes["step_decoder"] = (decoder, stack_for(self.body_forward, decoder))
         return passes
 
     @property
@@ -214,7 +207,7 @@ class LatentReasoner(nn.Module):
         """A decoder stack over whole sequences, uncached -> (last hidden, every layer's hidden states
         stacked [L+1, B, T, d] when ``want_layers``), by ``self.body_forward``; ``kind``: which pass
         (``pipeline.latent.attention.PASS_KINDS``)."""
-        stack = self.stack_of(body)
+        stack = stack_for(self.body_forward, body.config)
         with pass_kind(kind):
             if stack != "transformers":
                 hidden, _, layers = lean_forward(body, embeds, mask, positions, [], want_layers, stack == "compiled")

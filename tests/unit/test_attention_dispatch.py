@@ -13,7 +13,7 @@ import torch
 
 from common.cli import UserError
 from pipeline.inference.decode_latents import greedy_steps
-from pipeline.inference.generate import latent_generate
+from pipeline.inference.generate import generation_passes, latent_generate
 from pipeline.latent.attention import kernel_report, pick_attention
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import MethodConfig, layout
@@ -140,8 +140,8 @@ def test_start_up_names_the_kernel_and_stack_of_every_kind_of_pass():
     model = LatentReasoner(_lm(3, KERNEL), cfg, eos_id=SP["eos"], step_decoder=_lm(4, "sdpa"), body_forward="lean")
     assert kernel_report(model.attention_passes()) == (
         f"question, latent, tail, teacher: {KERNEL} (lean stack); step_decoder: sdpa (lean stack)")
-    assert kernel_report(model.attention_passes(generating=True)) == (
-        f"question, latent, tail, decoding: {KERNEL} (lean stack)")
+    generating = generation_passes(model.base, None, "lean", model.method.pass_kinds(cfg))
+    assert kernel_report(generating) == f"question, latent, tail, decoding: {KERNEL} (lean stack)"
 
 
 def test_a_kernel_that_cannot_run_here_or_is_not_registered_is_refused_at_start_up():
