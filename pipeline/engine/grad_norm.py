@@ -4,8 +4,8 @@
 
 DeepSpeed 0.19.8's ``get_grad_norm_direct`` takes the norm of each gradient partition in a Python
 loop (two ``.to`` calls and a norm per parameter), then all-reduces the sum of squares over the
-partition group even when that group is one rank. Both are a fixed host cost per step: about
-0.5 ms of a 20 ms CoT step at the P8 shape (benchmarks/README.md, P8). This is the same
+partition group even when that group is one rank. Both are a fixed host cost per step, measured in
+benchmarks/README.md (P8). This is the same
 arithmetic with one ``torch._foreach_norm`` (its ``dtype`` is the norm dtype, as DeepSpeed's
 casts are), and no all-reduce on a group of one, where it is the identity. On a CPU the norm is
 bit-identical to DeepSpeed's (tested on one and two ranks); on CUDA the foreach kernel sums in

@@ -23,8 +23,8 @@ rank holds gradients for the same parameters.
 
 On a partition group of one rank (one GPU, or one CPU process) the reduce-scatter is the identity,
 but DeepSpeed 0.19.8 still copies every gradient of a bucket into a new flat buffer, divides it by
-one and runs the collective: about 1.2 ms of a 20 ms CoT step at the P8 shape, and a second copy of
-the bucket's gradients in memory. ``after_backward`` runs DeepSpeed's own ``__avg_scatter_grads``
+one and runs the collective: a fixed host cost per step (benchmarks/README.md, P8), and a second
+copy of the bucket's gradients in memory. ``after_backward`` runs DeepSpeed's own ``__avg_scatter_grads``
 (its casts and scalings) with only that collective replaced by the identity, while it reduces;
 DeepSpeed's hooks (``overlapped``) never see the replacement. On the first micro-batch, where the
 communication dtype is the parameters', the whole reduction is then a cast copy of each gradient

@@ -136,7 +136,7 @@ _COMPILED: dict = {}      # function -> its compiled form, made on first use (to
 def compile_stack(stack):
     """``stack`` (:func:`lean_stack`, :func:`column_block`) under ``torch.compile``. The guards on
     every module attribute are skipped (they cost more than the layers' arithmetic at small
-    shapes: 160 us a call, measured); the parameters are still the graph's inputs, read from the
+    shapes: benchmark P12); the parameters are still the graph's inputs, read from the
     modules at each call, and the ``structure`` string (:func:`structure_key`) the stack reads
     stands in for the module guards."""
     if stack not in _COMPILED:
@@ -146,7 +146,7 @@ def compile_stack(stack):
 
 
 COLUMNS_PER_GRAPH = 5   # compiled: single-column passes per graph call, fixed so that every latent count shares the
-                        # graphs (P12: a call costs ~0.6 ms of wrapper work, a pass's arithmetic less at small shapes)
+                        # graphs (a call's wrapper work outweighs a pass's arithmetic at small shapes: P12)
 
 
 def feed_column(latent: torch.Tensor, is_latent: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
