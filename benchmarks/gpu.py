@@ -56,7 +56,7 @@ GENERATED = (32, 32)     # greedy generation: prompts, new tokens
 
 
 def build_engine(method: list[str], args, kernel: str, body_forward: str, on_cuda: bool):
-    """-> (engine, the attention that runs, FlopModel, layout, gather policy) for one recipe, configured as the
+    """-> (engine, FlopModel, the method config, gather policy) for one recipe, configured as the
     trainer configures it (gradient buckets sized to the trainable parameters, the optimizer the
     DeepSpeed JSON resolves to: DeepSpeed's fused Adam on CUDA, JIT-compiled on first use)."""
     import deepspeed
@@ -70,7 +70,7 @@ def build_engine(method: list[str], args, kernel: str, body_forward: str, on_cud
                            trainable_params=sizes.trainable)
     if args.torch_adam:
         ds["optimizer"]["params"]["torch_adam"] = True
-    model, kernel, _keep = build_reasoner(run, Vocab(SPECIAL, VOCAB, VOCAB), ds, on_cuda)
+    model, _, _keep = build_reasoner(run, Vocab(SPECIAL, VOCAB, VOCAB), ds, on_cuda)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds)
     policy = policy_of(ds)
@@ -78,7 +78,7 @@ def build_engine(method: list[str], args, kernel: str, body_forward: str, on_cud
     apply_grad_reduce(engine, AFTER_BACKWARD if policy == GATHERED else OVERLAPPED)
     flop_model = FlopModel(body_params(model.base), body_params(model.step_decoder) if model.step_decoder else 0,
                            model.base.config.num_hidden_layers, model.base.config.hidden_size, VOCAB, 1)
-    return engine, kernel, flop_model, run.method, policy
+    return engine, flop_model, run.method, policy
 
 
 def policy_of(ds: dict) -> str:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped, longest = [], 0.0
     for key in [k for k in RECIPES if args.recipe in (k, "both")]:
         name, method = RECIPES[key]
-        engine, _, flop_model, cfg, policy = build_engine(method, args, "sdpa", "lean", on_cuda)
+        engine, flop_model, cfg, policy = build_engine(method, args, "sdpa", "lean", on_cuda)
         for kernel, body in cells(kernels, args.body_forward):
             expected = max(longest, args.compile_estimate if body == "compiled" else 0.0)
             if time.monotonic() - start + expected > args.deadline:
