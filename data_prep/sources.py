@@ -1,6 +1,9 @@
 """Readers that turn each raw format into :class:`Problem` records or reasoned rejects.
 
-A source is named on the command line as ``KIND:PATH[@SPLIT]`` (``hub:ID[:SPLIT]`` for the hub).
+A source is named on the command line as ``KIND:PATH[@SPLIT]``; a hub dataset as
+``hub:ID[:HUB_SPLIT][@SPLIT]`` (``HUB_SPLIT`` the hub's split expression, e.g. ``train+test``;
+``SPLIT`` ours, by default the hub split's own name). ``ID`` may be a local directory holding a
+copy of the hub repository's files.
 Every reader yields one :class:`Parsed` per input record, so ``read == accepted + rejected``
 holds by construction: nothing is dropped silently.
 """
@@ -44,6 +47,7 @@ class SourceSpec:
     kind: str
     path: str
     split: str
+    hub_split: str = ""        # hub sources: the split expression to load (e.g. train+test)
 
     @property
     def name(self) -> str:
@@ -56,8 +60,7 @@ def parse_source_spec(spec: str) -> SourceSpec:
     if not sep or kind not in READERS:
         raise ValueError(f"--source {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(READERS))}")
     if kind == "hub":
-        dataset_id, _, split = rest.partition(":")
-        return SourceSpec(kind, dataset_id, SPLIT_ALIASES.get(split or "train", split or "train"))
+        return _hub_spec(spec, rest)
     path, _, split = rest.partition("@")
     if not split:
         split = _split_from_name(path, default="test" if kind in ANSWER_ONLY else None)
@@ -65,6 +68,17 @@ def parse_source_spec(spec: str) -> SourceSpec:
         raise ValueError(f"--source {spec!r}: split {split!r} is not train, valid or test "
                          "(add @train, @valid or @test)")
     return SourceSpec(kind, path, split)
+
+
+def _hub_spec(spec: str, rest: str) -> SourceSpec:
+    rest, _, ours = rest.partition("@")
+    dataset_id, _, hub_split = rest.rpartition(":") if rest.count(":") and not os.path.isdir(rest) else (rest, "", "")
+    hub_split = hub_split or "train"
+    ours = ours or SPLIT_ALIASES.get(hub_split, "")
+    if ours not in SPLIT_ALIASES.values():
+        raise ValueError(f"--source {spec!r}: hub split {hub_split!r} is not train, valid or test; name the split it "
+                         "fills with @train, @valid or @test (e.g. hub:ChilleD/SVAMP:train+test@test)")
+    return SourceSpec("hub", dataset_id, ours, "validation" if hub_split == "valid" else hub_split)
 
 
 def _split_from_name(path: str, default: str | None) -> str:
@@ -272,26 +286,42 @@ def read_json_list(path: str, parse: Callable) -> Iterator[Parsed]:
 
 
 def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
-    """A hub dataset with GSM8K (``question, answer``), Coconut (``steps``) or iCoT (``cot``) columns
-    (``cot`` without ``<<..>>``: GSM8k-Aug-NL's sentences)."""
-    import datasets  # imported here: only users with a network need it
+    """A hub dataset (or a local copy of its files) by its columns: GSM8K (``question, answer``),
+    Coconut (``steps``), iCoT (``cot``; without ``<<..>>``: GSM8k-Aug-NL's sentences), and the
+    evaluation sets as the references load them: GSM-Hard ``juyoung-trl/gsm-hard``
+    (``instruction, response``), SVAMP ``ChilleD/SVAMP`` (``question_concat, Answer``), MultiArith
+    ``ChilleD/MultiArith`` (``question, final_ans``)."""
+    import datasets  # imported here: only users with a network (or a local copy) need it
 
-    hub_split = "validation" if split == "valid" else split
     try:
-        table = datasets.load_dataset(dataset_id, split=hub_split)
+        table = datasets.load_dataset(dataset_id, split=split)
     except ValueError:  # datasets asks for a config name, as openai/gsm8k does
-        table = datasets.load_dataset(dataset_id, "main", split=hub_split)
-    columns = set(table.column_names)
+        table = datasets.load_dataset(dataset_id, "main", split=split)
+    parse = hub_parser(set(table.column_names))
     for index, row in enumerate(table, start=1):
-        if "steps" in columns:
-            yield _each(parse_coconut, index, row)
-        elif "cot" in columns and "<<" not in str(row.get("cot")):     # GSM8k-Aug-NL: sentences, no <<..>>
-            yield _each(parse_gsm8k_aug_nl, index, row)
-        elif "cot" in columns:
-            text = f"{row.get('question', '')}||{row.get('cot', '')} #### {row.get('answer', '')}"
-            yield _each(parse_gsm8k_aug, index, text)
-        else:
-            yield _each(parse_gsm8k, index, row)
+        yield _each(parse, index, row)
+
+
+def hub_parser(columns: set[str]) -> Callable:
+    """The parser of a hub table with these columns."""
+    if "steps" in columns:
+        return parse_coconut
+    if "cot" in columns:
+        return _parse_icot_row
+    if {"instruction", "response"} <= columns:
+        return lambda row: parse_gsm_hard({"input": row.get("instruction"), "target": row.get("response")})
+    if {"question_concat", "Answer"} <= columns:
+        return lambda row: Problem(_require_text(_object(row), "question_concat").strip(), [],
+                                   _float_answer(row, "Answer"))
+    if "final_ans" in columns:
+        return parse_multiarith
+    return parse_gsm8k
+
+
+def _parse_icot_row(row: dict) -> Problem:
+    if "<<" not in str(row.get("cot")):          # GSM8k-Aug-NL: sentences, no <<..>>
+        return parse_gsm8k_aug_nl(row)
+    return parse_gsm8k_aug(f"{row.get('question', '')}||{row.get('cot', '')} #### {row.get('answer', '')}")
 
 
 READERS: dict[str, Callable[[str], Iterator[Parsed]]] = {
@@ -309,7 +339,7 @@ ANSWER_ONLY = {"gsm-hard", "svamp", "multiarith"}
 
 def read_source(spec: SourceSpec) -> Iterator[Parsed]:
     if spec.kind == "hub":
-        return read_hub(spec.path, spec.split)
+        return read_hub(spec.path, spec.hub_split or spec.split)
     if not os.path.isfile(spec.path):
         raise FileNotFoundError(f"--source {spec.name}: no such file")
     return READERS[spec.kind](spec.path)
