@@ -1,17 +1,19 @@
 """Stage 3b: benchmark a merged model on GSM8K-style sets and decode its latents.
 
     python -m pipeline.evaluate --model runs/NAME/merged --set gsm8k=data/gsm8k-test \\
-        --set gsm-hard=data/gsm-hard --split test [--batch-size 64] [--max-new-tokens 64]
+        --set gsm-hard=data/gsm-hard --split test [--batch-size 64] [--max-new-tokens 64] [--protocol codi]
 
 Each ``--set NAME=DIR`` is a shard directory from ``python -m data_prep build`` (answer-only
 evaluation sets included), made with the model's tokenizer and templates (checked). The model
 runs on this rank's GPU in bf16 where CUDA is, else on the CPU in fp32 (``--device``, ``--dtype``).
 Writes ``eval/report.json``, ``eval/report.md`` and PNG plots next to the model
 (``runs/NAME/eval``): accuracy by both published metrics, mean tokens generated
-(latents + answer), latency per problem and problems/s, model and data fingerprints, and for a
-few problems each latent decoded by the step decoder plus its logit-lens top-5. Run under
-``torchrun`` to split the sets across ranks (no problem counted twice). The work itself lives in
-``pipeline/inference/`` (merged, evaluation, decode_latents, report).
+(latents + answer), latency per problem and problems/s, model and data fingerprints, with
+``--protocol`` a paper's own rule and limits beside ours, every problem's output in
+``predictions.jsonl``, and for a few problems each latent decoded by the step decoder plus its
+logit-lens top-5. Run under ``torchrun`` to split the sets across ranks (no problem counted
+twice). The work itself lives in ``pipeline/inference/`` (merged, evaluation, decode_latents,
+report).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pipeline.inference.decode_latents import decode_latents
 from pipeline.inference.evaluation import evaluate_set
 from pipeline.inference.generate import generation_passes
 from pipeline.inference.merged import TRAINED, fingerprint, load_merged
+from pipeline.inference.protocols import PROTOCOLS
 from pipeline.inference.report import write_report
 from pipeline.latent.attention import kernel_report
 from pipeline.latent.lean_forward import BODY_FORWARDS
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--body-forward", default=TRAINED, choices=[TRAINED, *BODY_FORWARDS],
                         help="the decoder stack generation runs: trained (the one training ran), or as "
                              "model.body_forward (compiled runs lean here)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="ours",
+                        help="a paper's evaluation: its answer rule, new-token limit and batching, reported beside "
+                             "ours (pipeline/inference/protocols.py); ours: --max-new-tokens, --batch-size")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 on a GPU, fp32 on the CPU (as training runs)")
     return parser
@@ -122,14 +128,16 @@ def _main(argv: list[str] | None) -> int:
         shards = load_shards(path)
         check_set_matches_model(merged.latent, shards, path)
         records = shards.split(args.split).to_list()[:args.limit or None]
-        result = evaluate_set(merged, records, args.batch_size, args.max_new_tokens)
+        result = evaluate_set(merged, records, args.batch_size, args.max_new_tokens, PROTOCOLS[args.protocol])
         result["data_fingerprint"] = shards.manifest["tokenizer"]["fingerprint"]
         result["data"] = {"path": os.path.abspath(path), "shards": [s["sha256"] for s in
                                                                      shards.manifest["splits"][args.split]["shards"]]}
         report["sets"][name] = result
         print(f"{name}: accuracy {100 * result['accuracy_hash']:.1f}% (after '#') / "
               f"{100 * result['accuracy_number']:.1f}% (last number) on {result['n']} problems, "
-              f"{result['problems_per_s']:.1f} problems/s", flush=True)
+              f"{result['problems_per_s']:.1f} problems/s"
+              + (f"; {args.protocol} protocol {100 * result['protocol']['accuracy']:.1f}%"
+                 if result["protocol"]["accuracy"] is not None else ""), flush=True)
         if not report["latents"]:
             report["latents"] = decode_latents(merged, records, args.decode_latents)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.model)), "eval")

@@ -5,6 +5,7 @@ creates them inside ``deepspeed.zero.Init`` and an 8B model is never materialise
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -78,10 +79,16 @@ def seed_new_rows(run: RunConfig, rows: list[int], like: int | None, lm) -> list
 
 
 def init_run_method(init_from: str) -> str | None:
-    """The method of the run that wrote ``checkpoint.init_from`` (None: no config.yaml beside it)."""
+    """The method of the run that wrote ``checkpoint.init_from`` (a merged directory's, from its
+    ``latent_config.json``; None: no config.yaml beside a checkpoint)."""
     from pipeline.engine.checkpoint import init_source
     from pipeline.engine.config import load_config
+    from pipeline.inference.merged import LATENT_CONFIG
 
+    merged = os.path.join(init_from, LATENT_CONFIG)
+    if os.path.isfile(merged):
+        with open(merged, encoding="utf-8") as handle:
+            return json.load(handle)["method"]
     ckpt_dir, _tag = init_source(init_from)
     config = os.path.join(os.path.dirname(ckpt_dir), "config.yaml")
     return load_config(config).method.name if os.path.isfile(config) else None
@@ -125,13 +132,14 @@ def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda
     # model.decoder_path), never LoRA.
     decoder = (build_step_decoder(run.model.step_decoder(), vocab.size, vocab.original, attention)
                if run.method.simcot else None)
+    initialised = None
     if run.checkpoint.init_from:
         from pipeline.engine.checkpoint import load_base_weights
 
-        source, decoder_origin = load_base_weights(base, decoder, run.checkpoint.init_from, run.method.decoder_init)
+        initialised = load_base_weights(base, decoder, run.checkpoint.init_from, run.method.decoder_init)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"initialised weights from {source}"
-                  f"{f'; step decoder from {decoder_origin}' if decoder is not None else ''}", flush=True)
+            print(f"initialised weights from {initialised.source}"
+                  f"{f'; step decoder from {initialised.decoder_origin}' if decoder is not None else ''}", flush=True)
     seeded = seed_new_rows(run, list(vocab.added_ids()), new_rows_like, base)
     if seeded and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(f"token rows {seeded} start as token {new_rows_like}'s ({run.method.name})", flush=True)
@@ -144,6 +152,10 @@ def build_reasoner(run: RunConfig, vocab: Vocab, ds_config: dict | None, on_cuda
     model = LatentReasoner(base, run.method, eos_id=vocab.special["eos"], step_decoder=decoder,
                            masked_classes=get_method(run.method.name).masked_classes(vocab.special, vocab.original),
                            gradient_checkpointing=run.model.gradient_checkpointing, body_forward=body_forward)
+    if initialised and initialised.projection and model.projection is not None:
+        from pipeline.engine.checkpoint import load_projection
+
+        load_projection(model.projection, initialised.projection, initialised.source)
     if keep_alive is not None and ds_config.get("bf16", {}).get("enabled"):
         # zero.Init built the LMs in bf16; modules made outside it (CODI's projection) must match,
         # or ZeRO-3 refuses to flatten mixed dtypes (found on the H100 check).

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -202,20 +203,57 @@ def _cut_rows(weights: dict, own: dict) -> dict:
     return {key: fit(key, value) for key, value in weights.items()}
 
 
-def load_base_weights(base, decoder, init_from: str, decoder_init: str = "pretrained") -> tuple[str, str]:
-    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint. Works
-    across method changes (e.g. Coconut -> Coconut+SIM-CoT, where the module and its ZeRO
-    partitions differ) and under ZeRO-3 (rank 0 writes, then broadcast). Returns ``dir/tag`` and
-    where the decoder's weights came from (:func:`decoder_weights`)."""
-    ckpt_dir, tag = init_source(init_from)
-    state = consolidated(ckpt_dir, tag)
-    weights = {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-               for prefix in ("base.", "step_decoder.")}
-    _load_gathered(base, weights["base."], f"{ckpt_dir}/{tag}")
+class Initialised(NamedTuple):
+    """What ``checkpoint.init_from`` started a run from."""
+    source: str                  # the checkpoint's dir/tag or the merged directory
+    decoder_origin: str          # where the step decoder's weights came from (:func:`decoder_weights`)
+    projection: dict             # CODI's projection weights in the source ({}: none)
+
+
+def load_base_weights(base, decoder, init_from: str, decoder_init: str = "pretrained") -> Initialised:
+    """Start the base LM (and the step decoder, if any) from an earlier run's checkpoint or a merged
+    model directory (``pipeline.merge``'s, ``pipeline.import_reference``'s). Works across method
+    changes (e.g. Coconut -> Coconut+SIM-CoT, where the module and its ZeRO partitions differ) and
+    under ZeRO-3 (rank 0 writes, then broadcast); the projection's weights are returned for the
+    caller to load once the reasoner that holds it exists."""
+    source, weights = init_weights(init_from)
+    _load_gathered(base, weights["base."], source)
     chosen, origin = decoder_weights(weights, decoder_init)
     if decoder is not None and chosen is not None:
-        _load_gathered(decoder, chosen, f"{ckpt_dir}/{tag}", cut_vocab_rows=True)
-    return f"{ckpt_dir}/{tag}", origin
+        _load_gathered(decoder, chosen, source, cut_vocab_rows=True)
+    return Initialised(source, origin, weights["projection."])
+
+
+def init_weights(init_from: str) -> tuple[str, dict[str, dict]]:
+    """``checkpoint.init_from`` -> (what it names, its weights by part: ``base.``, ``step_decoder.``,
+    ``projection.``)."""
+    from pipeline.inference.merged import LATENT_CONFIG, PROJECTION, STEP_DECODER
+    from pipeline.releases.files import read_release
+
+    if os.path.isfile(os.path.join(init_from, LATENT_CONFIG)):
+        decoder_dir, projection = os.path.join(init_from, STEP_DECODER), os.path.join(init_from, PROJECTION)
+        from safetensors.torch import load_file
+
+        return init_from, {"base.": read_release(init_from).state,
+                           "step_decoder.": read_release(decoder_dir).state if os.path.isdir(decoder_dir) else {},
+                           "projection.": load_file(projection) if os.path.isfile(projection) else {}}
+    ckpt_dir, tag = init_source(init_from)
+    state = consolidated(ckpt_dir, tag)
+    return f"{ckpt_dir}/{tag}", {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                                 for prefix in ("base.", "step_decoder.", "projection.")}
+
+
+def load_projection(projection, weights: dict, source: str) -> None:
+    """CODI's projection from ``init_from``'s weights. Built outside ZeRO-3's ``zero.Init``, it is
+    no partitioned parameter yet: every rank loads the same weights (a rank-0 write would leave the
+    other ranks' copies, which DeepSpeed later partitions, as they were)."""
+    if any(hasattr(p, "ds_id") for p in projection.parameters()):
+        _load_gathered(projection, weights, source)
+        return
+    missing, unexpected = projection.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: its projection does not fit this run's (missing {missing}, unexpected "
+                              f"{unexpected}); set method.prj_dim / method.prj_layernorm as the source had them")
 
 
 def decoder_weights(weights: dict[str, dict], decoder_init: str) -> tuple[dict | None, str]:

@@ -1,5 +1,6 @@
-"""One evaluation set through a merged model: accuracy by both published metrics, tokens, speed
-and the latents' geometry, split across ranks without counting a problem twice.
+"""One evaluation set through a merged model: accuracy by both published metrics (and by a
+paper's protocol where one is chosen), tokens, speed and the latents' geometry, split across ranks
+without counting a problem twice; every problem's generated ids and text kept.
 
     result = evaluate_set(load_merged("runs/NAME/merged"), records, batch_size=64, max_new=64)
 """
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from pipeline.inference.generate import generate_with_latents
 from pipeline.inference.merged import MergedModel
+from pipeline.inference.protocols import PROTOCOLS, Protocol
 from pipeline.inference.scoring import hash_match, number_match
 from pipeline.latent.geometry import per_problem, summarise, vocab_centre
 
@@ -22,8 +24,11 @@ def rank_slice(n: int) -> tuple[range, int]:
     return range(rank * per, min(n, (rank + 1) * per)), per
 
 
-def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_new: int) -> dict:
-    """Greedy answers for ``records`` (this rank's share), scored and summarised over every rank."""
+def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_new: int,
+                 protocol: Protocol = PROTOCOLS["ours"]) -> dict:
+    """Greedy answers for ``records`` (this rank's share), scored and summarised over every rank;
+    ``protocol`` sets the new-token limit, the batch and one more answer rule where it has them."""
+    batch_size, max_new = protocol.batch_size or batch_size, protocol.max_new_tokens or max_new
     sp, cfg, masked = merged.special, merged.cfg, merged.masked_classes()
     mine, per_rank = rank_slice(len(records))
     centre, embedding_to_centre = vocab_centre(merged.model.get_input_embeddings().weight)
@@ -38,7 +43,7 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
             reference_attention=cfg.reference_attention, masked_classes=masked, body_forward=merged.body_forward)
         geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
         for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
-            rows.append(_scored(merged, record, new))
+            rows.append(_scored(merged, record, new, protocol))
             if geometry is not None:
                 rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
     elapsed = time.perf_counter() - start
@@ -48,15 +53,23 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
         rows = [r for part, _ in gathered for r in part]
         elapsed = max(t for _, t in gathered)
     n = len(rows)
-    return {"n": n, "accuracy_hash": sum(r["hash"] for r in rows) / max(1, n),
+    protocol_accuracy = sum(r["protocol"] for r in rows) / max(1, n) if protocol.correct else None
+    return {"n": n, "protocol": {"name": protocol.name, "rule": protocol.rule, "max_new_tokens": max_new,
+                                 "batch_size": batch_size, "accuracy": protocol_accuracy},
+            "accuracy_hash": sum(r["hash"] for r in rows) / max(1, n),
             "accuracy_number": sum(r["number"] for r in rows) / max(1, n),
             "mean_tokens": sum(r["latents"] + r["tokens"] for r in rows) / max(1, n),
             "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
-            "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5]}
+            "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5], "predictions": rows}
 
 
-def _scored(merged: MergedModel, record: dict, new: list[int]) -> dict:
+def _scored(merged: MergedModel, record: dict, new: list[int], protocol: Protocol) -> dict:
     text = merged.tokenizer.decode(new, skip_special_tokens=True)
-    return {"id": record["id"], "gold": record["answer"], "output": text, "tokens": len(new),
-            "latents": merged.n_latents(record), "hash": hash_match(text, record["answer"]),
-            "number": number_match(text, record["answer"])}
+    row = {"id": record["id"], "gold": record["answer"], "output": text, "output_ids": new, "tokens": len(new),
+           "latents": merged.n_latents(record), "hash": hash_match(text, record["answer"]),
+           "number": number_match(text, record["answer"])}
+    if protocol.correct:
+        read = merged.tokenizer.decode(merged.prompt(record) + new, skip_special_tokens=True) \
+            if protocol.with_prompt else text
+        row["protocol"] = protocol.correct(read, record["answer"])
+    return row

@@ -37,14 +37,25 @@ class NotMerged(UserError):
 
 def latent_config(run, stage: int, shards, projection: bool, source: dict) -> dict:
     """``latent_config.json`` for a checkpoint of ``run`` at curriculum ``stage``."""
-    return {"method": run.method.name, "method_config": dataclasses.asdict(run.method),
-            "simcot": run.method.simcot, "n_latents": run.method.n_latents(stage, n_steps=10**6), "stage": stage,
-            "reference_attention": run.method.reference_attention, "original_vocab_size": shards.original_vocab_size,
-            "special_tokens": shards.special_tokens, "templates": shards.manifest["templates"],
+    return latent_config_of(run.method, stage, shards.original_vocab_size, shards.special_tokens,
+                            shards.manifest["templates"], shards.manifest["tokenizer"]["fingerprint"],
+                            projection=projection, attention=run.model.attn_implementation,
+                            body_forward=run.model.body_forward, source=source)
+
+
+def latent_config_of(method: MethodConfig, stage: int, original_vocab_size: int, special: dict, templates: dict,
+                     tokenizer_fingerprint: str, *, projection: bool, attention: str, body_forward: str,
+                     source: dict) -> dict:
+    """``latent_config.json`` of a model of ``method`` at ``stage`` (a merged run's or an imported
+    release's), its tokenizer's facts and the kernel and stack it runs."""
+    return {"method": method.name, "method_config": dataclasses.asdict(method),
+            "simcot": method.simcot, "n_latents": method.n_latents(stage, n_steps=10**6), "stage": stage,
+            "reference_attention": method.reference_attention, "original_vocab_size": original_vocab_size,
+            "special_tokens": special, "templates": templates,
             "projection": PROJECTION if projection else None,
-            "attn_implementation": run.model.attn_implementation, "body_forward": run.model.body_forward,
-            "projection_shape": {"inner": run.method.prj_dim, "layernorm": run.method.prj_layernorm},
-            "tokenizer_fingerprint": shards.manifest["tokenizer"]["fingerprint"], "source": source}
+            "attn_implementation": attention, "body_forward": body_forward,
+            "projection_shape": {"inner": method.prj_dim, "layernorm": method.prj_layernorm},
+            "tokenizer_fingerprint": tokenizer_fingerprint, "source": source}
 
 
 def method_config(latent: dict) -> MethodConfig:

@@ -19,7 +19,13 @@ def pyplot():
 
 
 def write_report(report: dict, out_dir: str) -> None:
+    """``report.json``, ``report.md``, the plots, and ``predictions.jsonl`` (one line per problem:
+    its set, id, gold, generated ids and text, and each rule's verdict)."""
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w", encoding="utf-8") as handle:
+        for name, result in report["sets"].items():
+            for row in result.pop("predictions", []):
+                handle.write(json.dumps({"set": name, **row}) + "\n")
     plots = {"accuracy": plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))}
     if report["latents"] and len(report["latents"][0]["latents"]) >= 2:     # one latent: no pairs to compare
         plots["latent_similarity"] = plot_latent_similarity(report["latents"], os.path.join(out_dir,
@@ -30,6 +36,23 @@ def write_report(report: dict, out_dir: str) -> None:
                   handle, indent=2)
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown(report))
+
+
+def protocol_table(report: dict) -> list[str]:
+    """A paper's protocol beside ours, where one was chosen (``--protocol``)."""
+    chosen = {name: r["protocol"] for name, r in report["sets"].items() if r.get("protocol", {}).get("accuracy")
+              is not None}
+    if not chosen:
+        return []
+    first = next(iter(chosen.values()))
+    lines = [f"## By the {first['name']} protocol", "",
+             f"{first['rule']}; greedy, {first['max_new_tokens']} new tokens, batches of {first['batch_size']}", "",
+             "| set | accuracy (protocol) | accuracy (after '#') | accuracy (last number) |", "|---|---|---|---|"]
+    for name, p in chosen.items():
+        r = report["sets"][name]
+        lines.append(f"| {name} | {100 * p['accuracy']:.1f}% | {100 * r['accuracy_hash']:.1f}% | "
+                     f"{100 * r['accuracy_number']:.1f}% |")
+    return lines + [""]
 
 
 def markdown(report: dict) -> str:
@@ -43,7 +66,7 @@ def markdown(report: dict) -> str:
     for name, r in report["sets"].items():
         lines.append(f"| {name} | {r['n']} | {100 * r['accuracy_hash']:.1f}% | {100 * r['accuracy_number']:.1f}% | "
                      f"{r['mean_tokens']:.1f} | {1000 * r['latency_s']:.1f} ms | {r['problems_per_s']:.1f} |")
-    lines += ["", "![accuracy](accuracy.png)", ""]
+    lines += ["", "![accuracy](accuracy.png)", ""] + protocol_table(report)
     geometry = {name: r["latent_geometry"] for name, r in report["sets"].items() if r.get("latent_geometry")}
     if geometry:
         lines += ["## Latent geometry (collapse diagnostics, SIM-CoT App. H)", "",

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.unit
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 # commands of other tools the documentation tells a user to run: the network or a GPU machine's
-EXTERNAL = {"cd": None, "export": None, "huggingface-cli": {"login"}, "tensorboard": None, "git": {"clone"}}
+EXTERNAL = {"cd": None, "export": None, "hf": {"auth"}, "tensorboard": None, "git": {"clone"}}
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 
 
