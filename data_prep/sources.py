@@ -72,8 +72,10 @@ def parse_source_spec(spec: str) -> SourceSpec:
 
 def _hub_spec(spec: str, rest: str) -> SourceSpec:
     rest, _, ours = rest.partition("@")
-    dataset_id, _, hub_split = rest.rpartition(":") if rest.count(":") and not os.path.isdir(rest) else (rest, "", "")
-    hub_split = hub_split or "train"
+    dataset_id, hub_split = rest, "train"
+    if ":" in rest and not os.path.isdir(rest):
+        dataset_id, _, hub_split = rest.rpartition(":")
+        hub_split = hub_split or "train"
     ours = ours or SPLIT_ALIASES.get(hub_split, "")
     if ours not in SPLIT_ALIASES.values():
         raise ValueError(f"--source {spec!r}: hub split {hub_split!r} is not train, valid or test; name the split it "

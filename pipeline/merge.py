@@ -34,10 +34,6 @@ class MergeError(RuntimeError):
     pass
 
 
-def _take(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
-
-
 def rebuild(run, state: dict, vocab_size: int, decoder_vocab: int):
     """Base LM (LoRA merged), step decoder, the weights of its input map (a step decoder of another
     width: ``model.decoder_path``) and of CODI's projection, from a consolidated state dict."""
@@ -45,16 +41,16 @@ def rebuild(run, state: dict, vocab_size: int, decoder_vocab: int):
     base = build_lm(run.model, vocab_size, "sdpa")
     if run.model.lora.enabled:
         base = apply_lora(base, run.model.lora)
-        checkpoint.load_exact(base, _take(state, "base."), "base (LoRA)")
+        checkpoint.load_exact(base, checkpoint.take(state, "base."), "base (LoRA)")
         base = base.merge_and_unload()
     else:
-        checkpoint.load_exact(base, _take(state, "base."), "base")
+        checkpoint.load_exact(base, checkpoint.take(state, "base."), "base")
     decoder = None
     if run.method.simcot:
         decoder = build_step_decoder(run.model.step_decoder(), vocab_size, decoder_vocab, "sdpa")
-        checkpoint.load_exact(decoder, _take(state, "step_decoder."), "step_decoder", cut_vocab_rows=True)
-    decoder_in = _take(state, "decoder_in.")
-    projection = _take(state, "projection.")
+        checkpoint.load_exact(decoder, checkpoint.take(state, "step_decoder."), "step_decoder", cut_vocab_rows=True)
+    decoder_in = checkpoint.take(state, "decoder_in.")
+    projection = checkpoint.take(state, "projection.")
     if state:
         raise MergeError(f"checkpoint keys that belong nowhere: {sorted(state)[:5]}")
     return base, decoder, decoder_in, projection

@@ -203,6 +203,11 @@ def _cut_rows(weights: dict, own: dict) -> dict:
     return {key: fit(key, value) for key, value in weights.items()}
 
 
+def take(state: dict, prefix: str) -> dict:
+    """Pop every key under ``prefix`` from ``state`` -> those tensors, the prefix cut."""
+    return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+
+
 class Initialised(NamedTuple):
     """What ``checkpoint.init_from`` started a run from."""
     source: str                  # the checkpoint's dir/tag or the merged directory
@@ -239,8 +244,7 @@ def init_weights(init_from: str) -> tuple[str, dict[str, dict]]:
                            "projection.": load_file(projection) if os.path.isfile(projection) else {}}
     ckpt_dir, tag = init_source(init_from)
     state = consolidated(ckpt_dir, tag)
-    return f"{ckpt_dir}/{tag}", {prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                                 for prefix in ("base.", "step_decoder.", "projection.")}
+    return f"{ckpt_dir}/{tag}", {prefix: take(state, prefix) for prefix in ("base.", "step_decoder.", "projection.")}
 
 
 def load_projection(projection, weights: dict, source: str) -> None:

@@ -37,13 +37,14 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
         chunk = [records[i] for i in mine[offset:offset + batch_size]]
         real = len(chunk)
         chunk = chunk or [records[0]]           # an idle rank still makes the same calls; not counted
+        prompts = [merged.prompt(r) for r in chunk]
         outputs, latents, latent_mask = generate_with_latents(
-            merged.model, [merged.prompt(r) for r in chunk], merged.filled_latent_id(), sp["eos"], max_new,
+            merged.model, prompts, merged.filled_latent_id(), sp["eos"], max_new,
             pad_id=sp["pad"], project=merged.projection, sync_ranks=True, jacobi_iterations=cfg.jacobi,
             reference_attention=cfg.reference_attention, masked_classes=masked, body_forward=merged.body_forward)
         geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
-        for i, (record, new) in enumerate(list(zip(chunk, outputs))[:real]):
-            rows.append(_scored(merged, record, new, protocol))
+        for i, (record, prompt, new) in enumerate(list(zip(chunk, prompts, outputs))[:real]):
+            rows.append(_scored(merged, record, prompt, new, protocol))
             if geometry is not None:
                 rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
     elapsed = time.perf_counter() - start
@@ -63,13 +64,12 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
             "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5], "predictions": rows}
 
 
-def _scored(merged: MergedModel, record: dict, new: list[int], protocol: Protocol) -> dict:
+def _scored(merged: MergedModel, record: dict, prompt: list[int], new: list[int], protocol: Protocol) -> dict:
     text = merged.tokenizer.decode(new, skip_special_tokens=True)
     row = {"id": record["id"], "gold": record["answer"], "output": text, "output_ids": new, "tokens": len(new),
            "latents": merged.n_latents(record), "hash": hash_match(text, record["answer"]),
            "number": number_match(text, record["answer"])}
     if protocol.correct:
-        read = merged.tokenizer.decode(merged.prompt(record) + new, skip_special_tokens=True) \
-            if protocol.with_prompt else text
+        read = merged.tokenizer.decode(prompt + new, skip_special_tokens=True) if protocol.with_prompt else text
         row["protocol"] = protocol.correct(read, record["answer"])
     return row

@@ -40,8 +40,7 @@ def write_report(report: dict, out_dir: str) -> None:
 
 def protocol_table(report: dict) -> list[str]:
     """A paper's protocol beside ours, where one was chosen (``--protocol``)."""
-    chosen = {name: r["protocol"] for name, r in report["sets"].items() if r.get("protocol", {}).get("accuracy")
-              is not None}
+    chosen = {name: r["protocol"] for name, r in report["sets"].items() if r["protocol"]["accuracy"] is not None}
     if not chosen:
         return []
     first = next(iter(chosen.values()))

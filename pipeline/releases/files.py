@@ -1,7 +1,7 @@
 """A release's files: its weights in whichever layout it was saved, and its (maybe empty) config.
 
     release = read_release("internlm/SIM_COT-LLaMA3-CODI-1B")      # or a local directory / file
-    release.state, release.config, release.files
+    release.state, release.config, release.origin
 
 Layouts read: ``model.safetensors``; sharded safetensors with ``model.safetensors.index.json``;
 ``pytorch_model.bin``; Coconut's ``checkpoint_N`` (``torch.save`` of a state dict; the highest N
@@ -27,11 +27,10 @@ CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 @dataclass
 class Release:
     directory: str
-    files: list[str]                     # the weight files read, in order
     state: dict[str, torch.Tensor]
     config: dict | None = None           # its config.json (None: absent or empty)
     tokenizer_dir: str | None = None     # where a tokenizer was shipped with it
-    origin: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict)   # the source named and the weight files read, in order
 
 
 def read_release(source: str) -> Release:
@@ -48,7 +47,7 @@ def read_release(source: str) -> Release:
                 raise UserError(f"{name}: tensor {key} is also in an earlier file of the release; a release "
                                 "holds each tensor once")
             state[key] = value
-    return Release(directory, files, state, _config(directory), _tokenizer_dir(directory),
+    return Release(directory, state, _config(directory), _tokenizer_dir(directory),
                    {"source": source, "files": [os.path.basename(f) for f in files]})
 
 

@@ -1,8 +1,8 @@
 """Every tensor of a release accounted for: mapped onto the project's parts, or dropped with the
 reason, and checked against the shapes the base plus the reference's added tokens must have.
 
-    mapped = map_codi(release.state, lora_alpha=32)      # or map_coconut(release.state)
-    check_shapes(mapped.base, expected_base_shapes, "base")
+    mapped = map_codi(release.state, lora_alpha=32, conv1d=set())   # or map_coconut(release.state, input_key)
+    check_shapes(mapped.base, expected_shapes, "the base", optional={"lm_head.weight"})
 
 A release whose tensors do not fit is refused with the tensors and numbers; nothing is skipped in
 silence (the reference's ``load_state_dict(strict=False)`` skips what it does not know).
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.cli import UserError
+from pipeline.engine.checkpoint import take
 
 LORA_A = re.compile(r"^(?P<module>.+)\.lora_A\.(?P<adapter>[^.]+)\.weight$")
 # Buffers older transformers saved in state dicts: not weights; the model rebuilds them.
@@ -31,9 +32,14 @@ class Mapped:
     lora: dict = field(default_factory=dict)         # rank, alpha, modules merged
     consumed: dict[str, int] = field(default_factory=dict)   # release tensors read into each part
 
+    @property
+    def total(self) -> int:
+        """The release's tensors: each read into a part or dropped."""
+        return sum(self.consumed.values()) + len(self.dropped)
+
     def accounting(self) -> dict:
         """Where each of the release's tensors went (``import_report.json``)."""
-        return {"tensors": sum(self.consumed.values()) + len(self.dropped), "into": self.consumed,
+        return {"tensors": self.total, "into": self.consumed,
                 "lora_merged": self.lora, "dropped": [{"key": k, "why": why} for k, why in self.dropped]}
 
     def summary(self) -> str:
@@ -41,13 +47,7 @@ class Mapped:
         lora = (f"; LoRA r{self.lora['r']} alpha {self.lora['alpha']} merged into {self.lora['modules']} weights"
                 if self.lora else "")
         dropped = "".join(f"\n  dropped {key}: {why}" for key, why in self.dropped)
-        total = sum(self.consumed.values()) + len(self.dropped)
-        return f"{total} release tensors: {into}, {len(self.dropped)} dropped{lora}{dropped}"
-
-
-def take(state: dict, prefix: str) -> dict:
-    """Pop every key under ``prefix`` from ``state`` -> those tensors, the prefix cut."""
-    return {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        return f"{self.total} release tensors: {into}, {len(self.dropped)} dropped{lora}{dropped}"
 
 
 def map_codi(state: dict, lora_alpha: float, conv1d: set[str]) -> Mapped:
@@ -104,9 +104,8 @@ def merge_lora(weights: dict, alpha: float, conv1d: set[str]) -> tuple[dict, dic
     """PEFT's LoRA keys merged: ``M.base_layer.W + alpha / r * B @ A`` -> ``M.W`` (transposed for
     the ``conv1d`` modules, GPT-2's ``Conv1D`` whose weights are stored in x out)."""
     weights, merged, ranks = dict(weights), {}, set()
-    for key in [k for k in weights if LORA_A.match(k)]:
-        match = LORA_A.match(key)
-        module, adapter = match["module"], match["adapter"]
+    for match in [m for m in map(LORA_A.match, list(weights)) if m]:
+        key, module, adapter = match.string, match["module"], match["adapter"]
         a, b = weights.pop(key), weights.pop(f"{module}.lora_B.{adapter}.weight", None)
         target = f"{module}.base_layer.weight"
         if b is None or target not in weights:
@@ -133,10 +132,10 @@ def merge_lora(weights: dict, alpha: float, conv1d: set[str]) -> tuple[dict, dic
     return merged, lora
 
 
-def check_shapes(got: dict, expected: dict[str, torch.Size], part: str, tied: set[str] = frozenset(),
-                 hint: str = "") -> None:
-    """Every expected tensor present with its shape, none more: else refused with the numbers."""
-    missing = sorted(set(expected) - set(got) - set(tied))
+def check_shapes(got: dict, expected: dict[str, torch.Size], part: str, optional: set[str] = frozenset()) -> None:
+    """Every expected tensor present with its shape (those ``optional`` may be absent: a tied LM
+    head), none more: else refused with the numbers."""
+    missing = sorted(set(expected) - set(got) - set(optional))
     foreign = sorted(set(got) - set(expected))
     wrong = [f"{k}: the release has {list(got[k].shape)}, {part} needs {list(expected[k])}"
              for k in sorted(set(got) & set(expected)) if got[k].shape != expected[k]]
@@ -145,7 +144,7 @@ def check_shapes(got: dict, expected: dict[str, torch.Size], part: str, tied: se
     problems += [f"not part of {part}: {', '.join(foreign[:5])}"] if foreign else []
     problems += wrong[:5]
     if problems:
-        raise UserError(f"the release does not fit {part}{hint}: " + "; ".join(problems))
+        raise UserError(f"the release does not fit {part}: " + "; ".join(problems))
 
 
 def _drop_buffers(mapped: Mapped, weights: dict, prefix: str) -> None:

@@ -1,7 +1,7 @@
 """The tokenizer of an imported release: the base's own, with the reference's added tokens at the
 reference's ids, then the project's other latent tokens (their rows never scored).
 
-    tok, original = release_tokenizer(load_pretrained("meta-llama/Llama-3.2-1B"), "codi")
+    tok, original = release_tokenizer(load_pretrained("meta-llama/Llama-3.2-1B"), "codi", config.vocab_size)
 
 CODI resizes the base by three rows: V its ``[PAD]`` (added where the tokenizer has none; where it
 has one, row V is unused and our ``<|start-latent|>`` stands in it), V+1 ``<bot>``, V+2 ``<eot>``.

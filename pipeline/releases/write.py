@@ -12,6 +12,7 @@ tensor of the release went.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -58,6 +59,11 @@ class BaseShape:
     tables: tuple[str, str]          # the input-embedding and LM-head keys
     tied: bool
 
+    @property
+    def optional(self) -> set[str]:
+        """Tensors a release may leave out: a tied LM head (its embedding stands for it)."""
+        return {self.tables[1]} if self.tied else set()
+
 
 def import_release(opts: ImportOptions) -> tuple[str, Mapped]:
     """Read, account for and write ``opts.source`` -> (the directory written, the accounting)."""
@@ -74,14 +80,14 @@ def import_release(opts: ImportOptions) -> tuple[str, Mapped]:
         mapped = map_coconut(release.state, shape.tables[0])
     _untie(mapped, shape)
     what = f"the base ({config.model_type}, {original} tokens) plus the reference's {REFERENCE_ROWS} added rows"
-    check_shapes(mapped.base, shape.shapes, what, {shape.tables[1]} if shape.tied else set())
+    check_shapes(mapped.base, shape.shapes, what, shape.optional)
     if mapped.decoder_in:
         raise UserError("the release's step decoder has another width (pj_in.*): importing a decoder of another "
                         "model is not supported; import without it by removing decoder.* and pj_in.* from the weights")
     decoder_shape = base_shape(config, original) if mapped.decoder else None
     if decoder_shape:
         check_shapes(mapped.decoder, decoder_shape.shapes, f"a step decoder of the base at its {original} tokens",
-                     {decoder_shape.tables[1]} if decoder_shape.tied else set())
+                     decoder_shape.optional)
     method, stage = method_config(opts, mapped, config.hidden_size)
     write(opts, release, mapped, tok, config, (original, method, stage), shape)
     return opts.out, mapped
@@ -105,8 +111,6 @@ def base_config(release: Release, base: str | None):
 
 def base_shape(config, rows: int) -> BaseShape:
     """The tensors of ``config``'s causal LM at ``rows`` rows, from a model built on the meta device."""
-    import copy
-
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
@@ -169,8 +173,6 @@ def grown(weights: dict, shape: BaseShape, rows: int) -> dict:
 
 
 def _save_lm(config, weights: dict, rows: int, directory: str) -> None:
-    import copy
-
     config = copy.deepcopy(config)
     config.vocab_size = rows
     config.save_pretrained(directory)
