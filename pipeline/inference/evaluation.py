@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 
+import torch
 import torch.distributed as dist
 
 from pipeline.inference.generate import generate_with_latents
 from pipeline.inference.merged import MergedModel
 from pipeline.inference.protocols import PROTOCOLS, Protocol
 from pipeline.inference.scoring import hash_match, number_match
-from pipeline.latent.geometry import per_problem, summarise, vocab_centre
+from pipeline.latent.geometry import norm_ratio, pairwise_cosine, per_problem, summarise, vocab_centre
 
 
 def rank_slice(n: int) -> tuple[range, int]:
@@ -42,11 +43,11 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
             merged.model, prompts, merged.filled_latent_id(), sp["eos"], max_new,
             pad_id=sp["pad"], project=merged.projection, sync_ranks=True, jacobi_iterations=cfg.jacobi,
             reference_attention=cfg.reference_attention, masked_classes=masked, body_forward=merged.body_forward)
-        geometry = per_problem(latents, centre, latent_mask) if latents is not None else None
+        geometry = _geometry(merged, prompts, latents, latent_mask, centre) if latents is not None else None
         for i, (record, prompt, new) in enumerate(list(zip(chunk, prompts, outputs))[:real]):
             rows.append(_scored(merged, record, prompt, new, protocol))
             if geometry is not None:
-                rows[-1]["inter_latent_l2"], rows[-1]["to_vocab_centre_l2"] = (float(d[i]) for d in geometry)
+                rows[-1].update({key: float(values[i]) for key, values in geometry.items()})
     elapsed = time.perf_counter() - start
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -62,6 +63,17 @@ def evaluate_set(merged: MergedModel, records: list[dict], batch_size: int, max_
             "mean_tokens": sum(r["latents"] + r["tokens"] for r in rows) / max(1, n),
             "seconds": elapsed, "problems_per_s": n / elapsed, "latency_s": elapsed / max(1, n),
             "latent_geometry": summarise(rows, embedding_to_centre), "examples": rows[:5], "predictions": rows}
+
+
+def _geometry(merged: MergedModel, prompts: list[list[int]], latents, latent_mask, centre) -> dict:
+    """Each problem's latent geometry: the distances of SIM-CoT App. H, and the cosine and norm ratio
+    training watches (the norm ratio against the mean norm of the problem's own prompt embeddings)."""
+    inter, to_centre = per_problem(latents, centre, latent_mask)
+    table = merged.model.get_input_embeddings().weight
+    token_norm = torch.stack([table[torch.tensor(p, device=table.device)].float().norm(dim=-1).mean() for p in prompts])
+    return {"inter_latent_l2": inter, "to_vocab_centre_l2": to_centre,
+            "latent_cosine": pairwise_cosine(latents, latent_mask),
+            "latent_norm_ratio": norm_ratio(latents, token_norm.to(latents.device), latent_mask)}
 
 
 def _scored(merged: MergedModel, record: dict, prompt: list[int], new: list[int], protocol: Protocol) -> dict:

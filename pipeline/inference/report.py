@@ -68,13 +68,17 @@ def markdown(report: dict) -> str:
     lines += ["", "![accuracy](accuracy.png)", ""] + protocol_table(report)
     geometry = {name: r["latent_geometry"] for name, r in report["sets"].items() if r.get("latent_geometry")}
     if geometry:
-        lines += ["## Latent geometry (collapse diagnostics, SIM-CoT App. H)", "",
+        source = report["latent_config"].get("source") or {}
+        of = f" of checkpoint `{source['tag']}` (step {source.get('global_step')})" if source.get("tag") else ""
+        lines += [f"## Latent geometry{of} (collapse diagnostics, SIM-CoT App. H)", "",
                   "| set | mean pairwise L2 between latents | mean L2 to vocabulary centre "
-                  "| embedding rows to centre |",
-                  "|---|---|---|---|"]
+                  "| embedding rows to centre | mean pairwise cosine | latent / token norm |",
+                  "|---|---|---|---|---|---|"]
         for name, g in geometry.items():
-            inter = "n/a (one latent)" if g["inter_latent_l2"] is None else f"{g['inter_latent_l2']:.2f}"
-            lines.append(f"| {name} | {inter} | {g['to_vocab_centre_l2']:.2f} | {g['embedding_to_centre_l2']:.2f} |")
+            inter, cosine = (("n/a (one latent)" if g.get(k) is None else f"{g[k]:.{digits}f}")
+                             for k, digits in (("inter_latent_l2", 2), ("latent_cosine", 3)))
+            lines.append(f"| {name} | {inter} | {g['to_vocab_centre_l2']:.2f} | {g['embedding_to_centre_l2']:.2f} "
+                         f"| {cosine} | {g.get('latent_norm_ratio', float('nan')):.3g} |")
         lines.append("")
     if report["latents"]:
         picture = ("![latent similarity](latent_similarity.png)" if "latent_similarity" in report.get("plots", {})

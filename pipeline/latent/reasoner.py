@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.latent.attention import pass_kind
 from pipeline.latent.batch import Batch
+from pipeline.latent.geometry import pairwise_cosine
 from pipeline.latent.lean_forward import lean_forward, resolve_body_forward, stack_for
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
 from pipeline.latent.methods import IGNORE, MethodConfig, get_method
@@ -250,17 +251,16 @@ class LatentReasoner(nn.Module):
                       latent_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Collapse diagnostics over each row's latents (``latent_mask``; None: all): latent norm
         over token-embedding norm, and the mean pairwise cosine of one problem's latents (1.0 =
-        every latent the same direction; problems with fewer than two latents left out)."""
+        every latent the same direction; problems with fewer than two latents left out, 0 when no
+        problem has two)."""
         if latent_mask is None:
             latent_mask = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
         real = latent_mask.to(latents.dtype)
         norms = latents.norm(dim=-1)
         ratio = (norms * real).sum() / real.sum().clamp(min=1) / token_embeds.norm(dim=-1).mean().clamp(min=1e-12)
-        unit = F.normalize(latents.float(), dim=-1) * real[..., None].float()
-        n = real.float().sum(dim=1)
-        pairs = n * (n - 1)
-        per_row = (unit @ unit.transpose(1, 2)).sum(dim=(1, 2)).sub(n).div(pairs.clamp(min=1))
-        cosine = (per_row * (pairs > 0)).sum() / (pairs > 0).sum().clamp(min=1)
+        per_row = pairwise_cosine(latents, latent_mask)
+        paired = ~per_row.isnan()
+        cosine = per_row.nan_to_num(0.0).sum() / paired.sum().clamp(min=1)
         return {"latent_norm_ratio": ratio, "latent_cosine": cosine}
 
     def _teacher(self, batch: Batch, embeds: torch.Tensor, passes) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,11 @@ def test_evaluation_writes_readable_reports_and_plots(trained, tiny_shards, tmp_
     assert len(report["latents"]) == 2 and len(report["latents"][0]["decoded_steps"]) == 2   # one per fed latent
     assert len(report["latents"][0]["logit_lens_top5"][0]) == 5
     assert "| synth | 12 |" in (out / "report.md").read_text()
+    geometry = synth["latent_geometry"]           # what training watches, per checkpoint
+    assert -1 <= geometry["latent_cosine"] <= 1 and geometry["latent_norm_ratio"] > 0
+    assert all(-1 <= row["latent_cosine"] <= 1 for row in synth["examples"])
+    tag, step = report["latent_config"]["source"]["tag"], report["latent_config"]["source"]["global_step"]
+    assert f"## Latent geometry of checkpoint `{tag}` (step {step})" in (out / "report.md").read_text()
     import matplotlib.image
     for png in ("accuracy.png", "latent_similarity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from experiments.jobs import Job, JobFailed, done_record, run_jobs
 from experiments.sweep import SweepPlan, check_settings, final_runs, jobs_for
 from experiments.sweep_methods import CHAINED
 from pipeline.engine.sampler import RankSharding, rank_indices
-from pipeline.latent.geometry import per_problem, summarise, vocab_centre
+from pipeline.latent.geometry import norm_ratio, pairwise_cosine, per_problem, summarise, vocab_centre
 
 pytestmark = pytest.mark.unit
 
@@ -36,12 +36,19 @@ def test_latent_geometry_against_hand_computed_distances():
     inter, to_centre = per_problem(latents, torch.tensor([0.0, 0.0]), mask)
     assert inter[0].item() == pytest.approx(5.0) and torch.isnan(inter[1])
     assert torch.allclose(to_centre, torch.tensor([2.5, 2 ** 0.5]))
+    cosine = pairwise_cosine(torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]], [[1.0, 1.0], [2.0, 2.0], [0.0, 1.0]]]),
+                             torch.tensor([[True, True, True], [True, True, False]]))
+    assert torch.allclose(cosine, torch.tensor([1 / 3, 1.0]))           # (0 + 1 + 0) / 3 pairs; the masked one out
+    assert torch.isnan(pairwise_cosine(latents[:, :1])).all()
+    ratio = norm_ratio(latents, torch.tensor([5.0, 2 ** 0.5]), mask)
+    assert torch.allclose(ratio, torch.tensor([0.5, 1.0]))   # norms 0 and 5 over 5; sqrt 2 over itself
     centre, spread = vocab_centre(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]))
     assert torch.equal(centre, torch.zeros(2)) and spread == pytest.approx(1.5)
-    rows = [{"inter_latent_l2": 2.0, "to_vocab_centre_l2": 4.0}, {"inter_latent_l2": float("nan"),
-                                                                   "to_vocab_centre_l2": 6.0}, {"hash": True}]
-    assert summarise(rows, 1.5) == {"inter_latent_l2": 2.0, "to_vocab_centre_l2": 5.0,
-                                    "embedding_to_centre_l2": 1.5, "problems": 2}
+    rows = [{"inter_latent_l2": 2.0, "to_vocab_centre_l2": 4.0, "latent_cosine": 0.5, "latent_norm_ratio": 2.0},
+            {"inter_latent_l2": float("nan"), "to_vocab_centre_l2": 6.0, "latent_cosine": float("nan"),
+             "latent_norm_ratio": 4.0}, {"hash": True}]
+    assert summarise(rows, 1.5) == {"inter_latent_l2": 2.0, "to_vocab_centre_l2": 5.0, "latent_cosine": 0.5,
+                                    "latent_norm_ratio": 3.0, "embedding_to_centre_l2": 1.5, "problems": 2}
     assert summarise([{"hash": True}], 1.5) is None
 
 
