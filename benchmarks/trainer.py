@@ -83,10 +83,11 @@ def trainer_side(pace, shards: str, work: str, steps: int) -> None:
     from pipeline.engine.trainer import Trainer
 
     class Paced(Trainer):
-        def _log_step(self, stage: int) -> None:
-            super()._log_step(stage)
+        def _log_step(self, stage: int) -> dict[str, float]:
+            metrics = super()._log_step(stage)
             pace(time.perf_counter() - self.mark)
             self.mark = time.perf_counter()
+            return metrics
 
     trainer = Paced(recipe(shards, work, steps))
     try:

@@ -14,6 +14,7 @@ import sys
 DATA_ERROR_EXIT = 1      # corrupted shards or checkpoints: the message names the file
 MISTAKE_EXIT = 2         # a user's mistake: the message names the input and the fix
 PLAN_EXIT = 3            # the memory plan says the run does not fit its hardware
+NUMERIC_EXIT = 4         # training stopped on numerical faults or latent collapse (the last good checkpoint kept)
 REQUEUE_EXIT = 75        # EX_TEMPFAIL: checkpointed on a signal, run me again (the sbatch script requeues)
 
 

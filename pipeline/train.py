@@ -39,7 +39,8 @@ def _main(argv: list[str] | None) -> int:
     from pipeline.engine.checkpoint import CheckpointError
     from pipeline.engine.config import load_config
     from pipeline.engine.distributed import teardown
-    from pipeline.engine.trainer import PlanError, Trainer
+    from pipeline.engine.engine_plan import PlanError
+    from pipeline.engine.trainer import Trainer
 
     run = load_config(args.config, args.overrides)      # a mistake there: one line, exit 2 (run_cli)
     try:

@@ -111,6 +111,20 @@ class TrainSettings:
     deepspeed_check: Literal["enforce", "warn"] = "enforce"   # enforce: the ZeRO-3 patches refuse a DeepSpeed
                                         # version they are not tested on (engine/deepspeed_internals.py)
     stop_at_step: int = 0               # checkpoint and exit 75 here, as on a preemption signal (time-sliced jobs)
+    # numerical faults and latent collapse (pipeline/engine/guard.py, docs/training.md)
+    max_bad_steps: int = 3              # steps in a row whose loss or gradient norm is not finite (each one
+                                        # updates nothing) before on_bad acts
+    on_bad: Literal["stop", "rollback"] = "stop"   # stop: exit 4; rollback: reload the last good checkpoint
+                                        # and skip the offending batches
+    spike_factor: float = 4.0           # a loss above this many times its running mean is a spike (0: off)
+    spike_window: int = 50              # steps in that running mean (and steps watched before the first check)
+    on_spike: Literal["warn", "stop", "rollback"] = "warn"
+    collapse_cosine: float = 0.99       # the latents' mean pairwise cosine above this is collapse (0: off)
+    collapse_norm_ratio: list = field(default_factory=list)   # [low, high]: a latent/token norm ratio outside
+                                        # it is collapse too (empty: not watched; its scale is the model's)
+    collapse_patience: int = 5          # logged steps in a row (train.log_every) before on_collapse acts
+    on_collapse: Literal["warn", "stop"] = "warn"
+    skip_steps: list = field(default_factory=list)   # optimizer steps whose batches are never trained on
 
     def __post_init__(self):
         check_choices(self)
@@ -245,6 +259,15 @@ def validate(config: RunConfig) -> None:
         (0 <= t.warmup_ratio < 1 and 0 <= t.min_lr_ratio <= 1,
          "train.warmup_ratio must be in [0, 1) and train.min_lr_ratio in [0, 1]"),
         (t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0: micro x grad_accum x ranks)"),
+        (t.max_bad_steps >= 1 and t.spike_window >= 1 and t.collapse_patience >= 1,
+         "train.max_bad_steps, train.spike_window and train.collapse_patience must be >= 1"),
+        (t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor must be > 1 (0: spikes not watched)"),
+        (0 <= t.collapse_cosine <= 1, "train.collapse_cosine must be in [0, 1] (0: not watched)"),
+        (not t.collapse_norm_ratio or (len(t.collapse_norm_ratio) == 2
+                                       and 0 <= t.collapse_norm_ratio[0] < t.collapse_norm_ratio[1]),
+         "train.collapse_norm_ratio must be [low, high] with 0 <= low < high, or [] (not watched)"),
+        (all(isinstance(s, int) and s >= 1 for s in t.skip_steps),
+         "train.skip_steps must list optimizer steps (integers >= 1), e.g. train.skip_steps=[41,42]"),
     ]
     for ok, message in checks:
         if not ok:

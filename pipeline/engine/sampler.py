@@ -7,7 +7,7 @@ the accumulation steps): no rank waits on a collective the others never reach.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,17 @@ def rank_indices(n_records: int, sharding: RankSharding, epoch: int, shuffle: bo
     if max_steps:
         n_batches = min(n_batches, max_steps * sharding.grad_accum)
     return [mine[i * sharding.micro_batch_size:(i + 1) * sharding.micro_batch_size] for i in range(n_batches)]
+
+
+def step_records(n_records: int, sharding: RankSharding, epoch: int, shuffle: bool, max_steps: int,
+                 step_in_epoch: int) -> dict[int, list[int]]:
+    """Every rank's record indices of the ``step_in_epoch``-th optimizer step (1-based) of ``epoch``:
+    a batch's identity, found without asking the other ranks."""
+    accum, records = sharding.grad_accum, {}
+    for rank in range(sharding.world):
+        mine = rank_indices(n_records, replace(sharding, rank=rank), epoch, shuffle, max_steps)
+        records[rank] = [i for batch in mine[(step_in_epoch - 1) * accum:step_in_epoch * accum] for i in batch]
+    return records
 
 
 def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: MethodConfig,

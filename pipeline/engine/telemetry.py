@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.engine.guard import keep_or_poison
 from pipeline.latent.batch import Batch
 
 # Dense bf16 peak per device, FLOP/s (vendor datasheets, no sparsity).
@@ -89,11 +90,12 @@ def body_params(lm) -> int:
 
 
 class StepMeter:
-    """One optimizer step's metrics with a single host sync: losses are summed on the device as
-    the micro-batches come (no ``.item()`` per loss), token and FLOP counts come from the batch
-    while it is still on the CPU, and :meth:`finish` all-reduces everything in one tensor and
-    reads it back once. The first ``warmup`` steps of a process are left out of the step time
-    behind the ETA (start-up, allocator growth)."""
+    """One optimizer step's metrics with one all-reduce and one host sync: losses are summed on
+    the device as the micro-batches come (no ``.item()`` per loss), token and FLOP counts come from
+    the batch while it is still on the CPU; :meth:`reduce` all-reduces everything in one tensor
+    before the step's last backward (the guard's multiplier comes from it, pipeline/engine/guard.py),
+    :meth:`finish` reads it back once after the optimizer step. The first ``warmup`` steps of a
+    process are left out of the step time behind the ETA (start-up, allocator growth)."""
 
     def __init__(self, flop_model: FlopModel, peak: float, world: int, device: torch.device, warmup: int = 3):
         self.flop_model, self.peak, self.world, self.device, self.warmup = flop_model, peak, world, device, warmup
@@ -104,6 +106,7 @@ class StepMeter:
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = [0.0, 0.0, 0.0]           # tokens, samples, FLOPs
+        self.reduced: tuple[list[str], torch.Tensor] | None = None
         self.start = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], cpu_batch: Batch) -> None:
@@ -114,15 +117,22 @@ class StepMeter:
         self.counts[1] += cpu_batch.input_ids.size(0)
         self.counts[2] += step_flops(cpu_batch, self.flop_model)
 
-    def finish(self, micro_batches: int, steps_left: int) -> dict[str, float]:
-        """Means over micro-batches and ranks, throughput, MFU (%), step time, ETA, memory."""
+    def reduce(self) -> torch.Tensor:
+        """Sum the step's losses and counts over the ranks (same cadence on every rank: no hang)
+        -> :func:`keep_or_poison` of the summed total loss, on the device."""
         import torch.distributed as dist
 
         keys = sorted(self.sums)
         packed = torch.cat([torch.stack([self.sums[k] for k in keys]),
                             torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
         if dist.is_initialized():
-            dist.all_reduce(packed)             # same cadence on every rank: no hang
+            dist.all_reduce(packed)
+        self.reduced = (keys, packed)
+        return keep_or_poison(packed[keys.index("total")])
+
+    def finish(self, micro_batches: int, steps_left: int) -> dict[str, float]:
+        """Means over micro-batches and ranks, throughput, MFU (%), step time, ETA, memory."""
+        keys, packed = self.reduced
         values = packed.tolist()                # the step's one device-to-host sync
         elapsed = time.perf_counter() - self.start
         self.seen += 1
@@ -174,6 +184,16 @@ class MetricsLog:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+
+    def event(self, step: int, kind: str, count: int, message: str, fields: dict) -> None:
+        """A finding of the guard: a row of its own in ``metrics.jsonl`` (``"event": kind``), its text
+        and its running count (``events/KIND``) in TensorBoard."""
+        if not self.enabled:
+            return
+        self.writer.add_text(f"events/{kind}", message, step)
+        self.writer.add_scalar(f"events/{kind}", count, step)
+        self.jsonl.write(json.dumps({"step": step, "event": kind, "message": message, **fields}) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:

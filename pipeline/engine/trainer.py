@@ -10,24 +10,24 @@ import math
 import os
 import socket
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from common.cli import REQUEUE_EXIT, UserError
+from common.cli import NUMERIC_EXIT, REQUEUE_EXIT, UserError
 from data_prep import load_shards
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
 from pipeline.engine.config import RunConfig, for_world, save_config
 from pipeline.engine.deepspeed_internals import DeepSpeedInternalError
 from pipeline.engine.distributed import StopFlag, init_distributed
-from pipeline.engine.ds_config import resolve_ds_config, streamed_zero_settings, zero_stage
-from pipeline.engine.gather_policy import GATHERED, REPLICATED, STREAMED, apply_gather_policy, step_gather
-from pipeline.engine.grad_reduce import AFTER_BACKWARD, OVERLAPPED, apply_grad_reduce
-from pipeline.engine.memory_plan import local_hardware, make_plan
-from pipeline.engine.model_shapes import model_sizes
-from pipeline.engine.sampler import RankSharding, iter_batches, rank_indices, stage_for_epoch
+from pipeline.engine.ds_config import zero_stage
+from pipeline.engine.engine_plan import plan_engine
+from pipeline.engine.gather_policy import apply_gather_policy, step_gather
+from pipeline.engine.grad_reduce import apply_grad_reduce
+from pipeline.engine.guard import ROLLBACK, STOP, Finding, NumericGuard, StepFacts, local_weights_finite
+from pipeline.engine.progress import Progress, Rollback
+from pipeline.engine.sampler import RankSharding, iter_batches, rank_indices, stage_for_epoch, step_records
 from pipeline.engine.schedule import lr_factor
 from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_params, format_eta, peak_flops
 from pipeline.latent.attention import kernel_report
@@ -35,28 +35,6 @@ from pipeline.latent.methods import get_method, layout
 from pipeline.latent.vocab import Vocab
 
 TARGET_SAMPLE = 10_000     # train records the start-up report on decoder targets reads
-
-
-class PlanError(RuntimeError):
-    """The memory plan says this run does not fit its hardware."""
-
-
-@dataclass
-class Progress:
-    """Everything besides the engine that a resume needs (saved as DeepSpeed client state)."""
-    epoch: int = 0
-    micro_in_epoch: int = 0
-    global_step: int = 0
-    best_valid: float = math.inf
-    best_tag: str = ""
-    stage: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _chosen_by(run: RunConfig, key: str) -> str:
-    return "memory plan" if getattr(run.train, key) == "auto" else f"train.{key}"
 
 
 class Trainer:
@@ -82,7 +60,9 @@ class Trainer:
         self.stop = StopFlag()
         self.peak, self.peak_name = peak_flops(self.on_cuda)
         self.meter = StepMeter(self.flop_model, self.peak, self.world, self.device)
+        self.rolled_back_to = ""
         self._resume()
+        self.guard = NumericGuard(run.train, self.progress.guard)
 
     # ---------------------------------------------------------------- setup
     def _check_shards_feed_the_method(self) -> None:
@@ -104,45 +84,13 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
-    def _plan_memory(self, bf16: bool) -> None:
-        """Size the model on the meta device, resolve the DeepSpeed JSON, run the memory plan
-        (printed) and take its gather policy and gradient reduction; a plan that does not fit stops
-        here (exit 3).
-        Rank 0's plan decides for every rank: ranks that chose differently would not meet in
-        the same collectives."""
-        run = self.run
-        sizes = model_sizes(run, self.vocab.size, self.vocab.original)
-        self.ds_config = resolve_ds_config(run.deepspeed, run, self.world, sizes.hidden, self.on_cuda, bf16,
-                                           sizes.trainable)
-        plan = make_plan(run, sizes, self.ds_config, local_hardware(self.world, self.device))
-        self.say(plan.render())
-        decision = [plan.fits, plan.policy, plan.grad_reduce, f"{plan.reason}; {'; '.join(plan.advice)}"]
-        if dist.is_initialized():
-            dist.broadcast_object_list(decision, src=0)
-        fits, policy, grad_reduce, why = decision
-        if not fits and run.train.memory_plan == "enforce":
-            raise PlanError(f"{why} (or train.memory_plan=warn to try anyway)")
-        stage = zero_stage(self.ds_config)
-        self.gather_policy = REPLICATED if stage < 3 else (
-            policy if run.train.zero3_gather == "auto" else run.train.zero3_gather)
-        if self.gather_policy == STREAMED:
-            self.ds_config["zero_optimization"].update(streamed_zero_settings(sizes.layer, sizes.largest_module))
-        self.grad_reduce = run.train.grad_reduce
-        if self.grad_reduce == "auto":       # the plan's choice holds for the policy it picked
-            self.grad_reduce = grad_reduce if self.gather_policy == policy == GATHERED else OVERLAPPED
-        if self.grad_reduce == AFTER_BACKWARD and self.gather_policy != GATHERED:
-            raise UserError(f"train.grad_reduce=after_backward goes with ZeRO-3's gathered policy, not "
-                            f"{self.gather_policy} (ZeRO-{stage}, {run.deepspeed}); set train.grad_reduce=overlapped")
-        self.say(f"ZeRO-{stage} parameters: {self.gather_policy} ({_chosen_by(run, 'zero3_gather')}); gradients "
-                 f"reduced {self.grad_reduce.replace('_', ' ')} ({_chosen_by(run, 'grad_reduce')})")
-
     def _build_engine(self) -> None:
         import deepspeed
 
         run, vocab_size = self.run, self.vocab.size
         bf16 = run.model.dtype == "bf16" or (run.model.dtype == "auto" and self.on_cuda)
-        self._plan_memory(bf16)
-        self._check_body_forward()
+        self.ds_config, self.gather_policy, self.grad_reduce = plan_engine(run, self.vocab, self.world, self.device,
+                                                                           bf16, self.say)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(run, os.path.join(self.run_dir, "config.yaml"))
@@ -174,14 +122,6 @@ class Trainer:
                                     base.config.num_hidden_layers, base.config.hidden_size, vocab_size,
                                     self.run.method.slot_width(), self.run.method.jacobi or 0)
 
-    def _check_body_forward(self) -> None:
-        """Before the model is built: a compiled forward reads the weights as plain tensors, which
-        ZeRO-3 holds only under the gathered policy (its module hooks removed for the step)."""
-        if self.run.model.body_forward == "compiled" and self.gather_policy not in (GATHERED, REPLICATED):
-            raise UserError(f"model.body_forward=compiled needs ZeRO-3's gathered policy (this run: "
-                            f"{self.gather_policy}); set model.body_forward=lean, or train.zero3_gather=gathered "
-                            "where the memory plan allows it")
-
     def _scheduler(self, optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.total_steps,
                                                                                    self.run.train))
@@ -189,8 +129,7 @@ class Trainer:
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag:
-            state = checkpoint.load(self.engine, self.ckpt_dir, tag)
-            self.progress = Progress(**{k: state[k] for k in Progress().as_dict() if k in state})
+            self.progress = Progress.of(checkpoint.load(self.engine, self.ckpt_dir, tag))
             self.say(f"resumed from {self.ckpt_dir}/{tag}: epoch {self.progress.epoch}, "
                      f"step {self.progress.global_step}, stage {self.progress.stage}")
 
@@ -206,27 +145,41 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def fit(self) -> int:
         """Train to the end (or ``max_steps``); returns the process exit code."""
-        run, p = self.run, self.progress
         if self._done():
-            self.say(f"nothing to do: already at train.max_steps={run.train.max_steps}")
+            self.say(f"nothing to do: already at train.max_steps={self.run.train.max_steps}")
             return 0
         try:            # the metrics are closed on every way out: pipeline.train exits without finalizers
-            for epoch in range(p.epoch, run.train.epochs):
-                stage = stage_for_epoch(epoch, run.curriculum, run.method.name)
-                if epoch != p.epoch or p.micro_in_epoch == 0:
-                    self._maybe_reset_optimizer(epoch, stage)
-                p.epoch, p.stage = epoch, stage
-                code = self._train_epoch(epoch, stage)
-                if code is not None:
-                    return code
-                p.epoch, p.micro_in_epoch = epoch + 1, 0
-                valid = self.validate(stage) if run.train.validate and self.valid_records else None
-                self._save(checkpoint.epoch_tag(epoch), valid)
-                if self._done():
+            while True:
+                try:
+                    code = self._fit_epochs()
                     break
+                except Rollback as back:
+                    code = self._roll_back(back.finding)
+                    if code is not None:
+                        break
         finally:
             self.log.close()
-        self.say(f"finished: {p.global_step} steps; checkpoints in {self.ckpt_dir}")
+        if code == 0:
+            self.say(f"finished: {self.progress.global_step} steps; checkpoints in {self.ckpt_dir}")
+        return code
+
+    def _fit_epochs(self) -> int:
+        run, p = self.run, self.progress
+        for epoch in range(p.epoch, run.train.epochs):
+            stage = stage_for_epoch(epoch, run.curriculum, run.method.name)
+            if epoch != p.epoch or p.micro_in_epoch == 0:
+                self._maybe_reset_optimizer(epoch, stage)
+            p.epoch, p.stage = epoch, stage
+            code = self._train_epoch(epoch, stage)
+            if code is not None:
+                return code
+            p.epoch, p.micro_in_epoch = epoch + 1, 0
+            valid = self.validate(stage) if run.train.validate and self.valid_records else None
+            code = self._checkpoint(checkpoint.epoch_tag(epoch), valid)
+            if code is not None:
+                return code
+            if self._done():
+                break
         return 0
 
     def _done(self) -> bool:
@@ -244,39 +197,132 @@ class Trainer:
     def _train_epoch(self, epoch: int, stage: int) -> int | None:
         p, t = self.progress, self.run.train
         indices = self._indices(epoch)
-        batches = iter_batches(self.train_records, indices[p.micro_in_epoch:], self.special, self.run.method, stage,
+        before = p.global_step - p.micro_in_epoch // t.grad_accum          # the step before the epoch's first
+        skip = set(t.skip_steps) | set(p.skipped)
+        todo = [i for i in range(p.micro_in_epoch, len(indices)) if before + i // t.grad_accum + 1 not in skip]
+        batches = iter_batches(self.train_records, [indices[i] for i in todo], self.special, self.run.method, stage,
                                self.prefix_ids, draw_seed=f"{self.run.train.seed}/{epoch}")
         self.engine.train()
         bar = self._progress_bar(len(indices) // t.grad_accum, epoch, stage)
-        for batch in batches:
-            if p.micro_in_epoch % t.grad_accum == 0:        # an optimizer step starts: diagnose if it is logged
+        for position, batch in zip(todo, batches):
+            if self._pass_skipped(position):
+                return None
+            if position % t.grad_accum == 0:        # an optimizer step starts: diagnose if it is logged
                 self.engine.module.diagnostics = self._logs(p.global_step + 1)
-            with step_gather(self.engine, self.gather_policy):
-                losses = self.engine(batch.to(self.device))
-                self.engine.backward(losses["total"])
-            self.engine.step()
-            p.micro_in_epoch += 1
-            self.meter.add(losses, batch)
+            self._micro_step(batch, last=(position + 1) % t.grad_accum == 0)
             if p.micro_in_epoch % t.grad_accum:
                 continue
             p.global_step += 1
-            self._log_step(stage)
+            code = self._act(self._judge_step(stage), epoch)
+            if code is not None:
+                return code
             if bar:
                 bar.update(1)
             if self.stop.agreed(self.device) or p.global_step == t.stop_at_step:
                 return self._stop_for_requeue()
             every = self.run.checkpoint.every_steps
             if every and p.global_step % every == 0 and p.micro_in_epoch < len(indices):
-                self._save(f"step{p.global_step}", None)
+                code = self._checkpoint(f"step{p.global_step}", None)
+                if code is not None:
+                    return code
             if self._done():
                 return None
+        self._pass_skipped(len(indices))
         if bar:
             bar.close()
         return None
 
+    def _micro_step(self, batch, last: bool) -> None:
+        """Forward, backward and DeepSpeed's step of one micro-batch; on a step's ``last`` one the
+        loss is multiplied by the guard's factor (1.0, or NaN when the step's loss is not finite on
+        some rank: its update is then skipped on every rank)."""
+        with step_gather(self.engine, self.gather_policy):
+            losses = self.engine(batch.to(self.device))
+            self.meter.add(losses, batch)
+            total = losses["total"]
+            if last:
+                total = total * self.meter.reduce().to(total.dtype)
+            self.engine.backward(total)
+        self.engine.step()
+        self.progress.micro_in_epoch += 1
+
+    def _pass_skipped(self, position: int) -> bool:
+        """Count the skipped steps before micro-batch ``position``; whether the run is done."""
+        p, t = self.progress, self.run.train
+        while p.micro_in_epoch < position and not self._done():
+            p.micro_in_epoch += t.grad_accum
+            p.global_step += 1
+            self.say(f"step {p.global_step}: not trained on (train.skip_steps or a rollback)")
+        return self._done()
+
+    def _judge_step(self, stage: int) -> list[Finding]:
+        metrics = self._log_step(stage)
+        facts = StepFacts(self.progress.global_step, stage, metrics["loss/total"], metrics.get("grad_norm"),
+                          self.engine.was_step_applied(), metrics)
+        if facts.applied and not math.isfinite(facts.loss):
+            raise RuntimeError(f"step {facts.step}: DeepSpeed applied an update whose loss is {facts.loss} "
+                               f"({self.run.deepspeed}); this configuration does not skip non-finite steps")
+        return self.guard.after_step(facts)
+
+    def _act(self, findings: list[Finding], epoch: int) -> int | None:
+        """Report each finding; stop (the exit code), roll back (raised), or go on (None)."""
+        for finding in findings:
+            self._report(finding, epoch)
+        for finding in findings:
+            if finding.action == ROLLBACK:
+                raise Rollback(finding)
+            if finding.action == STOP:
+                return self._stop_on(finding)
+        return None
+
+    def _report(self, finding: Finding, epoch: int) -> None:
+        p, t = self.progress, self.run.train
+        fields = {"action": finding.action, "epoch": epoch, "stage": p.stage, **finding.figures}
+        batch = ""
+        if finding.kind in ("bad_step", "spike") and self.rank == 0:
+            in_epoch = p.micro_in_epoch // t.grad_accum
+            by_rank = step_records(len(self.train_records), self._sharding(), epoch, t.shuffle, t.steps_per_epoch,
+                                   in_epoch)
+            ids = [self.train_records[i]["id"] for rank in sorted(by_rank) for i in by_rank[rank]]
+            fields.update({"step_in_epoch": in_epoch, "records": by_rank, "problem_ids": ids})
+            shown = ", ".join(map(str, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+            batch = f" [epoch {epoch}, step {in_epoch} of the epoch, problems {shown}]"
+        counts = {"bad_step": p.guard.bad_total, "spike": p.guard.spikes, "collapse": p.guard.collapses}
+        self.log.event(finding.step, finding.kind, counts.get(finding.kind, p.guard.bad_total), finding.message,
+                       fields)
+        level = "error" if finding.action in (STOP, ROLLBACK) else "warning"
+        self.say(f"{level}: {finding.message}{batch}")
+
+    def _stop_on(self, finding: Finding, why: str = "") -> int:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        last = (f"the last good checkpoint: {self.ckpt_dir}/{tag}. The same command resumes from it" if tag
+                else "no checkpoint was written yet. The same command starts over")
+        steps = ",".join(map(str, finding.steps))
+        skip = f"; train.skip_steps=[{steps}] leaves these batches out" if steps else ""
+        self.say(f"stopped at step {self.progress.global_step} ({why or finding.kind}); {last}{skip}. "
+                 f"Exit {NUMERIC_EXIT}")
+        if dist.is_initialized():
+            dist.barrier()
+        return NUMERIC_EXIT
+
+    def _roll_back(self, finding: Finding) -> int | None:
+        """Reload the last good checkpoint; the finding's steps are never trained on from then on."""
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None or tag == self.rolled_back_to:
+            why = "no checkpoint to roll back to" if tag is None else f"rolled back to {tag} before; bad again"
+            return self._stop_on(finding, why)
+        self.progress = self.progress.rolled_back(checkpoint.load(self.engine, self.ckpt_dir, tag), finding)
+        self.guard = NumericGuard(self.run.train, self.progress.guard)
+        self.rolled_back_to = tag
+        self.say(f"rolled back to {self.ckpt_dir}/{tag} (step {self.progress.global_step}); steps "
+                 f"{list(finding.steps)} will not be trained on")
+        return None
+
     def _stop_for_requeue(self) -> int:
         p = self.progress
-        self._save(f"step{p.global_step}", None)
+        code = self._checkpoint(f"step{p.global_step}", None)
+        if code is not None:
+            return code
         why = f"signal {self.stop.signal}" if self.stop.signal else "train.stop_at_step"
         if self.rank == 0:   # the sbatch script requeues the job when it finds this file
             open(os.path.join(self.run_dir, "REQUEUE"), "w").close()
@@ -298,7 +344,7 @@ class Trainer:
         """Whether optimizer step ``step`` is printed (and its latents' collapse diagnostics computed)."""
         return step % self.run.train.log_every == 0 or step == 1
 
-    def _log_step(self, stage: int) -> None:
+    def _log_step(self, stage: int) -> dict[str, float]:
         p, t = self.progress, self.run.train
         metrics = self.meter.finish(t.grad_accum, max(0, self.total_steps - p.global_step))
         grad_norm = self.engine.get_global_grad_norm()
@@ -312,6 +358,7 @@ class Trainer:
                      f"step_ce {metrics['loss/step_ce']:.4f} lr {metrics['lr']:.2e} "
                      f"tok/s {metrics['throughput/tokens_per_s']:.0f} mfu {metrics['mfu(%)']:.1f}% "
                      f"{1000 * metrics['time/step_s']:.0f} ms/step eta {format_eta(metrics['time/eta_s'])}")
+        return metrics
 
     @torch.no_grad()
     def validate(self, stage: int) -> float:
@@ -333,8 +380,16 @@ class Trainer:
         self.say(f"valid loss {value:.4f} (epoch {self.progress.epoch - 1}, stage {stage})")
         return value
 
-    def _save(self, tag: str, valid: float | None) -> None:
+    def _checkpoint(self, tag: str, valid: float | None) -> int | None:
+        """Save ``tag`` unless its validation loss or weights are not finite (then the guard acts)."""
         p = self.progress
+        finding = None
+        if valid is not None and not math.isfinite(valid):
+            finding = self.guard.not_finite("bad_validation", p.global_step, f"the validation loss ({valid})")
+        elif not self._weights_finite():
+            finding = self.guard.not_finite("bad_weights", p.global_step, "a weight")
+        if finding is not None:
+            return self._act([finding], p.epoch)
         if valid is not None and valid < p.best_valid:
             p.best_valid, p.best_tag = valid, tag
         checkpoint.save(self.engine, self.ckpt_dir, tag, p.as_dict(), self.run.checkpoint.checksums)
@@ -342,3 +397,11 @@ class Trainer:
             removed = checkpoint.rotate(self.ckpt_dir, self.run.checkpoint.keep_last, {p.best_tag, tag})
             if removed:
                 print(f"removed old checkpoints {removed}", flush=True)
+        return None
+
+    def _weights_finite(self) -> bool:
+        """Every rank's weights (its ZeRO-3 partitions) finite: one all-reduce per checkpoint."""
+        flag = torch.tensor([float(local_weights_finite(self.engine.module))], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())

@@ -14,11 +14,11 @@ from tests.conftest import REPO
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, env: dict | None = None,
-             on_line=None) -> tuple[int, str]:
-    """Run ``pipeline.train`` on ``nproc`` CPU ranks; on timeout SIGTERM torchrun (it forwards to
-    its workers, which run in their own sessions), then kill. Returns (exit code, output)."""
+             on_line=None, module: str = "pipeline.train") -> tuple[int, str]:
+    """Run ``module`` (``pipeline.train``) on ``nproc`` CPU ranks; on timeout SIGTERM torchrun (it
+    forwards to its workers, which run in their own sessions), then kill. Returns (exit code, output)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "pipeline.train", *args]
+               "-m", module, *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -41,6 +41,7 @@ def test_step_meter_averages_over_micro_batches_and_reports_rates_time_and_memor
     meter = StepMeter(MODEL, peak=1e9, world=1, device=torch.device("cpu"), warmup=1)
     for total in (2.0, 4.0):
         meter.add({"total": torch.tensor(total, requires_grad=True), "latent_cosine": torch.tensor(0.5)}, _batch())
+    assert meter.reduce().item() == 1.0                                  # the step's loss is finite
     metrics = meter.finish(micro_batches=2, steps_left=10)
     assert metrics["loss/total"] == 3.0 and metrics["latent/latent_cosine"] == 0.5
     elapsed = metrics["time/step_s"]
@@ -49,6 +50,7 @@ def test_step_meter_averages_over_micro_batches_and_reports_rates_time_and_memor
     assert metrics["time/eta_s"] == pytest.approx(10 * elapsed)          # no step timed yet: this one's time
     assert metrics["memory/max_rss(GiB)"] > 0
     meter.add({"total": torch.tensor(1.0)}, _batch())
+    meter.reduce()
     second = meter.finish(micro_batches=1, steps_left=4)
     assert second["loss/total"] == 1.0                                   # sums start over each step
     assert second["time/eta_s"] == pytest.approx(4 * second["time/step_s"])   # the warm-up step left out
@@ -56,3 +58,10 @@ def test_step_meter_averages_over_micro_batches_and_reports_rates_time_and_memor
 
 def test_eta_is_written_in_hours_and_minutes():
     assert format_eta(59) == "0m59s" and format_eta(61) == "1m01s" and format_eta(3 * 3600 + 125) == "3h02m"
+
+
+def test_a_step_whose_loss_is_not_finite_gets_a_nan_multiplier():
+    meter = StepMeter(MODEL, peak=1e9, world=1, device=torch.device("cpu"))
+    meter.add({"total": torch.tensor(2.0)}, _batch())
+    meter.add({"total": torch.tensor(float("inf"))}, _batch())
+    assert meter.reduce().isnan()
