@@ -7,7 +7,9 @@ The gather policies (gather_policy.py) and the gradient reduction after backward
 reach into DeepSpeed's ZeRO-3 objects by name: attributes no public API offers. The names are
 those of the versions in ``TESTED_VERSIONS`` (the tests run every patch on them); another version
 is refused at start-up unless ``train.deepspeed_check=warn``, and a name that is missing is
-refused, naming it and the setting that avoids it, never skipped in silence.
+refused, naming it and the setting that avoids it, never skipped in silence: an attribute with
+:func:`internal`, a function of a DeepSpeed module with :func:`internal_of`, and the per-parameter
+fields a patch reads on every step with :func:`check_fields`, once, when the patch is installed.
 """
 from __future__ import annotations
 
@@ -39,6 +41,27 @@ def check_version(check: Check = ENFORCE) -> None:
     if check == ENFORCE:
         raise DeepSpeedInternalError(message)
     print(f"warning: {message}", flush=True)
+
+
+def internal_of(module: str, name: str, needed_by: str):
+    """A function or class of a DeepSpeed module (``deepspeed.comm.pg_utils``), or a refusal as
+    :func:`internal`'s when the module or the name is missing."""
+    import importlib
+
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        raise DeepSpeedInternalError(f"DeepSpeed {installed_version()} has no module {module}, which {needed_by} "
+                                     f"needs (written for DeepSpeed {', '.join(TESTED_VERSIONS)})") from None
+    return internal(found, name, needed_by)
+
+
+def check_fields(params, names: tuple[str, ...], needed_by: str) -> None:
+    """Refuse, through :func:`internal`, parameters lacking a per-parameter field a patch reads on
+    every step (where it then reads it directly)."""
+    for p in params:
+        for name in names:
+            internal(p, name, needed_by)
 
 
 def internal(obj, name: str, needed_by: str):

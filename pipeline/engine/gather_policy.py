@@ -40,7 +40,14 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
+from pipeline.engine.deepspeed_internals import (
+    ENFORCE,
+    Check,
+    DeepSpeedInternalError,
+    check_fields,
+    check_version,
+    internal,
+)
 from pipeline.engine.grad_norm import one_rank
 
 GATHERED = "gathered"
@@ -168,8 +175,7 @@ class _PartitionsAsParameters:
     def __init__(self, params: list, status, needed: str):
         self.params, self.status = params, status
         self.persistent = [internal(p, "ds_persist", needed) for p in params]
-        for p in params:
-            internal(p, "ds_shape", needed)
+        check_fields(params, ("ds_shape", "ds_status", "ds_id"), needed)     # read on every step
 
     @contextmanager
     def step(self):

@@ -48,9 +48,17 @@ from contextlib import contextmanager
 
 import torch
 
-from pipeline.engine.deepspeed_internals import ENFORCE, Check, DeepSpeedInternalError, check_version, internal
+from pipeline.engine.deepspeed_internals import (
+    ENFORCE,
+    Check,
+    DeepSpeedInternalError,
+    check_fields,
+    check_version,
+    internal,
+)
 from pipeline.engine.grad_norm import install_foreach_grad_norm, one_rank
 
+PARAMETER_FIELDS = ("ds_id", "ds_numel")     # DeepSpeed's per-parameter fields read on every step
 OVERLAPPED = "overlapped"
 AFTER_BACKWARD = "after_backward"
 GRAD_REDUCES = (OVERLAPPED, AFTER_BACKWARD)
@@ -74,8 +82,9 @@ def apply_grad_reduce(engine, mode: str, check: Check = ENFORCE) -> None:
                                                                                       "get_param_comm_dtype", needed)
     epilogue, bucket_size = (internal(optimizer, "independent_gradient_partition_epilogue", needed),
                              internal(optimizer, "reduce_bucket_size", needed))
-    params = sorted((p for group in internal(optimizer, "fp16_groups", needed) for p in group if p.requires_grad),
-                    key=lambda p: p.ds_id)
+    params = [p for group in internal(optimizer, "fp16_groups", needed) for p in group if p.requires_grad]
+    check_fields(params, PARAMETER_FIELDS, needed)
+    params.sort(key=lambda p: p.ds_id)
     identity_on_one_rank = _one_rank_identity(needed)
     copy_on_one_rank = _OneRankCopy(optimizer, params, needed)
     install_foreach_grad_norm(optimizer, needed)

@@ -34,11 +34,13 @@ def _engine(offload_attrs=None, optimizer_attrs=None):
     module = torch.nn.Linear(2, 2)
     weight = module.weight
     weight.ds_active_sub_modules, weight.ds_persist, weight.ds_process_group = set(), False, object()
-    weight.ds_tensor, weight.ds_numel, weight.ds_shape = torch.zeros(4), 4, (2, 2)
+    weight.ds_tensor, weight.ds_numel, weight.ds_shape, weight.ds_id = torch.zeros(4), 4, (2, 2), 0
+    weight.ds_status = None
     module.post_bwd_fn = object()
     offload = Offload()
-    optimizer = SimpleNamespace(parameter_offload=offload, _grad_acc_hooks=[], leaf_parameters={}, fp16_groups=[[]],
-                                independent_gradient_partition_epilogue=lambda: None, partition_grads=None,
+    optimizer = SimpleNamespace(parameter_offload=offload, _grad_acc_hooks=[], leaf_parameters={},
+                                fp16_groups=[[weight]], independent_gradient_partition_epilogue=lambda: None,
+                                partition_grads=None,
                                 get_param_comm_dtype=None, reduce_bucket_size=10, reduce_scatter=True,
                                 all2all_process_group=None, zenflow=False, use_muon=False,
                                 autoep_folding_tp_group=None,
@@ -74,7 +76,8 @@ def test_the_stand_in_passes_every_guard():
     apply_grad_reduce(_engine(), AFTER_BACKWARD)
 
 
-@pytest.mark.parametrize("name", ["ds_persist", "ds_process_group", "ds_tensor", "ds_numel", "ds_shape"])
+@pytest.mark.parametrize("name", ["ds_persist", "ds_process_group", "ds_tensor", "ds_numel", "ds_shape", "ds_status",
+                                  "ds_id"])
 def test_the_gathered_policy_refuses_parameters_without_a_partition_mark(name):
     engine = _engine()
     delattr(engine.module.weight, name)
@@ -131,6 +134,29 @@ def test_the_policies_refuse_parameters_or_modules_without_deepspeeds_marks():
 def test_the_after_backward_reduction_refuses_a_deepspeed_without_an_internal(name):
     with pytest.raises(DeepSpeedInternalError, match=f"has no .*{name}, which train.grad_reduce=after_backward"):
         apply_grad_reduce(_engine(optimizer_attrs=[name]), AFTER_BACKWARD)
+
+
+@pytest.mark.parametrize("name", ["ds_id", "ds_numel"])
+def test_the_after_backward_reduction_refuses_parameters_without_a_field_it_reads(name):
+    engine = _engine()
+    delattr(engine.module.weight, name)
+    with pytest.raises(DeepSpeedInternalError, match=f"has no Parameter.{name}, which train.grad_reduce=after_back"):
+        apply_grad_reduce(engine, AFTER_BACKWARD)
+
+
+@pytest.mark.parametrize("module, name", [("deepspeed.comm.pg_utils", "is_parallel"),
+                                          ("deepspeed.runtime.zero.utils", "get_norm_dtype")])
+def test_the_after_backward_reduction_refuses_a_deepspeed_without_a_helper(module, name, monkeypatch):
+    import importlib
+
+    monkeypatch.delattr(importlib.import_module(module), name)
+    with pytest.raises(DeepSpeedInternalError, match=f"has no module.{name}, which train.grad_reduce=after_backward"):
+        apply_grad_reduce(_engine(), AFTER_BACKWARD)
+
+
+def test_a_deepspeed_module_that_is_not_there_is_refused_by_name():
+    with pytest.raises(DeepSpeedInternalError, match="has no module deepspeed.no_such_module, which the test needs"):
+        deepspeed_internals.internal_of("deepspeed.no_such_module", "anything", "the test")
 
 
 def test_the_after_backward_reduction_refuses_a_deepspeed_without_its_reduce_scatter(monkeypatch):

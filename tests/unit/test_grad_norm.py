@@ -18,7 +18,7 @@ def _gradients():
 def test_the_norm_is_deepspeeds_loop_bit_for_bit_in_the_norm_dtype():
     gradients = _gradients()
     loop = torch.sum(torch.pow(torch.stack([g.to(torch.double).norm(2.0) for g in gradients]), 2.0)) ** 0.5
-    norm = foreach_grad_norm(gradients, torch.double)
+    norm = foreach_grad_norm(gradients, torch.double, None)
     assert norm.dtype == torch.double and torch.equal(norm, loop)
     assert norm.item() == pytest.approx(torch.cat(gradients).double().norm().item(), rel=1e-12)
 
@@ -27,4 +27,4 @@ def test_the_norm_is_deepspeeds_loop_bit_for_bit_in_the_norm_dtype():
 def test_a_gradient_that_is_not_finite_gives_minus_one(bad):
     gradients = _gradients()
     gradients[2][5] = bad
-    assert foreach_grad_norm(gradients, torch.double).item() == -1.0
+    assert foreach_grad_norm(gradients, torch.double, None).item() == -1.0
