@@ -64,10 +64,10 @@ def release_shm_buffer() -> None:
     """Unlink this rank's DeepSpeed shm all-reduce buffer once every rank has mapped it.
 
     With ``LOCAL_SIZE`` = the ranks on the node (set above), DeepSpeed's CPU shm op creates
-    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MB) per rank and never
-    removes it: RAM lost until reboot, 12 GB after a day of runs on this machine, then the OOM
-    killer. Every rank opens every peer's buffer inside ``init_distributed``; after the barrier the
-    names can go, the mappings live on until the processes exit (crash included)."""
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never removes
+    it: memory held until reboot, run after run, until the OOM killer. Every rank opens every peer's
+    buffer inside ``init_distributed``; after the barrier the names can go, the mappings live on
+    until the processes exit (crash included)."""
     env = os.environ
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_"
             f"{env.get('MASTER_PORT')}_{dist.get_rank()}")

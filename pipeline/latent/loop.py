@@ -15,10 +15,10 @@ number of passes is set by the caller (training: the stage's maximum, the same o
 never by the data.
 
 Checkpointing: HF's switch drops the KV cache inside each checkpointed layer, because replaying a
-layer in backward would append to a live cache a second time (silently wrong losses,
-measured). Our passes use a :class:`PassCache` instead: the past keys/values are
-fixed chunks and ``update`` returns ``past + new`` without storing it, so a replayed layer sees
-exactly what it saw in forward. With it, per-layer activation checkpointing keeps the cache
+layer in backward would append to a live cache a second time (silently wrong losses). Our
+passes use a :class:`PassCache` instead: the past keys/values are fixed chunks and ``update``
+returns ``past + new`` without storing it, so a replayed layer sees exactly what it saw in
+forward. With it, per-layer activation checkpointing keeps the cache
 (:func:`enable_cache_safe_checkpointing`). Past chunks are kept once, never re-concatenated per
 pass into stored copies.
 """

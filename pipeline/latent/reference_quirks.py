@@ -1,12 +1,16 @@
 """Bugs of the released CODI + SIM-CoT code, emulated on request to reproduce its numbers
-(``method.reference_quirks``; each is fixed by default). Kept here, apart from the real path.
+(``method.reference_quirks``; each is fixed by default). What each computes is here; the few
+branches that apply it live where the real path runs, and are all listed:
 
 * ``method.reference_attention``: the question pass's mask as the reference's transformers makes
   it for SDPA on CUDA, no mask on the later passes (the question's left pads attended), positions
-  counted by column (:func:`reference_attention`).
+  counted by column (:func:`reference_attention`). Built by ``LatentReasoner._answer_pass``
+  (training) and ``generate.prefill`` (generation), applied by ``loop.fill_latents`` (its
+  ``reference`` argument).
 * ``method.reference_step_truncation``: every slot's step targets cut to row 0's width by its
-  ``dedup_trailing_pads`` (:func:`row0_width`).
-* its step scan over the whole teacher sequence: ``pipeline.latent.methods.codi.decoder_steps``.
+  ``dedup_trailing_pads`` (:func:`row0_width`), applied in ``LatentReasoner.step_loss``.
+* its step scan over the whole teacher sequence: the ``cfg.reference_quirks`` branch of
+  ``pipeline.latent.methods.codi.decoder_steps``.
 """
 from __future__ import annotations
 
