@@ -49,7 +49,7 @@ def latent_config_of(method: MethodConfig, stage: int, original_vocab_size: int,
     """``latent_config.json`` of a model of ``method`` at ``stage`` (a merged run's or an imported
     release's), its tokenizer's facts and the kernel and stack it runs."""
     return {"method": method.name, "method_config": dataclasses.asdict(method),
-            "simcot": method.simcot, "n_latents": method.n_latents(stage, n_steps=10**6), "stage": stage,
+            "simcot": method.simcot, "n_latents": method.stage_latents(stage), "stage": stage,
             "reference_attention": method.reference_attention, "original_vocab_size": original_vocab_size,
             "special_tokens": special, "templates": templates,
             "projection": PROJECTION if projection else None,

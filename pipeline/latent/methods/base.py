@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from data_prep.tokenizer import LATENT_TOKENS
+
 if TYPE_CHECKING:
     from .config import MethodConfig
 
 IGNORE = -100
 # The tokens data_prep adds to a tokenizer (pad only where it has none), by their manifest names.
-ADDED_TOKENS = ("pad", "start_latent", "latent", "end_latent", "bot", "eot")
+ADDED_TOKENS = ("pad", *LATENT_TOKENS)
 _REGISTRY: dict[str, Method] = {}
 
 

@@ -16,6 +16,8 @@ from typing import Literal
 
 from .base import get_method, method_names
 
+UNBOUNDED_STEPS = 10**6     # "as many steps as it takes": a count no problem reaches
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -118,7 +120,11 @@ class MethodConfig:
         rank makes the same passes (ZeRO-3 lockstep) whatever its rows hold."""
         if self.uniform_prob > 0:
             return get_method(self.name).max_latents(self)
-        return self.n_latents(stage, 10**6)
+        return self.stage_latents(stage)
+
+    def stage_latents(self, stage: int) -> int:
+        """The latents a problem gets at ``stage`` when it has steps enough (the stage's own count)."""
+        return self.n_latents(stage, n_steps=UNBOUNDED_STEPS)
 
     def replace(self, **changes) -> MethodConfig:
         return dataclasses.replace(self, **changes)
