@@ -16,7 +16,8 @@
   ``collapse_patience`` logged steps in a row.
 
 Every decision is a function of values all ranks share (all-reduced losses, DeepSpeed's norm), so
-every rank decides alike and no collective is added.
+every rank decides alike and no collective is added to a step (the weights check before a
+checkpoint is one all-reduce).
 """
 from __future__ import annotations
 
@@ -53,16 +54,21 @@ def check_deepspeed_skips(ds_config: dict, where: str) -> None:
                         "not finite; remove it (the trainer skips those steps)")
 
 
-def local_weights_finite(module) -> bool:
-    """Whether this rank's weights are all finite: its partitions under ZeRO-3, else the weights."""
+def weights_finite(module, device: torch.device) -> bool:
+    """Whether every rank's weights are all finite (each checks its own: its partitions under ZeRO-3,
+    else the weights; then one all-reduce)."""
+    import torch.distributed as dist
+
     from pipeline.engine.deepspeed_internals import internal
 
     local = [internal(p, "ds_tensor", "the finite-weights check before a checkpoint") if hasattr(p, "ds_id")
              else p.data for p in module.parameters()]
     local = [t for t in local if t.numel()]
-    if not local:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all())
+    finite = not local or bool(torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all())
+    flag = torch.tensor([float(finite)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Finding(NamedTuple):
     step: int
     action: str                 # skipped, warn, stop, rollback
     message: str
+    count: int                  # findings of this kind so far (bad_validation, bad_weights: with bad_step's)
     steps: tuple = ()           # the steps whose batches a rollback skips
     figures: dict = {}
 
@@ -118,7 +125,7 @@ class NumericGuard:
         action = t.on_bad if len(s.bad_streak) >= t.max_bad_steps else SKIPPED
         message = (f"step {f.step} (stage {f.stage}): {why}; no weight updated ({len(s.bad_streak)} in a row, "
                    f"train.max_bad_steps={t.max_bad_steps}; {s.bad_total} in all)")
-        return Finding("bad_step", f.step, action, message, tuple(s.bad_streak),
+        return Finding("bad_step", f.step, action, message, s.bad_total, tuple(s.bad_streak),
                        {"loss": f.loss, "grad_norm": f.grad_norm, "in_a_row": len(s.bad_streak), "total": s.bad_total})
 
     def _spike(self, f: StepFacts) -> Finding | None:
@@ -132,7 +139,7 @@ class NumericGuard:
             return Finding("spike", f.step, t.on_spike,
                            f"step {f.step} (stage {f.stage}): loss {f.loss:.4g} is {f.loss / s.loss_mean:.1f}x its "
                            f"running mean {s.loss_mean:.4g} (train.spike_factor={t.spike_factor}; {s.spikes} in all)",
-                           (f.step,), {"loss": f.loss, "running_mean": s.loss_mean, "total": s.spikes})
+                           s.spikes, (f.step,), {"loss": f.loss, "running_mean": s.loss_mean, "total": s.spikes})
         s.loss_seen += 1
         weight = 1 / s.loss_seen if s.loss_seen <= t.spike_window else 2 / (t.spike_window + 1)
         s.loss_mean += weight * (f.loss - s.loss_mean)
@@ -155,9 +162,11 @@ class NumericGuard:
         return Finding("collapse", f.step, t.on_collapse,
                        f"step {f.step} (stage {f.stage}): latent collapse: {'; '.join(signs)} for "
                        f"{s.collapse_streak} logged steps in a row (train.collapse_patience={t.collapse_patience})",
+                       s.collapses,
                        figures={"latent_cosine": cosine, "latent_norm_ratio": ratio, "in_a_row": s.collapse_streak})
 
     def not_finite(self, kind: str, step: int, what: str) -> Finding:
         """A validation loss or weights that are not finite: no checkpoint is written."""
         self.state.bad_total += 1
-        return Finding(kind, step, self.t.on_bad, f"step {step}: {what} is not finite; checkpoint not written")
+        return Finding(kind, step, self.t.on_bad, f"step {step}: {what} is not finite; checkpoint not written",
+                       self.state.bad_total)

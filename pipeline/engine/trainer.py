@@ -25,7 +25,7 @@ from pipeline.engine.ds_config import zero_stage
 from pipeline.engine.engine_plan import plan_engine
 from pipeline.engine.gather_policy import apply_gather_policy, step_gather
 from pipeline.engine.grad_reduce import apply_grad_reduce
-from pipeline.engine.guard import ROLLBACK, STOP, Finding, NumericGuard, StepFacts, local_weights_finite
+from pipeline.engine.guard import ROLLBACK, STOP, Finding, NumericGuard, StepFacts, weights_finite
 from pipeline.engine.progress import Progress, Rollback
 from pipeline.engine.sampler import RankSharding, iter_batches, rank_indices, stage_for_epoch, step_records
 from pipeline.engine.schedule import lr_factor
@@ -287,9 +287,7 @@ class Trainer:
             fields.update({"step_in_epoch": in_epoch, "records": by_rank, "problem_ids": ids})
             shown = ", ".join(map(str, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
             batch = f" [epoch {epoch}, step {in_epoch} of the epoch, problems {shown}]"
-        counts = {"bad_step": p.guard.bad_total, "spike": p.guard.spikes, "collapse": p.guard.collapses}
-        self.log.event(finding.step, finding.kind, counts.get(finding.kind, p.guard.bad_total), finding.message,
-                       fields)
+        self.log.event(finding.step, finding.kind, finding.count, finding.message, fields)
         level = "error" if finding.action in (STOP, ROLLBACK) else "warning"
         self.say(f"{level}: {finding.message}{batch}")
 
@@ -386,7 +384,7 @@ class Trainer:
         finding = None
         if valid is not None and not math.isfinite(valid):
             finding = self.guard.not_finite("bad_validation", p.global_step, f"the validation loss ({valid})")
-        elif not self._weights_finite():
+        elif not weights_finite(self.engine.module, self.device):
             finding = self.guard.not_finite("bad_weights", p.global_step, "a weight")
         if finding is not None:
             return self._act([finding], p.epoch)
@@ -398,10 +396,3 @@ class Trainer:
             if removed:
                 print(f"removed old checkpoints {removed}", flush=True)
         return None
-
-    def _weights_finite(self) -> bool:
-        """Every rank's weights (its ZeRO-3 partitions) finite: one all-reduce per checkpoint."""
-        flag = torch.tensor([float(local_weights_finite(self.engine.module))], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())

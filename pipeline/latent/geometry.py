@@ -16,13 +16,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _real(latents: torch.Tensor, latent_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, K] 1.0 where a column is one of its problem's latents (``latent_mask``; None: all)."""
+    return (torch.ones(latents.shape[:2], device=latents.device) if latent_mask is None
+            else latent_mask.to(latents.device).float())
+
+
 def per_problem(latents: torch.Tensor, centre: torch.Tensor, latent_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """latents [B, K, H], centre [H], ``latent_mask`` [B, K] (which are each problem's latents; None:
     all) -> (inter-latent distance [B] (NaN with fewer than 2), distance to centre [B])."""
     latents = latents.float()
-    real = (torch.ones(latents.shape[:2], device=latents.device) if latent_mask is None
-            else latent_mask.to(latents.device).float())
+    real = _real(latents, latent_mask)
     k = real.sum(dim=1)
     to_centre = ((latents - centre.float()).norm(dim=-1) * real).sum(dim=1) / k.clamp(min=1)
     pairwise = torch.cdist(latents, latents) * real[:, :, None] * real[:, None, :]   # [B, K, K], zero diagonal
@@ -32,8 +37,7 @@ def per_problem(latents: torch.Tensor, centre: torch.Tensor, latent_mask: torch.
 
 def pairwise_cosine(latents: torch.Tensor, latent_mask: torch.Tensor | None = None) -> torch.Tensor:
     """latents [B, K, H] -> the mean cosine over each row's pairs of latents [B] (NaN with fewer than 2)."""
-    real = (torch.ones(latents.shape[:2], device=latents.device) if latent_mask is None
-            else latent_mask.to(latents.device).float())
+    real = _real(latents, latent_mask)
     unit = F.normalize(latents.float(), dim=-1) * real[..., None]
     n = real.sum(dim=1)
     pairs = n * (n - 1)
@@ -45,8 +49,7 @@ def norm_ratio(latents: torch.Tensor, token_norm: torch.Tensor, latent_mask: tor
                ) -> torch.Tensor:
     """latents [B, K, H], ``token_norm`` [B] (the mean norm of each problem's token embeddings) -> each
     row's mean latent norm over it [B]."""
-    real = (torch.ones(latents.shape[:2], device=latents.device) if latent_mask is None
-            else latent_mask.to(latents.device).float())
+    real = _real(latents, latent_mask)
     mean_norm = (latents.float().norm(dim=-1) * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
     return mean_norm / token_norm.float().clamp(min=1e-12)
 

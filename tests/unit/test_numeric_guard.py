@@ -80,10 +80,10 @@ def test_deepspeed_settings_that_would_apply_non_finite_steps_are_refused():
 
 def test_weights_with_a_nan_or_an_inf_are_found():
     layer = torch.nn.Linear(3, 3)
-    assert numeric.local_weights_finite(layer)
+    assert numeric.weights_finite(layer, torch.device("cpu"))
     with torch.no_grad():
         layer.bias[1] = math.inf
-    assert not numeric.local_weights_finite(layer)
+    assert not numeric.weights_finite(layer, torch.device("cpu"))
 
 
 def test_progress_of_a_checkpoint_saved_before_the_guard_existed():
