@@ -39,6 +39,7 @@ from pipeline.latent.attention import (
     run_kernel,
     same_pass_in_recompute,
 )
+from pipeline.latent.stack_key import KEY_BUDGET, KeyBudget, StackKey
 
 LEAN_FAMILIES = ("llama", "mistral", "qwen2")
 BODY_FORWARDS = ("auto", "transformers", "lean", "compiled")
@@ -89,20 +90,20 @@ def lean_layer(layer, kernel, x, cos, sin, past, mask, positions):
     return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)), keys, values
 
 
-def lean_stack(body, kernel, x, cos, sin, past: list | None, mask, positions, structure: str,
+def lean_stack(body, kernel, x, cos, sin, past: list | None, mask, positions, key: StackKey,
                want_layers: bool = False):
     """Every layer, then the final norm -> (hidden, every layer's keys and values over the past and
     these columns, the hidden states as transformers' ``output_hidden_states`` lists them or None).
-    ``structure`` (:func:`structure_key`) says which layers are checkpointed: read from it, not from
-    the modules, so that a compiled stack guards on it in place of the module guards it skips. A
+    ``key`` (:class:`StackKey`) says which layers are checkpointed: read from it, not from the
+    modules, so that a compiled stack guards on the key in place of the module guards it skips. A
     layer replayed in backward runs under its forward's pass kind (eager; a compiled graph replays
     inside its own backward)."""
-    checkpointed = structure.rsplit("|", 1)[-1]
+    checkpointed = key.checkpointed
     recompute = {} if torch.compiler.is_compiling() else {"context_fn": same_pass_in_recompute}
     grown, states = [], [x]
     for i, layer in enumerate(body.layers):
         args = (layer, kernel, x, cos, sin, None if past is None else past[i], mask, positions)
-        if checkpointed[i] == "1":
+        if checkpointed[i]:
             x, keys, values = checkpoint(lean_layer, *args, use_reentrant=False, **recompute)
         else:
             x, keys, values = lean_layer(*args)
@@ -112,36 +113,37 @@ def lean_stack(body, kernel, x, cos, sin, past: list | None, mask, positions, st
     return hidden, grown, torch.stack(states[:-1] + [hidden]) if want_layers else None
 
 
-def structure_key(body, project=None) -> str:
-    """What a compiled stack's graph depends on beyond its input tensors, whose guards on module
-    attributes it skips: the layers' module classes and weight shapes and dtypes (a LoRA projection,
-    another rank or width is another graph; every layer of a body is built alike, so the first one
-    stands for all), the attention heads and kernel, the training flag, the latent projection's
-    class, dropout and mode, and last, which layers are checkpointed now (per-layer checkpointing
-    applies in training only, as transformers' does)."""
-    cfg, first = body.config, body.layers[0]
-    classes = ",".join(type(m).__name__ for m in first.modules())
-    weights = ",".join(f"{tuple(p.shape)}{p.dtype}" for p in first.parameters())
-    projection = "-" if project is None else f"{type(project).__name__}:{getattr(project, 'dropout', 0)}:" \
-                                              f"{int(project.training)}"
-    flags = "".join(str(int(getattr(layer, "gradient_checkpointing", False) and layer.training
-                            and torch.is_grad_enabled())) for layer in body.layers)
-    return (f"{classes}|{weights}|{cfg.num_attention_heads}/{cfg.num_key_value_heads}:{kernel_name(cfg)}|"
-            f"{int(body.training)}|{projection}|{flags}")
-
-
-_COMPILED: dict = {}      # function -> its compiled form, made on first use (torch.compile caches per code object)
-
-
-def compile_stack(stack):
+class CompiledStack:
     """``stack`` (:func:`lean_stack`, :func:`column_block`) under ``torch.compile``. The guards on
     every module attribute are skipped (they cost more than the layers' arithmetic at small
-    shapes: benchmark P12); the parameters are still the graph's inputs, read from the
-    modules at each call, and the ``structure`` string (:func:`structure_key`) the stack reads
-    stands in for the module guards."""
-    if stack not in _COMPILED:
-        _COMPILED[stack] = torch.compile(stack, options={
+    shapes: benchmark P12); the parameters are still the graph's inputs, read from the modules at
+    each call, and the :class:`StackKey` the stack is called with stands in for the module guards,
+    within a budget of structures (:class:`KeyBudget`). Dynamo's own recompilations (a size it
+    could not keep dynamic) fail past ``RECOMPILE_LIMIT`` per stack instead of running eager
+    unnoticed: set for the process (a context around each call costs more than a pass)."""
+
+    def __init__(self, stack, backend: str = "inductor"):
+        self.budget = KeyBudget(stack.__name__)
+        self.compiled = torch.compile(stack, backend=backend, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        dynamo.fail_on_recompile_limit_hit = True
+
+    def __call__(self, *args):
+        """The stack's own arguments, its :class:`StackKey` among them."""
+        self.budget.admit(next(arg for arg in args if isinstance(arg, StackKey)))
+        return self.compiled(*args)
+
+
+RECOMPILE_LIMIT = 8 * KEY_BUDGET    # graphs per stack: each structure's kinds of call (past or none, mask
+                                    # or none, every layer's states or not, the column counts)
+_COMPILED: dict = {}      # function -> its CompiledStack, made on first use (torch.compile caches per code object)
+
+
+def compile_stack(stack) -> CompiledStack:
+    if stack not in _COMPILED:
+        _COMPILED[stack] = CompiledStack(stack)
     return _COMPILED[stack]
 
 
@@ -156,7 +158,8 @@ def feed_column(latent: torch.Tensor, is_latent: torch.Tensor, token: torch.Tens
     return torch.where(is_latent[:, None, None], latent, token)
 
 
-def column_block(body, kernel, latent, cos, sin, past: list, mask, positions, structure: str, project, keep, tokens):
+def column_block(body, kernel, latent, cos, sin, past: list, mask, positions, key: StackKey, project, keep,
+                 tokens):
     """``len(cos)`` single-column passes in a row, each fed the one before's last hidden state through
     ``project`` (CODI's ``prj``; None: as it is), or where ``keep`` [B, passes] is False the row's
     token embedding in ``tokens`` [B, passes, H] -> (each pass's last hidden state and each latent fed,
@@ -167,7 +170,7 @@ def column_block(body, kernel, latent, cos, sin, past: list, mask, positions, st
     for i in range(cos.size(0)):
         fed.append(latent)
         hidden, past, _ = lean_stack(body, kernel, latent, cos[i], sin[i], past, mask_part(mask, i, 1, known + i + 1),
-                                     positions[:, i:i + 1], structure)
+                                     positions[:, i:i + 1], key)
         hiddens.append(hidden)
         latent = hidden if project is None else project(hidden)
         if keep is not None:
@@ -205,7 +208,7 @@ class ColumnRun:
     token per pass (:meth:`step`); the latent loop its latents (:class:`ColumnPasses`)."""
 
     def __init__(self, body, positions: torch.Tensor, padding: torch.Tensor | None, past: list, like: torch.Tensor,
-                 project=None) -> None:
+                 project=None, compiled: bool = False) -> None:
         # every input the same layout whatever the pass or the batch: a compiled graph guards on strides
         self.body, self.project, self.past = body, project, [(k.contiguous(), v.contiguous()) for k, v in past]
         self.kernel, self.positions = attention_kernel(body.layers[0].self_attn), positions
@@ -215,14 +218,14 @@ class ColumnRun:
         self.mask = kernel_mask(body.config, None if padding is None else padding[:, :known + positions.size(1)],
                                 positions.size(1), known, like)
         self.done = 0
-        self.structure = structure_key(body, project if isinstance(project, torch.nn.Module) else None)
+        self.key = StackKey.of(body, project, compiled)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """The next pass, fed ``x`` [B, 1, H] -> its last hidden state [B, 1, H] (eager)."""
         i, keys = self.done, self.past[0][0].size(2)
         hidden, self.past, _ = lean_stack(self.body, self.kernel, x, self.cos[i], self.sin[i], self.past,
                                           mask_part(self.mask, i, 1, keys + 1), self.positions[:, i:i + 1],
-                                          self.structure)
+                                          self.key)
         self.done += 1
         return hidden
 
@@ -241,9 +244,9 @@ class ColumnPasses(ColumnRun):
     def __init__(self, body, positions: torch.Tensor, mask: torch.Tensor | None, past: list, compiled: bool,
                  like: torch.Tensor, project=None, keep: torch.Tensor | None = None, tokens: torch.Tensor | None = None
                  ) -> None:
-        super().__init__(body, positions, mask, past, like, project)
-        self.keep, self.tokens = keep, tokens
         self.compiled = compiled and torch.is_grad_enabled()       # a graph pays for itself where there is a backward
+        super().__init__(body, positions, mask, past, like, project, self.compiled)
+        self.keep, self.tokens = keep, tokens
         self.stack = compile_stack(column_block) if self.compiled else column_block
         self.per_call = COLUMNS_PER_GRAPH if self.compiled else positions.size(1)    # eager: no graph to size
 
@@ -270,7 +273,7 @@ class ColumnPasses(ColumnRun):
         if self.compiled:
             mark_dynamic((inputs[0], (0,)), (inputs[1], (1,)), (inputs[2], (1,)), *mask_marks(mask, False),
                          (positions, (0,)), (keep, (0,)), (tokens, (0,)), *past_marks(self.past))
-        hidden, latents, latent, self.past = self.stack(self.body, self.kernel, *inputs, self.structure, self.project,
+        hidden, latents, latent, self.past = self.stack(self.body, self.kernel, *inputs, self.key, self.project,
                                                         keep, tokens)
         return hidden, latents, latent
 
@@ -300,7 +303,8 @@ def lean_forward(body, embeds, mask, positions, chunks: list, want_layers: bool 
         mark_dynamic((x, (0, 1)), (cos, (0, 2)), (sin, (0, 2)), *mask_marks(kernel_input), (positions, (0, 1)),
                      *past_marks(past))
     kernel = attention_kernel(body.layers[0].self_attn)
-    hidden, grown, layers = stack(body, kernel, *inputs, structure_key(body), want_layers)
+    key = StackKey.of(body, compiled=stack is not lean_stack)
+    hidden, grown, layers = stack(body, kernel, *inputs, key, want_layers)
     return hidden, [(k[:, :, known:], v[:, :, known:]) for k, v in grown], layers
 
 

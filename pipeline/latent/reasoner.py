@@ -24,6 +24,7 @@ from pipeline.latent.lean_forward import lean_forward, resolve_body_forward, sta
 from pipeline.latent.loop import enable_cache_safe_checkpointing, fill_latents
 from pipeline.latent.methods import IGNORE, MethodConfig, get_method
 from pipeline.latent.reference_quirks import reference_attention, row0_width
+from pipeline.latent.stack_key import one_forward
 
 
 class Projection(nn.Sequential):
@@ -220,6 +221,10 @@ class LatentReasoner(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        with one_forward():         # a compiled stack's key taken once per forward (pipeline/latent/stack_key.py)
+            return self._losses(batch)
+
+    def _losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         missing = batch.missing(self.method.batch_parts(self.cfg, batch.n_latents))
         if missing:
             raise KeyError(f"{self.method.name} batch lacks {missing}; "
