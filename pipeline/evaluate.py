@@ -122,7 +122,9 @@ def _main(argv: list[str] | None) -> int:
         passes = generation_passes(merged.model, merged.decoder, merged.body_forward, kinds)
         print(f"attention kernel per pass: {kernel_report(passes)}", flush=True)
     report = {"model": os.path.abspath(args.model), "model_fingerprint": fingerprint(args.model),
-              "latent_config": {k: v for k, v in merged.latent.items() if k != "special_tokens"},
+              "latent_config": {"method": merged.cfg.name, "simcot": merged.cfg.simcot,
+                                "n_latents": merged.stage_latents,
+                                **{k: v for k, v in merged.latent.items() if k != "special_tokens"}},
               "split": args.split, "sets": {}, "latents": []}
     for name, path in sets:
         shards = load_shards(path)

@@ -5,7 +5,6 @@ creates them inside ``deepspeed.zero.Init`` and an 8B model is never materialise
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -83,12 +82,10 @@ def init_run_method(init_from: str) -> str | None:
     ``latent_config.json``; None: no config.yaml beside a checkpoint)."""
     from pipeline.engine.checkpoint import init_source
     from pipeline.engine.config import load_config
-    from pipeline.inference.merged import LATENT_CONFIG
+    from pipeline.inference.merged import LATENT_CONFIG, method_config, read_latent_config
 
-    merged = os.path.join(init_from, LATENT_CONFIG)
-    if os.path.isfile(merged):
-        with open(merged, encoding="utf-8") as handle:
-            return json.load(handle)["method"]
+    if os.path.isfile(os.path.join(init_from, LATENT_CONFIG)):
+        return method_config(read_latent_config(init_from)).name
     ckpt_dir, _tag = init_source(init_from)
     config = os.path.join(os.path.dirname(ckpt_dir), "config.yaml")
     return load_config(config).method.name if os.path.isfile(config) else None

@@ -1,7 +1,8 @@
 """Checkpoints that count only once every rank has written them.
 
 Layout: ``runs/NAME/checkpoints/<tag>/`` (DeepSpeed's per-rank ZeRO files, our per-rank RNG
-files, ``COMPLETE.json`` with every file's size and sha256) and ``checkpoints/latest`` (the
+files, ``COMPLETE.json`` with its schema version, every file's size and sha256 and the trainer's
+progress) and ``checkpoints/latest`` (the
 newest complete tag, replaced atomically). A crash mid-save leaves a tag without
 ``COMPLETE.json``; it is never loaded, and ``latest`` still names the previous one.
 """
@@ -17,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from common.hashing import sha256_file
-
-COMPLETE = "COMPLETE.json"
+from pipeline.run_files import COMPLETE, stamped, upgrade
 
 
 class CheckpointError(RuntimeError):
@@ -56,8 +56,8 @@ def mark_complete(ckpt_dir: str, tag: str, client_state: dict, checksums: bool =
             path = os.path.join(root, name)
             files[os.path.relpath(path, tag_dir)] = {"bytes": os.path.getsize(path),
                                                      "sha256": sha256_file(path) if checksums else None}
-    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps({"tag": tag, "files": files,
-                                                                "client_state": _jsonable(client_state)}, indent=1))
+    complete = stamped(COMPLETE, {"tag": tag, "files": files, "client_state": _jsonable(client_state)})
+    _write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(complete, indent=1))
     _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
 
 
@@ -80,10 +80,8 @@ def complete_tags(ckpt_dir: str) -> list[str]:
         return []
     tags = []
     for name in os.listdir(ckpt_dir):
-        marker = os.path.join(ckpt_dir, name, COMPLETE)
-        if os.path.isfile(marker):
-            with open(marker, encoding="utf-8") as handle:
-                tags.append((json.load(handle)["client_state"].get("global_step", 0), name))
+        if is_complete(ckpt_dir, name):
+            tags.append((read_complete(ckpt_dir, name)["client_state"].get("global_step", 0), name))
     return [name for _, name in sorted(tags)]
 
 
@@ -94,8 +92,14 @@ def epoch_tag(epoch: int) -> str:
 
 def client_state(ckpt_dir: str, tag: str) -> dict:
     """What the trainer recorded with a complete checkpoint (epoch, step, stage, ...)."""
-    with open(os.path.join(ckpt_dir, tag, COMPLETE), encoding="utf-8") as handle:
-        return json.load(handle)["client_state"]
+    return read_complete(ckpt_dir, tag)["client_state"]
+
+
+def read_complete(ckpt_dir: str, tag: str) -> dict:
+    """A complete checkpoint's ``COMPLETE.json`` (one newer than this code reads is refused)."""
+    path = os.path.join(ckpt_dir, tag, COMPLETE)
+    with open(path, encoding="utf-8") as handle:
+        return upgrade(COMPLETE, json.load(handle), path)
 
 
 def is_complete(ckpt_dir: str, tag: str) -> bool:
@@ -119,8 +123,7 @@ def verify(ckpt_dir: str, tag: str) -> list[str]:
     marker = os.path.join(tag_dir, COMPLETE)
     if not os.path.isfile(marker):
         return [f"{tag_dir}: no {COMPLETE}; the save did not finish on every rank"]
-    with open(marker, encoding="utf-8") as handle:
-        files = json.load(handle)["files"]
+    files = read_complete(ckpt_dir, tag)["files"]
     problems = []
     for rel, info in files.items():
         path = os.path.join(tag_dir, rel)

@@ -3,7 +3,8 @@
     python -m pipeline.train --config configs/tiny-cpu.yaml train.lr=3e-3 method.name=coconut method.simcot=true
 
 An unknown key is an error that names the closest valid key; a value of the wrong type is an
-error that names the key and the expected type. The resolved config is saved in the run dir.
+error that names the key and the expected type. The resolved config is saved in the run dir
+with its schema version; an older version is upgraded when read (pipeline/run_files.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from common.cli import UserError
 from pipeline.latent.lean_forward import BODY_FORWARDS
 from pipeline.latent.methods import MethodConfig
 from pipeline.latent.methods.config import check_choices
+from pipeline.run_files import CONFIG, stamped, upgrade
 
 
 @dataclass
@@ -224,6 +226,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
                 raise ConfigError(f"{path}: not valid YAML at {where} ({getattr(err, 'problem', err)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = upgrade(CONFIG, tree, path)      # a run's saved config.yaml of an older version
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -294,5 +297,6 @@ def to_dict(config) -> dict:
 
 
 def save_config(config: RunConfig, path: str) -> None:
+    """The run's resolved config, with its schema version (pipeline/run_files.py)."""
     with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+        yaml.safe_dump(stamped(CONFIG, to_dict(config)), handle, sort_keys=False)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -18,7 +17,7 @@ from common.cli import NUMERIC_EXIT, REQUEUE_EXIT, UserError
 from data_prep import load_shards
 from pipeline.engine import checkpoint
 from pipeline.engine.build_model import build_reasoner, count_params, new_rows_like, optimizer_groups
-from pipeline.engine.config import RunConfig, for_world, save_config
+from pipeline.engine.config import RunConfig, for_world
 from pipeline.engine.deepspeed_internals import DeepSpeedInternalError
 from pipeline.engine.distributed import StopFlag, init_distributed
 from pipeline.engine.ds_config import zero_stage
@@ -33,6 +32,7 @@ from pipeline.engine.telemetry import FlopModel, MetricsLog, StepMeter, body_par
 from pipeline.latent.attention import kernel_report
 from pipeline.latent.methods import get_method, layout
 from pipeline.latent.vocab import Vocab
+from pipeline.run_files import keep_run_files
 
 TARGET_SAMPLE = 10_000     # train records the start-up report on decoder targets reads
 
@@ -91,11 +91,7 @@ class Trainer:
         bf16 = run.model.dtype == "bf16" or (run.model.dtype == "auto" and self.on_cuda)
         self.ds_config, self.gather_policy, self.grad_reduce = plan_engine(run, self.vocab, self.world, self.device,
                                                                            bf16, self.say)
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(run, os.path.join(self.run_dir, "config.yaml"))
-            with open(os.path.join(self.run_dir, "ds_config.json"), "w", encoding="utf-8") as handle:
-                json.dump(self.ds_config, handle, indent=2)
+        keep_run_files(self.run_dir, run, self.ds_config, self.shards, self.rank)
         model, _, self._hf_ds_keepalive = build_reasoner(run, self.vocab, self.ds_config, self.on_cuda,
                                                          new_rows_like(self.shards.tokenizer, run.method.name))
         self.say(f"attention kernel per pass: {kernel_report(model.attention_passes())} (model.attn_implementation="

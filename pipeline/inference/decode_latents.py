@@ -19,7 +19,7 @@ def decode_latents(merged: MergedModel, records: list[dict], n_problems: int = 3
     ``decoder_in`` when the decoder is narrower than the base), each latent's logit-lens top-5."""
     sp, cfg, model = merged.special, merged.cfg, merged.model
     method = get_method(cfg.name)
-    if merged.latent["n_latents"] == 0 or not method.fills_latents or n_problems <= 0:
+    if merged.stage_latents == 0 or not method.fills_latents or n_problems <= 0:
         return []
     ids, mask = left_pad_prompts([merged.prompt(r) for r in records[:n_problems]], sp["pad"])
     device = model.get_input_embeddings().weight.device

@@ -23,8 +23,8 @@ import torch
 from common.cli import UserError
 from pipeline.latent.attention import pick_attention
 from pipeline.latent.methods import MethodConfig, get_method
+from pipeline.run_files import LATENT_CONFIG, stamped, upgrade
 
-LATENT_CONFIG = "latent_config.json"
 PROJECTION = "projection.safetensors"
 STEP_DECODER = "step_decoder"
 DECODER_INPUT = "decoder_in.safetensors"    # the map from the base's width into a narrower step decoder
@@ -47,30 +47,29 @@ def latent_config_of(method: MethodConfig, stage: int, original_vocab_size: int,
                      tokenizer_fingerprint: str, *, projection: bool, attention: str, body_forward: str,
                      source: dict) -> dict:
     """``latent_config.json`` of a model of ``method`` at ``stage`` (a merged run's or an imported
-    release's), its tokenizer's facts and the kernel and stack it runs."""
-    return {"method": method.name, "method_config": dataclasses.asdict(method),
-            "simcot": method.simcot, "n_latents": method.stage_latents(stage), "stage": stage,
-            "reference_attention": method.reference_attention, "original_vocab_size": original_vocab_size,
-            "special_tokens": special, "templates": templates,
-            "projection": PROJECTION if projection else None,
-            "attn_implementation": attention, "body_forward": body_forward,
-            "projection_shape": {"inner": method.prj_dim, "layernorm": method.prj_layernorm},
-            "tokenizer_fingerprint": tokenizer_fingerprint, "source": source}
+    release's): the method config, the stage, its tokenizer's facts, the kernel and stack it runs
+    (the latent count and the rest follow from the method config and the stage)."""
+    return stamped(LATENT_CONFIG, {
+        "method_config": dataclasses.asdict(method), "stage": stage, "original_vocab_size": original_vocab_size,
+        "special_tokens": special, "templates": templates, "tokenizer_fingerprint": tokenizer_fingerprint,
+        "projection": PROJECTION if projection else None, "attn_implementation": attention,
+        "body_forward": body_forward, "source": source})
+
+
+def read_latent_config(model_dir: str) -> dict:
+    """``model_dir``'s ``latent_config.json`` in the current version (an older one upgraded:
+    pipeline/run_files.py)."""
+    path = os.path.join(model_dir, LATENT_CONFIG)
+    if not os.path.isfile(path):
+        raise NotMerged(f"--model {model_dir}: not a merged model (no {LATENT_CONFIG}); make one with "
+                        "python -m pipeline.merge --run runs/NAME")
+    with open(path, encoding="utf-8") as handle:
+        return upgrade(LATENT_CONFIG, json.load(handle), path)
 
 
 def method_config(latent: dict) -> MethodConfig:
-    """The method a merged model was trained with (its fields one by one in a directory merged
-    before ``method_config`` was recorded)."""
-    if "method_config" in latent:
-        return MethodConfig(**latent["method_config"])
-    return MethodConfig(name=latent["method"], c_thought=latent["c_thought"], num_latent=latent["n_latents"],
-                        max_latent_stage=latent.get("max_latent_stage", 3),
-                        pad_latent_to_max=latent.get("pad_latent_to_max", True),
-                        progressive_train=latent.get("progressive_train", False),
-                        simcot=latent["simcot"], latent_update=latent.get("latent_update", "sequential"),
-                        jacobi_iterations=latent.get("jacobi_iterations", 0),
-                        remove_eos=latent.get("remove_eos", True),
-                        reference_attention=latent.get("reference_attention", False))
+    """The method a merged model was trained with."""
+    return MethodConfig(**latent["method_config"])
 
 
 def latents_for(record: dict, latent: dict, cfg: MethodConfig) -> int:
@@ -78,7 +77,7 @@ def latents_for(record: dict, latent: dict, cfg: MethodConfig) -> int:
     without ``pad_latent_to_max``: capped by its steps, as the reference evaluates). A problem
     without steps (an answer-only set) gets the model's count."""
     if cfg.pad_latent_to_max or not record["step_ids"]:
-        return latent["n_latents"]
+        return cfg.stage_latents(latent["stage"])
     return get_method(cfg.name).prompt_latents(cfg, latent["stage"], len(record["step_ids"]))
 
 
@@ -112,6 +111,11 @@ class MergedModel:
     def n_latents(self, record: dict) -> int:
         return latents_for(record, self.latent, self.cfg)
 
+    @property
+    def stage_latents(self) -> int:
+        """The latent count the model was trained with (a problem with steps enough gets it)."""
+        return self.cfg.stage_latents(self.latent["stage"])
+
     def filled_latent_id(self) -> int | None:
         """The placeholder generation fills pass by pass (None: one pass, e.g. pause)."""
         return self.special["latent"] if get_method(self.cfg.name).fills_latents else None
@@ -131,19 +135,15 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
     generation running the decoder stack training used (``TRAINED``), or those named."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = os.path.join(model_dir, LATENT_CONFIG)
-    if not os.path.isfile(path):
-        raise NotMerged(f"--model {model_dir}: not a merged model (no {LATENT_CONFIG}); make one with "
-                        "python -m pipeline.merge --run runs/NAME")
-    with open(path, encoding="utf-8") as handle:
-        latent = json.load(handle)
+    latent = read_latent_config(model_dir)
+    cfg = method_config(latent)
     device = device or torch.device("cpu")
     kernel = _kernel(latent, attention, device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=kernel).to(device).eval()
     decoder, decoder_in = load_step_decoder(os.path.join(model_dir, STEP_DECODER), device, dtype, kernel)
     stack = latent.get("body_forward", "auto") if body_forward == TRAINED else body_forward
-    return MergedModel(model, AutoTokenizer.from_pretrained(model_dir), latent, method_config(latent),
-                       load_projection(model_dir, latent, model.config.hidden_size, device, dtype), decoder, decoder_in,
+    projection = load_projection(model_dir, latent["projection"], cfg, model.config.hidden_size, device, dtype)
+    return MergedModel(model, AutoTokenizer.from_pretrained(model_dir), latent, cfg, projection, decoder, decoder_in,
                        stack)
 
 
@@ -157,16 +157,16 @@ def _kernel(latent: dict, attention: str, device: torch.device) -> str:
                                   "choose another with --attn-implementation)")
 
 
-def load_projection(model_dir: str, latent: dict, hidden: int, device, dtype):
-    if not latent.get("projection"):
+def load_projection(model_dir: str, file: str | None, cfg: MethodConfig, hidden: int, device, dtype):
+    """CODI's projection saved as ``file`` (None: the model has none), shaped as ``cfg`` says."""
+    if not file:
         return None
     from safetensors.torch import load_file
 
     from pipeline.latent.reasoner import Projection
 
-    shape = latent.get("projection_shape", {})       # absent: written before the options existed
-    projection = Projection(hidden, shape.get("inner") or None, layernorm=shape.get("layernorm", True))
-    projection.load_state_dict(load_file(os.path.join(model_dir, latent["projection"])))
+    projection = Projection(hidden, cfg.prj_dim or None, layernorm=cfg.prj_layernorm)
+    projection.load_state_dict(load_file(os.path.join(model_dir, file)))
     return projection.to(device, dtype).eval()
 
 

@@ -46,7 +46,8 @@ def test_merged_model_gives_the_engines_logits(trained):
         logits = model(input_ids=engine["ids"]).logits
     assert (logits - engine["logits"]).abs().max().item() <= 1e-5
     latent = json.loads((merged / "latent_config.json").read_text())
-    assert latent["method"] == "codi" and latent["n_latents"] == 2 and latent["projection"]
+    assert latent["schema_version"] == 2 and latent["method_config"]["name"] == "codi" and latent["projection"]
+    assert latent["method_config"]["num_latent"] == 2 and "n_latents" not in latent     # derived: not kept twice
     assert (merged / "step_decoder" / "model.safetensors").exists() and (merged / "projection.safetensors").exists()
     decoder_config = json.loads((merged / "step_decoder" / "config.json").read_text())
     assert decoder_config["hidden_size"] == 32

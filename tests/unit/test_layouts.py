@@ -1,4 +1,6 @@
 """Layout rules of every registered method, with exact ids (the reference's Coconut and CODI data code)."""
+import dataclasses
+
 import pytest
 
 from pipeline.latent.collate import collate_aligned
@@ -148,8 +150,7 @@ def test_codi_without_remove_eos_separates_the_parts_with_eos_as_the_reference_d
     assert ex.teacher_ids == [1, 10, 11, EOS, 20, 21, 70, 41, EOS, 60, 61, EOS]
     assert ex.teacher_labels == [X] * 4 + [20, 21, 70, 41, EOS, 60, 61, EOS]
     assert ex.input_ids[ex.distill_index] == 60 and ex.teacher_ids[ex.teacher_distill_index] == 60
-    latent = {"method": "codi", "special_tokens": SP, "n_latents": 3, "c_thought": 1, "simcot": True,
-              "remove_eos": False}
+    latent = {"method_config": dataclasses.asdict(cfg), "stage": 0, "special_tokens": SP}
     assert prompt_for(RECORD, latent) == ex.input_ids[:10]
 
 
@@ -189,8 +190,7 @@ def test_the_evaluation_prompt_is_the_start_of_the_training_example(cfg, stage):
     from pipeline.inference.merged import prompt_for
 
     ex = layout(RECORD, SP, cfg, stage, prefix_ids=[60])
-    latent_config = {"method": cfg.name, "special_tokens": SP, "n_latents": ex.n_latents, "c_thought": cfg.c_thought,
-                     "simcot": cfg.simcot}
+    latent_config = {"method_config": dataclasses.asdict(cfg), "stage": stage, "special_tokens": SP}
     prompt = prompt_for(RECORD, latent_config)
     assert ex.input_ids[:len(prompt)] == prompt and ex.labels[len(prompt) - 1] == X
     assert all(label != X for label in ex.labels[len(prompt):])

@@ -1,6 +1,8 @@
 """Rows of one batch with different latent counts (Coconut's ``pad_latent_to_max: false`` and
 ``uniform_prob``), filled row by row as the reference fills them: each row computes exactly what it
 computes alone, the passes are the stage's (ZeRO-3 lockstep), generation matches one prompt at a time."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -145,13 +147,14 @@ def test_generation_with_different_latent_counts_is_token_identical_to_one_promp
 
 
 def test_evaluation_gives_each_problem_its_own_count_when_the_model_was_trained_so():
-    latent = {"method": "coconut", "simcot": False, "n_latents": 6, "c_thought": 2, "max_latent_stage": 3,
-              "pad_latent_to_max": False, "stage": 4, "special_tokens": SP}
+    cfg = MethodConfig("coconut", c_thought=2, max_latent_stage=3, pad_latent_to_max=False)
+    latent = {"method_config": dataclasses.asdict(cfg), "stage": 4, "special_tokens": SP}
     counts = [prompt_for(r, latent).count(L) for r in RECORDS]
     assert counts == [6, 2, 4]                               # min(steps, 3) x 2, as the reference's test set
     assert prompt_for({**RECORDS[1], "step_ids": []}, latent).count(L) == 6     # answer-only: the model's count
     assert prompt_for(RECORDS[1], {**latent, "stage": 2}).count(L) == 2         # capped at every stage
-    assert prompt_for(RECORDS[1], {**latent, "pad_latent_to_max": True}).count(L) == 6
+    padded = {**latent, "method_config": {**latent["method_config"], "pad_latent_to_max": True}}
+    assert prompt_for(RECORDS[1], padded).count(L) == 6
 
 
 @pytest.mark.parametrize("override, message", [
