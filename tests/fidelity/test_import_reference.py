@@ -83,7 +83,8 @@ def test_the_imported_layout_is_the_references(base, tmp_path):
     assert (latent["special_tokens"]["pad"], latent["special_tokens"]["bot"], latent["special_tokens"]["eot"]) == \
         (v, v + 1, v + 2)
     assert latent["original_vocab_size"] == v and len(tok) == v + 6
-    assert latent["method_config"]["reference_quirks"] and not latent["simcot"] and latent["n_latents"] == 6
+    method = latent["method_config"]
+    assert method["reference_quirks"] and not method["simcot"] and method["num_latent"] == 6 and latent["stage"] == 0
     assert not os.path.isdir(os.path.join(out, "step_decoder"))
 
 
