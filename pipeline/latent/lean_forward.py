@@ -266,6 +266,7 @@ class ColumnPasses(ColumnRun):
         end = start + count
         keys = self.past[0][0].size(2)
         mask = mask_part(self.mask, start, count, keys + count)
+        mask = None if mask is None else mask.contiguous()     # a view's strides follow the whole run's mask
         keep = None if self.keep is None else self.keep[:, start:end].contiguous()
         tokens = None if self.keep is None else self.tokens[:, start:end].contiguous()
         positions = self.positions[:, start:end].contiguous()
