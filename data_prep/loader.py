@@ -3,12 +3,14 @@
     from data_prep import load_shards
     shards = load_shards("data/shards")            # checks sha256s and the tokenizer fingerprint
     train = shards.split("train")                   # a datasets.Dataset of records
+    records = shards.records("train")               # records[i] a dict, read from the memory-mapped Arrow
     shards.special_tokens["latent"]                 # token ids always come from here
     shards.layout_tokens                            # ... and with the step brackets, what layouts read
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -30,6 +32,36 @@ FEATURES = datasets.Features({
     "source": datasets.Value("string"),
     "flags": datasets.List(datasets.Value("string")),
 })
+
+
+class Records(Sequence):
+    """A split's records, read by index from its memory-mapped Arrow shards: ``records[i]`` one
+    record (a dict, as ``Dataset.to_list`` gives it), ``records[a:b]`` and ``records.take(indices)``
+    lists of them. Memory stays the size of what is read, not of the split: a rank of a run over
+    millions of problems holds the records of its batches."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.table = dataset.data.table             # the shards' Arrow table, memory-mapped
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return self.table.slice(start, max(stop - start, 0)).to_pylist()
+            return self.take(range(start, stop, step))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        return self.table.slice(index % len(self), 1).to_pylist()[0]
+
+    def take(self, indices) -> list[dict]:
+        """The records at ``indices``, in their order. Each is a zero-copy slice of the mapped
+        shards (Arrow's ``take`` would first join a many-batch column into one, reading it whole)."""
+        import pyarrow as pa
+
+        return pa.concat_tables([self.table.slice(i, 1) for i in indices]).to_pylist() if indices else []
 
 
 @dataclass
@@ -68,6 +100,10 @@ class ShardSet:
     @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
+
+    def records(self, name: str) -> Records:
+        """The ``name`` split's records by index, never all of them as Python objects at once."""
+        return Records(self.split(name))
 
     def split(self, name: str) -> datasets.Dataset:
         if name not in self.manifest["splits"]:

@@ -129,7 +129,7 @@ def _main(argv: list[str] | None) -> int:
     for name, path in sets:
         shards = load_shards(path)
         check_set_matches_model(merged.latent, shards, path)
-        records = shards.split(args.split).to_list()[:args.limit or None]
+        records = shards.records(args.split)[:args.limit or None]
         result = evaluate_set(merged, records, args.batch_size, args.max_new_tokens, PROTOCOLS[args.protocol])
         result["data_fingerprint"] = shards.manifest["tokenizer"]["fingerprint"]
         result["data"] = {"path": os.path.abspath(path), "shards": [s["sha256"] for s in

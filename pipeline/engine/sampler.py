@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from data_prep.loader import Records
 from pipeline.engine.config import CurriculumSettings
 from pipeline.latent.collate import collate_aligned
 from pipeline.latent.methods import MethodConfig, get_method, layout
@@ -60,14 +61,15 @@ def step_records(n_records: int, sharding: RankSharding, epoch: int, shuffle: bo
     return records
 
 
-def iter_batches(records: list[dict], indices: list[list[int]], special: dict[str, int], cfg: MethodConfig,
+def iter_batches(records: Records | list[dict], indices: list[list[int]], special: dict[str, int], cfg: MethodConfig,
                  stage: int, prefix_ids: list[int], draw_seed: str | None = None):
     """Lay out and collate lazily, one micro-batch at a time. ``draw_seed`` (training): with
     ``cfg.uniform_prob`` an example trains at a stage drawn for it from this seed and its index."""
     span = cfg.latent_span(stage)
     for batch_indices in indices:
-        examples = [layout(records[i], special, cfg, example_stage(cfg, stage, records[i], draw_seed, i), prefix_ids)
-                    for i in batch_indices]
+        rows = records.take(batch_indices) if isinstance(records, Records) else [records[i] for i in batch_indices]
+        examples = [layout(row, special, cfg, example_stage(cfg, stage, row, draw_seed, i), prefix_ids)
+                    for i, row in zip(batch_indices, rows)]
         yield collate_aligned(examples, special["latent"], special["pad"], latent_span=span)
 
 

@@ -51,8 +51,8 @@ class Trainer:
         self.vocab = Vocab.of(self.shards)
         self.special = self.vocab.special
         self.prefix_ids = tok(self.shards.manifest["templates"]["answer_prefix"], add_special_tokens=False)["input_ids"]
-        self.train_records = self.shards.split("train").to_list()
-        self.valid_records = self.shards.split("valid").to_list() if "valid" in self.shards.splits else []
+        self.train_records = self.shards.records("train")      # read by index from the memory-mapped shards
+        self.valid_records = self.shards.records("valid") if "valid" in self.shards.splits else []
         self._check_shards_feed_the_method()
         self._build_engine()
         self.log = MetricsLog(self.run_dir, self.rank == 0)
