@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m benchmarks NAME [options]``, NAME one of build, latent, generate, zero,
-overhead, gpu, jacobi, trainer, pass_profile, compile.
+overhead, gpu, jacobi, trainer, pass_profile, compile, data_scale.
 
 Each figure is a ratio against a baseline run in the same process; the README lists the results.
 ``make bench`` runs the ones this CPU can (P6 needs a GPU). What a benchmark prints is also kept in
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "trainer": ("benchmarks.trainer", "P10 the trainer's loop vs a plain PyTorch loop", True),
     "pass_profile": ("benchmarks.pass_profile", "P11 host time of one latent pass", True),
     "compile": ("benchmarks.compile", "P12 the latent passes' forward: transformers', lean, compiled", True),
+    "data_scale": ("benchmarks.data_scale", "P13 build and trainer start-up at GSM8k-Aug scale and beyond", True),
 }
 
 

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit-answers-only", action="store_true", help="reject train problems whose answer does "
                    "not start with a digit (CODI's training filter: negative answers; counted in the manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--batch-size", type=int, default=4096, help="records read, tokenised and written at a time "
+                   "(default 4096): memory holds one batch whatever the size of the sources")
 
     p = sub.add_parser("inspect", help="counts, histograms and decoded examples of a shard directory")
     p.add_argument("dir")
@@ -113,7 +115,8 @@ def _main(argv: list[str] | None) -> int:
         templates = Templates(_unescape(args.question_suffix), _unescape(args.step_separator),
                               _unescape(args.answer_prefix), args.normalise_question)
         return main_build(BuildOptions(args.source, args.tokenizer, args.out, args.shards, args.strict,
-                                       args.max_length, templates, args.overwrite, args.digit_answers_only))
+                                       args.max_length, templates, args.overwrite, args.digit_answers_only,
+                                       args.batch_size))
     elif args.command == "inspect":
         from .summary import inspect_shards
         print(inspect_shards(args.dir, args.examples))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,12 +23,11 @@ from dataclasses import dataclass, field
 from common.cli import UserError
 from common.hashing import sha256_file
 
-from .manifest import MANIFEST, REJECTS, SCHEMA_VERSION, TOKENIZER_DIR
+from .manifest import MANIFEST, SCHEMA_VERSION, TOKENIZER_DIR
 from .sources import SourceSpec, parse_source_spec, read_source
+from .split_writer import BuildOutput
 from .templates import Templates, tokenize_joined_cots, tokenize_problems
 from .tokenizer import add_latent_tokens, fingerprint, load_pretrained
-
-SPLITS = ("train", "valid", "test")
 
 
 class StrictRejectError(ValueError):
@@ -44,37 +45,7 @@ class BuildOptions:
     templates: Templates = field(default_factory=Templates)
     overwrite: bool = False
     digit_answers_only: bool = False    # CODI's training filter: train answers must start with a digit
-
-
-@dataclass
-class Collected:
-    """Accepted problems (parallel lists, per split) and rejects, in input order."""
-    rows: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
-    rejects: list[dict] = field(default_factory=list)
-    per_source: list[dict] = field(default_factory=list)
-
-
-def collect(specs: list[SourceSpec], strict: bool) -> Collected:
-    got = Collected()
-    for source_index, spec in enumerate(specs):
-        read = rejected = 0
-        for item in read_source(spec):
-            read += 1
-            where = f"{spec.path}:{item.line}"
-            if item.reject:
-                if strict:
-                    raise StrictRejectError(f"{where}: {item.reject} (--strict stops at the first reject)")
-                rejected += 1
-                got.rejects.append({"source": spec.name, "line": item.line, "reason": item.reject})
-                continue
-            p = item.problem
-            got.rows[spec.split].append({"question": p.question, "steps": p.steps, "answer": p.answer,
-                                         "flags": p.flags, "source": where,
-                                         "source_index": source_index, "line": item.line})
-        digest = sha256_file(spec.path) if spec.kind != "hub" else None
-        got.per_source.append({"source": spec.name, "split": spec.split, "sha256": digest,
-                               "read": read, "accepted": read - rejected, "rejected": rejected})
-    return got
+    batch_size: int = 4096              # records read, tokenised and written at a time: what memory holds
 
 
 def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids: list[int]) -> int:
@@ -83,33 +54,88 @@ def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids
     return len(question_ids) + sum(map(len, step_ids)) + len(answer_ids) + 1
 
 
-def tokenize_rows(got: Collected, tok, opts: BuildOptions) -> None:
-    """Add token ids to every row; train and valid rows over ``max_length`` (and, with
-    ``digit_answers_only``, train rows whose answer does not start with a digit) move to the
-    rejects. Test rows are never cut: an evaluation set that loses its longest problems scores too
-    high, and generation reads only the question anyway."""
-    for split in SPLITS:
-        rows = got.rows[split]
-        if not rows:
+def build_source(spec: SourceSpec, tok, opts: BuildOptions, out: BuildOutput, log) -> dict:
+    """Read, tokenise and write one source, ``opts.batch_size`` records at a time -> its counts.
+    The next batch is read and checked in a thread while this one is tokenised (the tokenizer's
+    batch call releases the GIL)."""
+    read = rejected = 0
+    progress = Progress(spec, log)
+    for read, rejects, rows in read_ahead(parsed_batches(spec, opts)):
+        for reject in rejects:
+            out.rejects.add(reject)
+        rejected += len(rejects) + tokenize_batch(rows, spec.split, tok, opts, out)
+        progress.show(read)
+    digest = sha256_file(spec.path) if spec.kind != "hub" else None
+    return {"source": spec.name, "split": spec.split, "sha256": digest,
+            "read": read, "accepted": read - rejected, "rejected": rejected}
+
+
+def parsed_batches(spec: SourceSpec, opts: BuildOptions):
+    """-> (records read so far, the reader's rejects, accepted rows) per ``opts.batch_size`` rows."""
+    read, rejects, batch = 0, [], []
+    for item in read_source(spec):
+        read += 1
+        if item.reject:
+            if opts.strict:
+                raise StrictRejectError(f"{spec.path}:{item.line}: {item.reject} (--strict stops at the first reject)")
+            rejects.append({"source": spec.name, "line": item.line, "reason": item.reject})
+        else:
+            p = item.problem
+            batch.append({"question": p.question, "steps": p.steps, "answer": p.answer, "flags": p.flags,
+                          "source": f"{spec.path}:{item.line}", "line": item.line, "source_name": spec.name})
+        if len(batch) == opts.batch_size:
+            yield read, rejects, batch
+            rejects, batch = [], []
+    yield read, rejects, batch
+
+
+def read_ahead(batches, depth: int = 2):
+    """``batches`` made in a thread, at most ``depth`` ahead of the caller (memory: that many
+    batches); an error there is raised here."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def make() -> None:
+        try:
+            for batch in batches:
+                ready.put(batch)
+        except BaseException as err:        # handed to the caller, raised where it reads
+            ready.put(err)
+        ready.put(done)
+
+    threading.Thread(target=make, daemon=True).start()
+    while (item := ready.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def tokenize_batch(rows: list[dict], split: str, tok, opts: BuildOptions, out: BuildOutput) -> int:
+    """Add token ids to ``rows`` and write the kept ones -> how many were left out: train and valid
+    rows over ``max_length`` (and, with ``digit_answers_only``, train rows whose answer does not
+    start with a digit). Test rows are never cut: an evaluation set that loses its longest problems
+    scores too high, and generation reads only the question anyway."""
+    if not rows:
+        return 0
+    for row in rows:
+        row["question"] = opts.templates.question_text(row["question"])
+    q, s, a = tokenize_problems(tok, opts.templates, [r["question"] for r in rows],
+                                [r["steps"] for r in rows], [r["answer"] for r in rows])
+    teacher_cots, cots = tokenize_joined_cots(tok, opts.templates, [r["steps"] for r in rows])
+    kept = []
+    for row, q_ids, s_ids, a_ids, teacher_cot, cot in zip(rows, q, s, a, teacher_cots, cots):
+        length = record_tokens(q_ids, s_ids, a_ids)
+        reason = _rejected(opts, split, row["answer"], length)
+        if reason:
+            if opts.strict:
+                raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")
+            out.rejects.add({"source": row["source_name"], "line": row["line"], "reason": reason}, split)
             continue
-        for row in rows:
-            row["question"] = opts.templates.question_text(row["question"])
-        q, s, a = tokenize_problems(tok, opts.templates, [r["question"] for r in rows],
-                                    [r["steps"] for r in rows], [r["answer"] for r in rows])
-        teacher_cots, cots = tokenize_joined_cots(tok, opts.templates, [r["steps"] for r in rows])
-        kept = []
-        for row, q_ids, s_ids, a_ids, teacher_cot, cot in zip(rows, q, s, a, teacher_cots, cots):
-            length = record_tokens(q_ids, s_ids, a_ids)
-            reason = _rejected(opts, split, row["answer"], length)
-            if reason:
-                _reject(got, row, reason, opts.strict)
-                continue
-            row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, teacher_cot_ids=teacher_cot, cot_ids=cot,
-                       n_tokens=length)
-            kept.append(row)
-        got.rows[split] = kept
-        for index, row in enumerate(kept):
-            row["id"] = f"{split}-{index:06d}"
+        row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, teacher_cot_ids=teacher_cot, cot_ids=cot,
+                   n_tokens=length)
+        kept.append(row)
+    out.writers[split].write(kept)
+    return len(rows) - len(kept)
 
 
 def _rejected(opts: BuildOptions, split: str, answer: str, length: int) -> str | None:
@@ -121,40 +147,58 @@ def _rejected(opts: BuildOptions, split: str, answer: str, length: int) -> str |
     return None
 
 
-def _reject(got: Collected, row: dict, reason: str, strict: bool) -> None:
-    if strict:
-        raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")
-    counts = got.per_source[row["source_index"]]
-    counts["accepted"] -= 1
-    counts["rejected"] += 1
-    got.rejects.append({"source": counts["source"], "line": row["line"], "reason": reason})
+class Progress:
+    """A line every ``EVERY_S`` seconds on a long source: records read, records/s and, for a file of
+    one record per line, the time left."""
+    EVERY_S = 10.0
+
+    def __init__(self, spec: SourceSpec, log):
+        self.name, self.log, self.start = spec.name, log, time.perf_counter()
+        self.last = self.start
+        self.expected = _lines(spec.path) if spec.kind in LINE_KINDS else None
+
+    def show(self, read: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.EVERY_S:
+            return
+        self.last, rate = now, read / (now - self.start)
+        left = f", about {(self.expected - read) / rate:.0f} s left" if self.expected and self.expected > read else ""
+        self.log(f"  {self.name}: {read} records read, {rate:.0f}/s{left}")
+
+
+LINE_KINDS = {"gsm8k", "gsm8k-aug", "gsm8k-aug-nl", "gsm-hard"}     # one record per non-blank line
+
+
+def _lines(path: str) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def run_build(opts: BuildOptions, log=print) -> dict:
-    """Build the shard directory ``opts.out``; return the manifest."""
+    """Build the shard directory ``opts.out``; return the manifest. Memory holds one batch of
+    records (``opts.batch_size``), whatever the size of the sources."""
     if os.path.exists(opts.out) and not opts.overwrite:
         raise FileExistsError(f"{opts.out}: exists; pass --overwrite to replace it")
-    if opts.shards < 1:
-        raise ValueError("--shards must be at least 1")
+    if opts.shards < 1 or opts.batch_size < 1:
+        raise ValueError("--shards and --batch-size must be at least 1")
     start = time.perf_counter()
     specs = [parse_source_spec(s) for s in opts.sources]
     tok = load_pretrained(opts.tokenizer)
     special = add_latent_tokens(tok)
     log(f"reading {len(specs)} source(s)")
-    got = collect(specs, opts.strict)
-    tokenize_rows(got, tok, opts)
-    for c in got.per_source:            # after the length check, whose rejects count too
-        log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, {c['rejected']} rejected")
     parent = os.path.dirname(os.path.abspath(opts.out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.out)}.building-", dir=parent)
     try:
-        splits = {split: write_split(tmp, split, got.rows[split], opts.shards)
-                  for split in SPLITS if got.rows[split]}
-        with open(os.path.join(tmp, REJECTS), "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in got.rejects)
+        out = BuildOutput(tmp)
+        for spec in specs:
+            c = build_source(spec, tok, opts, out, log)
+            out.per_source.append(c)
+            log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, "
+                f"{c['rejected']} rejected")
+        splits = out.finish(opts.shards)
         tok.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
-        manifest = make_manifest(got, splits, tok, special, opts)
+        manifest = make_manifest(out, splits, tok, special, opts)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True)
             handle.write("\n")
@@ -178,44 +222,15 @@ def _replace_dir(tmp: str, out: str) -> None:
         os.replace(tmp, out)
 
 
-def write_split(root: str, split: str, rows: list[dict], n_shards: int) -> dict:
-    """Arrow IPC stream shards (what ``datasets.Dataset.from_file`` reads), contiguous row ranges."""
-    import datasets
-    import pyarrow as pa
-
-    from .loader import FEATURES
-
-    columns = {name: [r[name] for r in rows] for name in FEATURES}
-    table = datasets.Dataset.from_dict(columns, features=FEATURES).data.table
-    n_shards = min(n_shards, len(rows))
-    os.makedirs(os.path.join(root, split))
-    shards, bounds = [], [len(rows) * i // n_shards for i in range(n_shards + 1)]
-    for index in range(n_shards):
-        part = table.slice(bounds[index], bounds[index + 1] - bounds[index])
-        rel = os.path.join(split, f"data-{index:05d}-of-{n_shards:05d}.arrow")
-        with pa.OSFile(os.path.join(root, rel), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
-            writer.write_table(part)
-        shards.append({"file": rel, "rows": part.num_rows, "sha256": sha256_file(os.path.join(root, rel))})
-    return {"rows": len(rows), "shards": shards,
-            "step_counts": _histogram(len(r["steps"]) for r in rows),
-            "token_lengths": _histogram(16 * (r["n_tokens"] // 16) for r in rows)}
-
-
-def _histogram(values) -> dict[str, int]:
-    return {str(k): v for k, v in sorted(Counter(values).items())}
-
-
-def make_manifest(got: Collected, splits: dict, tok, special: dict, opts: BuildOptions) -> dict:
-    accepted = [r for split in SPLITS for r in got.rows[split]]
-    flags = Counter(f for r in accepted for f in r["flags"])
-    reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in got.rejects)
+def make_manifest(out: BuildOutput, splits: dict, tok, special: dict, opts: BuildOptions) -> dict:
+    flags = sum((w.flags for w in out.writers.values()), Counter())
     return {
         "schema_version": SCHEMA_VERSION,
-        "counts": {"read": len(accepted) + len(got.rejects), "accepted": len(accepted),
-                   "rejected": len(got.rejects), "flagged": sum(1 for r in accepted if r["flags"])},
-        "rejected_by_reason": dict(sorted(reasons.items())),
+        "counts": {"read": out.accepted + out.rejects.total, "accepted": out.accepted,
+                   "rejected": out.rejects.total, "flagged": sum(w.flagged for w in out.writers.values())},
+        "rejected_by_reason": dict(sorted(out.rejects.reasons.items())),
         "flagged_by_reason": dict(sorted(flags.items())),
-        "sources": got.per_source,
+        "sources": out.per_source,
         "splits": splits,
         "special_tokens": special,
         "templates": opts.templates.as_dict(),
@@ -233,7 +248,7 @@ def _adds_bos(tok) -> bool:
 
 def main_build(opts: BuildOptions) -> int:
     try:
-        run_build(opts)
+        run_build(opts, log=lambda line: print(line, flush=True))     # progress shows as it comes in a log file
     except StrictRejectError as err:           # the data, not the command: exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -181,3 +181,56 @@ def test_normalise_question_strips_and_collapses_double_spaces_on_every_split(sp
     tok = load_pretrained(str(tmp_path / "norm" / "tokenizer"))
     assert record["question_ids"] == tok(record["question"] + "\n")["input_ids"]
     assert manifest["templates"]["normalise_question"] is True
+
+
+def test_records_are_read_by_index_from_the_memory_mapped_shards(built):
+    """What the trainer and evaluation read (``ShardSet.records``): the records ``to_list`` gives,
+    from a split of 3 shards, by index, slice and ``take``, without the split as Python objects."""
+    shards = load_shards(str(built))
+    split, records = shards.split("train"), shards.records("train")
+    every = split.to_list()
+    assert len(records) == len(every) and len(shards.manifest["splits"]["train"]["shards"]) == 3
+    picks = [len(every) - 1, 0, 137, 137, len(every) // 3]         # across the shards' bounds, repeated
+    assert records.take(picks) == [every[i] for i in picks]
+    assert [records[i] for i in picks] == [every[i] for i in picks] and records[-1] == every[-1]
+    assert records[10:20] == every[10:20] and records[:] == every
+    with pytest.raises(IndexError):
+        records[len(every)]
+
+
+def test_the_build_streams_its_batches_and_writes_what_one_batch_would(synth_dir, spm_tokenizer_dir, tmp_path):
+    """Batches of 7 records (memory holds one) against one batch holding every record (what the
+    build did when it kept a data set in memory): the same records, ids, rejects in the same
+    order (a bad line, rows too long in train and valid, a train answer not starting with a
+    digit), the same manifest but for the shards' bytes; and the records read back by index from
+    shards of many Arrow batches."""
+    bad = tmp_path / "bad.txt"
+    lines = (synth_dir / "train.txt").read_text().splitlines()[:200]
+    bad.write_text("\n".join(lines[:50] + ["no answer marker here"] + lines[50:] + ["q||<<1+1=2>> #### -3"]) + "\n")
+    sources = [f"gsm8k-aug:{bad}@train", f"gsm8k-aug:{synth_dir / 'valid.txt'}", f"gsm8k-aug:{synth_dir / 'test.txt'}"]
+    cut = sorted(_lengths(load_shards(str(_built_once(synth_dir, spm_tokenizer_dir, tmp_path))).split("train")))[1500]
+    got = {}
+    for batch in (7, 10**6):
+        out = tmp_path / f"batch{batch}"
+        run_build(BuildOptions(sources, str(spm_tokenizer_dir), str(out), shards=3, max_length=cut, batch_size=batch,
+                               digit_answers_only=True), log=lambda *_: None)
+        got[batch] = (load_shards(str(out)), (out / "rejects.jsonl").read_text())
+    (streamed, streamed_rejects), (whole, whole_rejects) = got[7], got[10**6]
+    assert streamed_rejects == whole_rejects and "no answer marker" not in streamed_rejects
+    reasons = [json.loads(line)["reason"] for line in streamed_rejects.splitlines()]
+    assert reasons[0] == "no '||' between question and steps"          # the reader's reject first
+    assert any(r.startswith("too long") for r in reasons) and any(r.startswith("answer not starting") for r in reasons)
+    for split in ("train", "valid", "test"):
+        assert streamed.records(split)[:] == whole.split(split).to_list(), split
+    shards_of = lambda m: {s: {k: v for k, v in info.items() if k != "shards"} for s, info in m["splits"].items()}  # noqa: E731
+    assert shards_of(streamed.manifest) == shards_of(whole.manifest)
+    assert {k: v for k, v in streamed.manifest.items() if k != "splits"} == \
+        {k: v for k, v in whole.manifest.items() if k != "splits"}
+    records = streamed.records("train")
+    assert len(records) > 20 and records.take([len(records) - 1, 3, 20]) == [records[-1], records[3], records[20]]
+
+
+def _built_once(synth_dir, tok, tmp_path):
+    out = tmp_path / "plain"
+    run_build(_opts(synth_dir, tok, out), log=lambda *_: None)
+    return out

@@ -1,0 +1,113 @@
+"""Benchmark P13 (``python -m benchmarks data_scale``): data at GSM8k-Aug scale and beyond.
+
+For each record count (default 383,872 and 3,838,720: GSM8k-Aug's size and ten times it), a
+GSM8k-Aug file of that many lines (3,000 synthetic problems repeated; the tokenizer a 1,024-piece
+SentencePiece trained on them), then, each in a clean process of its own whose peak resident
+memory is read when it ends:
+
+- the build, ``python -m data_prep build``, against a plain batch tokenization of the same texts
+  (each line's question and the rest of it, batches of 4,096, the same fast tokenizer);
+- the trainer's start-up, ``python -m pipeline.train`` (``configs/tiny-cpu.yaml``, one rank,
+  ``train.max_steps=1``) on those shards, against the same on 2,000 records.
+
+One line per record count, in a fixed form:
+
+    data_scale records=<n> build=<s>s (<r>x plain=<s>s) build_peak=<GB> train=<s>s (+<s>s) train_peak=<GB> (+<GB>)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = 2_000
+
+TOKENIZE = """
+import sys
+from data_prep.tokenizer import load_pretrained
+tok = load_pretrained(sys.argv[1])
+batch = []
+def flush():
+    tok([q for q, _ in batch]); tok([rest for _, rest in batch], add_special_tokens=False); batch.clear()
+for line in open(sys.argv[2], encoding="utf-8"):
+    question, _, rest = line.partition("||")
+    batch.append((question, rest))
+    if len(batch) == 4096:
+        flush()
+flush()
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the documentation's commands are parsed by it in the tests)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks data_scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", default="383872,3838720", help="comma-separated record counts")
+    parser.add_argument("--work", help="folder for the files it writes (default: a temporary one; "
+                                       "3.8M records take about 5 GB)")
+    return parser
+
+
+def measured(args: list[str]) -> tuple[float, float]:
+    """Run ``python ARGS`` from the repository in a process of its own -> (seconds, peak GB)."""
+    probe = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
+             "code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+             "sys.exit(code)")
+    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    seconds, kilobytes = done.stdout.split()[-2:]
+    return float(seconds), int(kilobytes) / 2**20
+
+
+def lines_file(work: str, problems: list[str], n: int) -> str:
+    path = os.path.join(work, f"train_{n}.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(n):
+            handle.write(problems[i % len(problems)] + "\n")
+    return path
+
+
+def trained(work: str, shards: str) -> tuple[float, float]:
+    return measured(["-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml", f"data={shards}",
+                     f"runs_dir={work}/runs", f"name={os.path.basename(shards)}", "train.max_steps=1",
+                     "train.validate=false"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from data_prep.synth import SynthConfig, generate_splits
+    from data_prep.tokenizer import build_tokenizer
+
+    args = build_parser().parse_args(argv)
+    print("P13 data at scale: data_prep build against a plain batch tokenization of the same texts, and the "
+          f"trainer's start-up against {SMALL:,} records, each its own process (seconds, peak resident GB; goals: "
+          "build <= 1.5x and <= 2 GB, trainer <= +5 s and <= +0.5 GB)", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        problems = generate_splits({"train": 3000, "valid": 0, "test": 0}, 0, SynthConfig())["train"]
+        build_tokenizer([lines_file(work, problems, 3000)], 1024, None, os.path.join(work, "tok"))
+        small = os.path.join(work, "shards_small")
+        measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{lines_file(work, problems, SMALL)}",
+                  "--tokenizer", os.path.join(work, "tok"), "--out", small])
+        base_s, base_gb = trained(work, small)
+        for n in (int(x) for x in args.records.split(",")):
+            source, shards = lines_file(work, problems, n), os.path.join(work, f"shards_{n}")
+            plain_s, _ = measured(["-c", TOKENIZE, os.path.join(work, "tok"), source])
+            build_s, build_gb = measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{source}",
+                                          "--tokenizer", os.path.join(work, "tok"), "--out", shards])
+            train_s, train_gb = trained(work, shards)
+            print(f"data_scale records={n} build={build_s:.1f}s ({build_s / plain_s:.2f}x plain={plain_s:.1f}s) "
+                  f"build_peak={build_gb:.2f} train={train_s:.1f}s (+{train_s - base_s:.1f}s) "
+                  f"train_peak={train_gb:.2f} (+{train_gb - base_gb:.2f})", flush=True)
+            os.remove(source)
+            shutil.rmtree(shards)
+
+
+if __name__ == "__main__":
+    main()
