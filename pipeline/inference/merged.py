@@ -142,7 +142,7 @@ def load_merged(model_dir: str, device: torch.device | None = None, dtype: torch
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=kernel).to(device).eval()
     decoder, decoder_in = load_step_decoder(os.path.join(model_dir, STEP_DECODER), device, dtype, kernel)
     stack = latent.get("body_forward", "auto") if body_forward == TRAINED else body_forward
-    projection = load_projection(model_dir, latent["projection"], cfg, model.config.hidden_size, device, dtype)
+    projection = load_projection(model_dir, latent.get("projection"), cfg, model.config.hidden_size, device, dtype)
     return MergedModel(model, AutoTokenizer.from_pretrained(model_dir), latent, cfg, projection, decoder, decoder_in,
                        stack)
 
