@@ -2,11 +2,12 @@
 
 For each record count (default 383,872 and 3,838,720: GSM8k-Aug's size and ten times it), a
 GSM8k-Aug file of that many lines (3,000 synthetic problems repeated; the tokenizer a 1,024-piece
-SentencePiece trained on them), then, each in a clean process of its own whose peak resident
-memory is read when it ends:
+SentencePiece trained on them), then, each in a clean process of its own whose resident memory
+(with its children's) is sampled as it runs:
 
-- the build, ``python -m data_prep build``, against a plain batch tokenization of the same texts
-  (each line's question and the rest of it, batches of 4,096, the same fast tokenizer);
+- the build, ``python -m data_prep build`` (its worker processes' memory counted in), against a
+  plain batch tokenization of the same texts (each line's question and the rest of it, batches of
+  4,096, the same fast tokenizer);
 - the trainer's start-up, ``python -m pipeline.train`` (``configs/tiny-cpu.yaml``, one rank,
   ``train.max_steps=1``) on those shards, against the same on 2,000 records.
 
@@ -17,11 +18,12 @@ One line per record count, in a fixed form:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = 2_000
@@ -53,18 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measured(args: list[str]) -> tuple[float, float]:
-    """Run ``python ARGS`` from the repository in a process of its own -> (seconds, peak GB)."""
-    probe = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
-             "code = subprocess.run(sys.argv[1:]).returncode; "
-             "print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-             "sys.exit(code)")
+    """Run ``python ARGS`` from the repository in a process of its own -> (seconds, the peak of its
+    and its children's resident memory summed, sampled every 0.1 s, GB)."""
+    import psutil
+
     env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-c", probe, sys.executable, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    seconds, kilobytes = done.stdout.split()[-2:]
-    return float(seconds), int(kilobytes) / 2**20
+    start, peak = time.perf_counter(), 0
+    with open(os.devnull, "w") as quiet, tempfile.TemporaryFile("w+") as errors:
+        proc = psutil.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=quiet, stderr=errors)
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            errors.seek(0)
+            raise SystemExit(f"{' '.join(args)} failed:\n{errors.read()[-2000:]}")
+    return seconds, peak / 2**30
 
 
 def lines_file(work: str, problems: list[str], n: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common.cli import run_cli
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--batch-size", type=int, default=4096, help="records read, tokenised and written at a time "
                    "(default 4096): memory holds one batch whatever the size of the sources")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes that tokenise "
+                   "(default: this machine's cores; 1: this process); started once a source has a second batch")
 
     p = sub.add_parser("inspect", help="counts, histograms and decoded examples of a shard directory")
     p.add_argument("dir")
@@ -116,7 +119,7 @@ def _main(argv: list[str] | None) -> int:
                               _unescape(args.answer_prefix), args.normalise_question)
         return main_build(BuildOptions(args.source, args.tokenizer, args.out, args.shards, args.strict,
                                        args.max_length, templates, args.overwrite, args.digit_answers_only,
-                                       args.batch_size))
+                                       args.batch_size, args.workers))
     elif args.command == "inspect":
         from .summary import inspect_shards
         print(inspect_shards(args.dir, args.examples))

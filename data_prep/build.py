@@ -28,6 +28,7 @@ from .sources import SourceSpec, parse_source_spec, read_source
 from .split_writer import BuildOutput
 from .templates import Templates, tokenize_joined_cots, tokenize_problems
 from .tokenizer import add_latent_tokens, fingerprint, load_pretrained
+from .workers import Workers
 
 
 class StrictRejectError(ValueError):
@@ -46,6 +47,7 @@ class BuildOptions:
     overwrite: bool = False
     digit_answers_only: bool = False    # CODI's training filter: train answers must start with a digit
     batch_size: int = 4096              # records read, tokenised and written at a time: what memory holds
+    workers: int = 1                    # processes that tokenise (1: this one); the command line: every core
 
 
 def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids: list[int]) -> int:
@@ -54,16 +56,18 @@ def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids
     return len(question_ids) + sum(map(len, step_ids)) + len(answer_ids) + 1
 
 
-def build_source(spec: SourceSpec, tok, opts: BuildOptions, out: BuildOutput, log) -> dict:
+def build_source(spec: SourceSpec, tok, opts: BuildOptions, out: BuildOutput, workers: Workers, log) -> dict:
     """Read, tokenise and write one source, ``opts.batch_size`` records at a time -> its counts.
-    The next batch is read and checked in a thread while this one is tokenised (the tokenizer's
-    batch call releases the GIL)."""
+    Batches are read and checked in a thread, tokenised here or in ``workers``, written in order."""
     read = rejected = 0
     progress = Progress(spec, log)
-    for read, rejects, rows in read_ahead(parsed_batches(spec, opts)):
+    for read, rejects, (kept, left_out) in workers.tokenized(read_ahead(parsed_batches(spec, opts)), spec.split):
         for reject in rejects:
             out.rejects.add(reject)
-        rejected += len(rejects) + tokenize_batch(rows, spec.split, tok, opts, out)
+        for reject in left_out:
+            out.rejects.add(reject, after_tokenising=spec.split)
+        out.writers[spec.split].write(kept)
+        rejected += len(rejects) + len(left_out)
         progress.show(read)
     digest = sha256_file(spec.path) if spec.kind != "hub" else None
     return {"source": spec.name, "split": spec.split, "sha256": digest,
@@ -110,32 +114,31 @@ def read_ahead(batches, depth: int = 2):
         yield item
 
 
-def tokenize_batch(rows: list[dict], split: str, tok, opts: BuildOptions, out: BuildOutput) -> int:
-    """Add token ids to ``rows`` and write the kept ones -> how many were left out: train and valid
-    rows over ``max_length`` (and, with ``digit_answers_only``, train rows whose answer does not
-    start with a digit). Test rows are never cut: an evaluation set that loses its longest problems
-    scores too high, and generation reads only the question anyway."""
+def tokenized(rows: list[dict], split: str, tok, opts: BuildOptions) -> tuple[list[dict], list[dict]]:
+    """-> (``rows`` kept, with their token ids; the rejects of those left out): train and valid rows
+    over ``max_length`` (and, with ``digit_answers_only``, train rows whose answer does not start
+    with a digit). Test rows are never cut: an evaluation set that loses its longest problems scores
+    too high, and generation reads only the question anyway."""
     if not rows:
-        return 0
+        return [], []
     for row in rows:
         row["question"] = opts.templates.question_text(row["question"])
     q, s, a = tokenize_problems(tok, opts.templates, [r["question"] for r in rows],
                                 [r["steps"] for r in rows], [r["answer"] for r in rows])
     teacher_cots, cots = tokenize_joined_cots(tok, opts.templates, [r["steps"] for r in rows])
-    kept = []
+    kept, left_out = [], []
     for row, q_ids, s_ids, a_ids, teacher_cot, cot in zip(rows, q, s, a, teacher_cots, cots):
         length = record_tokens(q_ids, s_ids, a_ids)
         reason = _rejected(opts, split, row["answer"], length)
         if reason:
             if opts.strict:
                 raise StrictRejectError(f"{row['source']}: {reason} (--strict stops at the first reject)")
-            out.rejects.add({"source": row["source_name"], "line": row["line"], "reason": reason}, split)
+            left_out.append({"source": row["source_name"], "line": row["line"], "reason": reason})
             continue
         row.update(question_ids=q_ids, step_ids=s_ids, answer_ids=a_ids, teacher_cot_ids=teacher_cot, cot_ids=cot,
                    n_tokens=length)
         kept.append(row)
-    out.writers[split].write(kept)
-    return len(rows) - len(kept)
+    return kept, left_out
 
 
 def _rejected(opts: BuildOptions, split: str, answer: str, length: int) -> str | None:
@@ -179,8 +182,8 @@ def run_build(opts: BuildOptions, log=print) -> dict:
     records (``opts.batch_size``), whatever the size of the sources."""
     if os.path.exists(opts.out) and not opts.overwrite:
         raise FileExistsError(f"{opts.out}: exists; pass --overwrite to replace it")
-    if opts.shards < 1 or opts.batch_size < 1:
-        raise ValueError("--shards and --batch-size must be at least 1")
+    if min(opts.shards, opts.batch_size, opts.workers) < 1:
+        raise ValueError("--shards, --batch-size and --workers must be at least 1")
     start = time.perf_counter()
     specs = [parse_source_spec(s) for s in opts.sources]
     tok = load_pretrained(opts.tokenizer)
@@ -191,11 +194,12 @@ def run_build(opts: BuildOptions, log=print) -> dict:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(opts.out)}.building-", dir=parent)
     try:
         out = BuildOutput(tmp)
-        for spec in specs:
-            c = build_source(spec, tok, opts, out, log)
-            out.per_source.append(c)
-            log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, "
-                f"{c['rejected']} rejected")
+        with Workers(opts, tok) as workers:
+            for spec in specs:
+                c = build_source(spec, tok, opts, out, workers, log)
+                out.per_source.append(c)
+                log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, "
+                    f"{c['rejected']} rejected")
         splits = out.finish(opts.shards)
         tok.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
         manifest = make_manifest(out, splits, tok, special, opts)

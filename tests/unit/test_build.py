@@ -199,8 +199,9 @@ def test_records_are_read_by_index_from_the_memory_mapped_shards(built):
 
 
 def test_the_build_streams_its_batches_and_writes_what_one_batch_would(synth_dir, spm_tokenizer_dir, tmp_path):
-    """Batches of 7 records (memory holds one) against one batch holding every record (what the
-    build did when it kept a data set in memory): the same records, ids, rejects in the same
+    """Batches of 7 records (memory holds a few), tokenised here and by 2 worker processes, against
+    one batch holding every record (what the build did when it kept a data set in memory): the
+    same records, ids, rejects in the same
     order (a bad line, rows too long in train and valid, a train answer not starting with a
     digit), the same manifest but for the shards' bytes; and the records read back by index from
     shards of many Arrow batches."""
@@ -210,12 +211,15 @@ def test_the_build_streams_its_batches_and_writes_what_one_batch_would(synth_dir
     sources = [f"gsm8k-aug:{bad}@train", f"gsm8k-aug:{synth_dir / 'valid.txt'}", f"gsm8k-aug:{synth_dir / 'test.txt'}"]
     cut = sorted(_lengths(load_shards(str(_built_once(synth_dir, spm_tokenizer_dir, tmp_path))).split("train")))[1500]
     got = {}
-    for batch in (7, 10**6):
-        out = tmp_path / f"batch{batch}"
+    for batch, workers in ((7, 1), (7, 2), (10**6, 1)):
+        out = tmp_path / f"batch{batch}-{workers}"
         run_build(BuildOptions(sources, str(spm_tokenizer_dir), str(out), shards=3, max_length=cut, batch_size=batch,
-                               digit_answers_only=True), log=lambda *_: None)
-        got[batch] = (load_shards(str(out)), (out / "rejects.jsonl").read_text())
-    (streamed, streamed_rejects), (whole, whole_rejects) = got[7], got[10**6]
+                               digit_answers_only=True, workers=workers), log=lambda *_: None)
+        got[batch, workers] = (load_shards(str(out)), (out / "rejects.jsonl").read_text())
+    (streamed, streamed_rejects), (whole, whole_rejects) = got[7, 1], got[10**6, 1]
+    pooled, pooled_rejects = got[7, 2]
+    assert pooled.manifest == streamed.manifest and pooled_rejects == streamed_rejects     # the same bytes too
+    assert pooled.records("train")[:] == streamed.records("train")[:]
     assert streamed_rejects == whole_rejects and "no answer marker" not in streamed_rejects
     reasons = [json.loads(line)["reason"] for line in streamed_rejects.splitlines()]
     assert reasons[0] == "no '||' between question and steps"          # the reader's reject first
