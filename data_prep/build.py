@@ -56,7 +56,7 @@ def record_tokens(question_ids: list[int], step_ids: list[list[int]], answer_ids
     return len(question_ids) + sum(map(len, step_ids)) + len(answer_ids) + 1
 
 
-def build_source(spec: SourceSpec, tok, opts: BuildOptions, out: BuildOutput, workers: Workers, log) -> dict:
+def build_source(spec: SourceSpec, opts: BuildOptions, out: BuildOutput, workers: Workers, log) -> dict:
     """Read, tokenise and write one source, ``opts.batch_size`` records at a time -> its counts.
     Batches are read and checked in a thread, tokenised here or in ``workers``, written in order."""
     read = rejected = 0
@@ -156,17 +156,18 @@ class Progress:
     EVERY_S = 10.0
 
     def __init__(self, spec: SourceSpec, log):
-        self.name, self.log, self.start = spec.name, log, time.perf_counter()
-        self.last = self.start
-        self.expected = _lines(spec.path) if spec.kind in LINE_KINDS else None
+        self.spec, self.log, self.start = spec, log, time.perf_counter()
+        self.last, self.expected = self.start, None
 
     def show(self, read: int) -> None:
         now = time.perf_counter()
         if now - self.last < self.EVERY_S:
             return
+        if self.expected is None and self.spec.kind in LINE_KINDS:     # counted once, when a line is due
+            self.expected = _lines(self.spec.path)
         self.last, rate = now, read / (now - self.start)
         left = f", about {(self.expected - read) / rate:.0f} s left" if self.expected and self.expected > read else ""
-        self.log(f"  {self.name}: {read} records read, {rate:.0f}/s{left}")
+        self.log(f"  {self.spec.name}: {read} records read, {rate:.0f}/s{left}")
 
 
 LINE_KINDS = {"gsm8k", "gsm8k-aug", "gsm8k-aug-nl", "gsm-hard"}     # one record per non-blank line
@@ -178,8 +179,9 @@ def _lines(path: str) -> int:
 
 
 def run_build(opts: BuildOptions, log=print) -> dict:
-    """Build the shard directory ``opts.out``; return the manifest. Memory holds one batch of
-    records (``opts.batch_size``), whatever the size of the sources."""
+    """Build the shard directory ``opts.out``; return the manifest. Memory holds a few batches of
+    ``opts.batch_size`` records (two read ahead, two per worker in flight), whatever the size of
+    the sources."""
     if os.path.exists(opts.out) and not opts.overwrite:
         raise FileExistsError(f"{opts.out}: exists; pass --overwrite to replace it")
     if min(opts.shards, opts.batch_size, opts.workers) < 1:
@@ -196,7 +198,7 @@ def run_build(opts: BuildOptions, log=print) -> dict:
         out = BuildOutput(tmp)
         with Workers(opts, tok) as workers:
             for spec in specs:
-                c = build_source(spec, tok, opts, out, workers, log)
+                c = build_source(spec, opts, out, workers, log)
                 out.per_source.append(c)
                 log(f"  {c['source']} -> {c['split']}: {c['read']} read, {c['accepted']} accepted, "
                     f"{c['rejected']} rejected")

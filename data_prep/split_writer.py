@@ -50,8 +50,9 @@ class SplitWriter:
         if not rows:
             return
         if self._writer is None:
+            self._schema = _schema()
             self._sink = pa.OSFile(self.path, "wb")
-            self._writer = pa.ipc.new_stream(self._sink, _schema())
+            self._writer = pa.ipc.new_stream(self._sink, self._schema)
         for row in rows:
             row["id"] = f"{self.split}-{self.rows:06d}"
             self.rows += 1
@@ -59,8 +60,8 @@ class SplitWriter:
             self.lengths[16 * (row["n_tokens"] // 16)] += 1
             self.flags.update(row["flags"])
             self.flagged += bool(row["flags"])
-        names = _schema().names
-        self._writer.write_table(pa.Table.from_pylist([{k: r[k] for k in names} for r in rows], schema=_schema()))
+        names = self._schema.names
+        self._writer.write_table(pa.Table.from_pylist([{k: r[k] for k in names} for r in rows], schema=self._schema))
 
     def finish(self, n_shards: int) -> dict | None:
         """Cut the stream into shards -> the split's manifest entry (None: no record)."""

@@ -62,7 +62,8 @@ class Workers:
 
         pending: deque = deque()
         for number, (read, rejects, rows) in enumerate(batches):
-            if self.opts.workers == 1 or number == 0 and self._pool is None:
+            in_here = self.opts.workers == 1 or (number == 0 and self._pool is None)   # one batch: no pool yet
+            if in_here:
                 yield read, rejects, tokenized(rows, split, self.tok, self.opts)
                 continue
             pending.append((read, rejects, self._executor().submit(_tokenized, rows, split)))

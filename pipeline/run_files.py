@@ -88,10 +88,12 @@ def keep_run_files(run_dir: str, run, ds_config: dict, shards, rank: int) -> Non
 def check_data_card(shards, run_dir: str) -> None:
     """A run resumed on shards of another tokenizer than its data card's is refused (every rank
     checks, so every rank stops)."""
+    from data_prep import read_manifest
+
     card = os.path.join(run_dir, DATA_CARD)
     if not os.path.isdir(card):
         return
-    kept = data_card(run_dir, None).manifest["tokenizer"]["fingerprint"]
+    kept = read_manifest(card)["tokenizer"]["fingerprint"]
     if kept != shards.manifest["tokenizer"]["fingerprint"]:
         raise RunFileError(f"{shards.path}: tokenized with another tokenizer than the one {run_dir} was trained with "
                            f"({card}, fingerprint {kept[:12]}); resume on shards built with it "
