@@ -9,7 +9,8 @@ SentencePiece trained on them), then, each in a clean process of its own whose r
   plain batch tokenization of the same texts (each line's question and the rest of it, batches of
   4,096, the same fast tokenizer);
 - the trainer's start-up, ``python -m pipeline.train`` (``configs/tiny-cpu.yaml``, one rank,
-  ``train.max_steps=1``) on those shards, against the same on 2,000 records.
+  ``train.max_steps=1``) on those shards, against the same on 2,000 records (after a first run
+  on them, not counted: it may build DeepSpeed's JIT-compiled ops, 25-45 s, once per machine).
 
 One line per record count, in a fixed form:
 
@@ -82,10 +83,9 @@ def lines_file(work: str, problems: list[str], n: int) -> str:
     return path
 
 
-def trained(work: str, shards: str) -> tuple[float, float]:
+def trained(work: str, shards: str, name: str) -> tuple[float, float]:
     return measured(["-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml", f"data={shards}",
-                     f"runs_dir={work}/runs", f"name={os.path.basename(shards)}", "train.max_steps=1",
-                     "train.validate=false"])
+                     f"runs_dir={work}/runs", f"name={name}", "train.max_steps=1", "train.validate=false"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,13 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         small = os.path.join(work, "shards_small")
         measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{lines_file(work, problems, SMALL)}",
                   "--tokenizer", os.path.join(work, "tok"), "--out", small])
-        base_s, base_gb = trained(work, small)
+        trained(work, small, "warm-up")     # builds DeepSpeed's JIT ops where none are cached: not counted
+        base_s, base_gb = trained(work, small, "small")
         for n in (int(x) for x in args.records.split(",")):
             source, shards = lines_file(work, problems, n), os.path.join(work, f"shards_{n}")
             plain_s, _ = measured(["-c", TOKENIZE, os.path.join(work, "tok"), source])
             build_s, build_gb = measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{source}",
                                           "--tokenizer", os.path.join(work, "tok"), "--out", shards])
-            train_s, train_gb = trained(work, shards)
+            train_s, train_gb = trained(work, shards, f"records{n}")
             print(f"data_scale records={n} build={build_s:.1f}s ({build_s / plain_s:.2f}x plain={plain_s:.1f}s) "
                   f"build_peak={build_gb:.2f} train={train_s:.1f}s (+{train_s - base_s:.1f}s) "
                   f"train_peak={train_gb:.2f} (+{train_gb - base_gb:.2f})", flush=True)

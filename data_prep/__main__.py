@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit-answers-only", action="store_true", help="reject train problems whose answer does "
                    "not start with a digit (CODI's training filter: negative answers; counted in the manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--batch-size", type=int, default=4096, help="records read, tokenised and written at a time "
-                   "(default 4096): memory holds one batch whatever the size of the sources")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes that tokenise "
-                   "(default: this machine's cores; 1: this process); started once a source has a second batch")
+    p.add_argument("--batch-size", type=int, default=4096, help="records read, parsed, tokenised and written at "
+                   "a time (default 4096): memory holds a few batches whatever the size of the sources")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes that parse and "
+                   "tokenise (default: this machine's cores; 1: this process); started at a source's second batch")
 
     p = sub.add_parser("inspect", help="counts, histograms and decoded examples of a shard directory")
     p.add_argument("dir")

@@ -1,11 +1,16 @@
-"""Readers that turn each raw format into :class:`Problem` records or reasoned rejects.
+"""Readers and parsers that turn each raw format into :class:`Problem` records or reasoned rejects.
+
+    records, parser = open_source(parse_source_spec("gsm8k-aug:data/train.txt"))
+    parsed = [parser(record) for record in records]      # what read_source gives
 
 A source is named on the command line as ``KIND:PATH[@SPLIT]``; a hub dataset as
 ``hub:ID[:HUB_SPLIT][@SPLIT]`` (``HUB_SPLIT`` the hub's split expression, e.g. ``train+test``;
 ``SPLIT`` ours, by default the hub split's own name). ``ID`` may be a local directory holding a
 copy of the hub repository's files.
-Every reader yields one :class:`Parsed` per input record, so ``read == accepted + rejected``
-holds by construction: nothing is dropped silently.
+A source's reader yields one raw record per input record (a line's text, a JSON object, or why it
+cannot be read) and its parser one :class:`Parsed` per raw record, so ``read == accepted +
+rejected`` holds by construction: nothing is dropped silently. Reading and parsing are apart so
+that a build reads in one process and parses in its workers.
 """
 from __future__ import annotations
 
@@ -57,8 +62,8 @@ class SourceSpec:
 def parse_source_spec(spec: str) -> SourceSpec:
     """``gsm8k-aug:data/valid.txt`` -> kind, path, split (from ``@split`` or the file name)."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in READERS:
-        raise ValueError(f"--source {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(READERS))}")
+    if not sep or kind not in FORMATS:
+        raise ValueError(f"--source {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(FORMATS))}")
     if kind == "hub":
         return _hub_spec(spec, rest)
     path, _, split = rest.partition("@")
@@ -230,7 +235,32 @@ def _object(obj: object) -> dict:
 
 
 # ---------------------------------------------------------------- file readers
-def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+RawRecord = tuple  # (line or item number, the record's text or object, why it cannot be read or None)
+
+
+@dataclass(frozen=True)
+class RecordParser:
+    """One raw record -> its :class:`Parsed`. Made of module-level functions only, so that it
+    pickles: a build's worker processes parse the records the reading process hands them."""
+    parse: Callable[[object], Problem]
+    json_text: bool = False        # the record is a JSON line's text
+
+    def __call__(self, record: RawRecord) -> Parsed:
+        number, payload, error = record
+        if error:
+            return Parsed(number, reject=error)
+        if self.json_text:
+            try:
+                payload = json.loads(payload)
+            except json.JSONDecodeError as err:
+                return Parsed(number, reject=f"bad JSON: {err.msg} (column {err.colno})")
+        try:
+            return Parsed(number, problem=self.parse(payload))
+        except RecordError as err:
+            return Parsed(number, reject=str(err))
+
+
+def text_lines(path: str) -> Iterator[RawRecord]:
     """(line number, text, error) for each non-empty line; bytes that are not UTF-8 are an error."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -243,51 +273,26 @@ def _lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
                 yield number, None, f"not UTF-8 ({err.reason} at byte {err.start})"
 
 
-def _each(parse: Callable[[object], Problem], number: int, payload: object) -> Parsed:
-    try:
-        return Parsed(number, problem=parse(payload))
-    except RecordError as err:
-        return Parsed(number, reject=str(err))
-
-
-def read_text_lines(path: str, parse: Callable) -> Iterator[Parsed]:
-    for number, text, error in _lines(path):
-        yield Parsed(number, reject=error) if error else _each(parse, number, text)
-
-
-def read_jsonl(path: str, parse: Callable) -> Iterator[Parsed]:
-    for number, text, error in _lines(path):
-        if error:
-            yield Parsed(number, reject=error)
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield Parsed(number, reject=f"bad JSON: {err.msg} (column {err.colno})")
-            continue
-        yield _each(parse, number, obj)
-
-
-def read_json_list(path: str, parse: Callable) -> Iterator[Parsed]:
-    """A whole-file JSON list; ``line`` is the 1-based item index (JSON gives no per-item lines)."""
+def json_list_items(path: str) -> Iterator[RawRecord]:
+    """A whole-file JSON list; the number is the 1-based item index (JSON gives no per-item lines)."""
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
         items = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        yield Parsed(1, reject=f"not UTF-8 ({err.reason} at byte {err.start})")
+        yield 1, None, f"not UTF-8 ({err.reason} at byte {err.start})"
         return
     except json.JSONDecodeError as err:
-        yield Parsed(err.lineno, reject=f"bad JSON: {err.msg} (line {err.lineno}, column {err.colno})")
+        yield err.lineno, None, f"bad JSON: {err.msg} (line {err.lineno}, column {err.colno})"
         return
     if not isinstance(items, list):
-        yield Parsed(1, reject=f"file holds a JSON {type(items).__name__}, expected a list of records")
+        yield 1, None, f"file holds a JSON {type(items).__name__}, expected a list of records"
         return
     for index, obj in enumerate(items, start=1):
-        yield _each(parse, index, obj)
+        yield index, obj, None
 
 
-def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
+def hub_rows(dataset_id: str, split: str) -> tuple[Iterator[RawRecord], RecordParser]:
     """A hub dataset (or a local copy of its files) by its columns: GSM8K (``question, answer``),
     Coconut (``steps``), iCoT (``cot``; without ``<<..>>``: GSM8k-Aug-NL's sentences), and the
     evaluation sets as the references load them: GSM-Hard ``juyoung-trl/gsm-hard``
@@ -299,9 +304,8 @@ def read_hub(dataset_id: str, split: str) -> Iterator[Parsed]:
         table = datasets.load_dataset(dataset_id, split=split)
     except ValueError:  # datasets asks for a config name, as openai/gsm8k does
         table = datasets.load_dataset(dataset_id, "main", split=split)
-    parse = hub_parser(set(table.column_names))
-    for index, row in enumerate(table, start=1):
-        yield _each(parse, index, row)
+    rows = ((index, row, None) for index, row in enumerate(table, start=1))
+    return rows, RecordParser(hub_parser(set(table.column_names)))
 
 
 def hub_parser(columns: set[str]) -> Callable:
@@ -311,10 +315,9 @@ def hub_parser(columns: set[str]) -> Callable:
     if "cot" in columns:
         return _parse_icot_row
     if {"instruction", "response"} <= columns:
-        return lambda row: parse_gsm_hard({"input": row.get("instruction"), "target": row.get("response")})
+        return _parse_gsm_hard_row
     if {"question_concat", "Answer"} <= columns:
-        return lambda row: Problem(_require_text(_object(row), "question_concat").strip(), [],
-                                   _float_answer(row, "Answer"))
+        return _parse_svamp_row
     if "final_ans" in columns:
         return parse_multiarith
     return parse_gsm8k
@@ -326,22 +329,37 @@ def _parse_icot_row(row: dict) -> Problem:
     return parse_gsm8k_aug(f"{row.get('question', '')}||{row.get('cot', '')} #### {row.get('answer', '')}")
 
 
-READERS: dict[str, Callable[[str], Iterator[Parsed]]] = {
-    "gsm8k": lambda path: read_jsonl(path, parse_gsm8k),
-    "gsm8k-aug": lambda path: read_text_lines(path, parse_gsm8k_aug),
-    "gsm8k-aug-nl": lambda path: read_jsonl(path, parse_gsm8k_aug_nl),
-    "coconut": lambda path: read_json_list(path, parse_coconut),
-    "gsm-hard": lambda path: read_jsonl(path, parse_gsm_hard),
-    "svamp": lambda path: read_json_list(path, parse_svamp),
-    "multiarith": lambda path: read_json_list(path, parse_multiarith),
-    "hub": None,  # dispatched in read_source (needs the split)
+def _parse_gsm_hard_row(row: dict) -> Problem:
+    return parse_gsm_hard({"input": row.get("instruction"), "target": row.get("response")})
+
+
+def _parse_svamp_row(row: dict) -> Problem:
+    return Problem(_require_text(_object(row), "question_concat").strip(), [], _float_answer(row, "Answer"))
+
+
+FORMATS: dict[str, tuple[Callable[[str], Iterator[RawRecord]], RecordParser] | None] = {
+    "gsm8k": (text_lines, RecordParser(parse_gsm8k, json_text=True)),
+    "gsm8k-aug": (text_lines, RecordParser(parse_gsm8k_aug)),
+    "gsm8k-aug-nl": (text_lines, RecordParser(parse_gsm8k_aug_nl, json_text=True)),
+    "coconut": (json_list_items, RecordParser(parse_coconut)),
+    "gsm-hard": (text_lines, RecordParser(parse_gsm_hard, json_text=True)),
+    "svamp": (json_list_items, RecordParser(parse_svamp)),
+    "multiarith": (json_list_items, RecordParser(parse_multiarith)),
+    "hub": None,  # its parser depends on the table's columns: hub_rows
 }
 ANSWER_ONLY = {"gsm-hard", "svamp", "multiarith"}
 
 
-def read_source(spec: SourceSpec) -> Iterator[Parsed]:
+def open_source(spec: SourceSpec) -> tuple[Iterator[RawRecord], RecordParser]:
+    """The source's raw records, read lazily, and the parser that turns each into a :class:`Parsed`."""
     if spec.kind == "hub":
-        return read_hub(spec.path, spec.hub_split or spec.split)
+        return hub_rows(spec.path, spec.hub_split or spec.split)
     if not os.path.isfile(spec.path):
         raise FileNotFoundError(f"--source {spec.name}: no such file")
-    return READERS[spec.kind](spec.path)
+    read, parser = FORMATS[spec.kind]
+    return read(spec.path), parser
+
+
+def read_source(spec: SourceSpec) -> Iterator[Parsed]:
+    records, parser = open_source(spec)
+    return map(parser, records)

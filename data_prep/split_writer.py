@@ -1,7 +1,7 @@
 """Where a streaming build puts what it has made, batch by batch: each split's records, the rejects.
 
     out = BuildOutput(tmp_dir)
-    out.writers["train"].write(rows)                 # ids given here, in input order
+    out.writers["train"].write(table, counts)        # ids given here, in input order
     out.rejects.add(reject, after_tokenising="train")
     splits = out.finish(n_shards)                    # -> the manifest's "splits"; rejects.jsonl written
 
@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 
 from common.hashing import sha256_file
 
@@ -24,7 +25,8 @@ from .manifest import REJECTS
 SPLITS = ("train", "valid", "test")
 
 
-def _schema():
+def record_schema():
+    """The shards' Arrow schema (``loader.FEATURES``, with the metadata ``datasets`` reads)."""
     from .loader import FEATURES
 
     return FEATURES.arrow_schema
@@ -34,34 +36,55 @@ def histogram(counts: Counter) -> dict[str, int]:
     return {str(k): v for k, v in sorted(counts.items())}
 
 
+@dataclass
+class SplitCounts:
+    """What the manifest counts of a split's records: steps, token lengths (in bins of 16), flags."""
+    rows: int = 0
+    flagged: int = 0
+    steps: Counter = field(default_factory=Counter)
+    lengths: Counter = field(default_factory=Counter)
+    flags: Counter = field(default_factory=Counter)
+
+    def add(self, n_steps: int, n_tokens: int, flags: list[str]) -> None:
+        self.rows += 1
+        self.steps[n_steps] += 1
+        self.lengths[16 * (n_tokens // 16)] += 1
+        self.flags.update(flags)
+        self.flagged += bool(flags)
+
+    def merge(self, other: SplitCounts) -> None:
+        self.rows += other.rows
+        self.flagged += other.flagged
+        for mine, theirs in ((self.steps, other.steps), (self.lengths, other.lengths), (self.flags, other.flags)):
+            mine.update(theirs)
+
+
 class SplitWriter:
     """One split's records, streamed to ``ROOT/SPLIT.stream`` and counted as they come."""
 
     def __init__(self, root: str, split: str):
-        self.root, self.split, self.rows, self.flagged = root, split, 0, 0
+        self.root, self.split, self.counts = root, split, SplitCounts()
         self.path = os.path.join(root, f"{split}.stream")
-        self.steps, self.lengths, self.flags = Counter(), Counter(), Counter()
         self._sink = self._writer = None
 
-    def write(self, rows: list[dict]) -> None:
-        """Append ``rows`` (tokenised, kept), giving each its ``id``."""
+    @property
+    def rows(self) -> int:
+        return self.counts.rows
+
+    def write(self, table, counts: SplitCounts) -> None:
+        """Append ``table`` (tokenised records kept, every field but ``id``; ``counts`` theirs),
+        giving each record its ``id``."""
         import pyarrow as pa
 
-        if not rows:
+        if not table.num_rows:
             return
         if self._writer is None:
-            self._schema = _schema()
+            self._schema = record_schema()
             self._sink = pa.OSFile(self.path, "wb")
             self._writer = pa.ipc.new_stream(self._sink, self._schema)
-        for row in rows:
-            row["id"] = f"{self.split}-{self.rows:06d}"
-            self.rows += 1
-            self.steps[len(row["steps"])] += 1
-            self.lengths[16 * (row["n_tokens"] // 16)] += 1
-            self.flags.update(row["flags"])
-            self.flagged += bool(row["flags"])
-        names = self._schema.names
-        self._writer.write_table(pa.Table.from_pylist([{k: r[k] for k in names} for r in rows], schema=self._schema))
+        ids = pa.array([f"{self.split}-{n:06d}" for n in range(self.rows, self.rows + table.num_rows)], pa.string())
+        self._writer.write_table(pa.Table.from_arrays([ids, *table.columns], schema=self._schema))
+        self.counts.merge(counts)
 
     def finish(self, n_shards: int) -> dict | None:
         """Cut the stream into shards -> the split's manifest entry (None: no record)."""
@@ -79,8 +102,8 @@ class SplitWriter:
             sizes = self._cut(files)
         shards = [{"file": rel, "rows": rows, "sha256": sha256_file(os.path.join(self.root, rel))}
                   for rel, rows in zip(files, sizes)]
-        return {"rows": self.rows, "shards": shards, "step_counts": histogram(self.steps),
-                "token_lengths": histogram(self.lengths)}
+        return {"rows": self.rows, "shards": shards, "step_counts": histogram(self.counts.steps),
+                "token_lengths": histogram(self.counts.lengths)}
 
     def _cut(self, files: list[str]) -> list[int]:
         import pyarrow as pa

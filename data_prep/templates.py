@@ -60,10 +60,11 @@ def tokenize_problems(tok, templates: Templates, questions: list[str], steps: li
 def encode(tok, texts: list[str], special: bool) -> list[list[int]]:
     """``tok(texts, add_special_tokens=special)["input_ids"]``; a fast tokenizer is called through
     its Rust backend, as that call does, without the wrapper's per-text conversion to Python
-    dicts (most of the build's tokenisation time; benchmark P7)."""
+    dicts (most of the build's tokenisation time; benchmark P7) and without the character
+    offsets of each token, which nothing here reads."""
     if not texts:
         return []
     backend = getattr(tok, "_tokenizer", None) if getattr(tok, "is_fast", False) else None
     if backend is None or backend.truncation or backend.padding:
         return tok(texts, add_special_tokens=special)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=special)]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]

@@ -1,19 +1,24 @@
-"""Worker processes that tokenise a build's batches (``data_prep build --workers N``).
+"""Worker processes that prepare a build's batches (``data_prep build --workers N``).
 
     with Workers(opts, tok) as workers:
-        for read, rejects, (kept, left_out) in workers.tokenized(batches, split): ...
+        for read, batch in workers.prepared(raw_batches, spec, parser): ...
 
-One worker (the default of ``BuildOptions``) tokenises in this process. More start, each with its
-own copy of the tokenizer, when a source reaches its second batch (a small build never pays their
-start-up); at most two batches per worker are in flight, and results come back in input order,
-so memory stays a few batches and the shards are those of one process.
+Each batch of raw records (lines, JSON objects) is parsed, checked, tokenised and laid out as
+Arrow by ``batch.prepare_batch``. One worker (the default of ``BuildOptions``) does it in this
+process. More start, each with its own copy of the tokenizer, when a source reaches its third
+batch (a build of small sources runs in one process); at most two batches per worker are in
+flight, and results come back in input order, so memory stays a few batches and the shards are
+those of one process.
 """
 from __future__ import annotations
 
 import os
 from collections import deque
 
+from .batch import prepare_batch
+
 _WORKER: dict = {}
+POOL_FROM_BATCH = 2     # a source's third batch: on two, the pool's start-up costs more than it saves
 
 
 class _FastBackend:
@@ -27,7 +32,7 @@ class _FastBackend:
         self._tokenizer = Tokenizer.from_str(serialized)
 
 
-def _start(opts, backend: str | None) -> None:
+def _start(opts, backend: str | None, schema) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"     # each worker one core: the pool is the parallelism
     if backend is not None:
         tok = _FastBackend(backend)
@@ -36,18 +41,19 @@ def _start(opts, backend: str | None) -> None:
 
         tok = load_pretrained(opts.tokenizer)
         add_latent_tokens(tok)
-    _WORKER.update(tok=tok, opts=opts)
+    _WORKER.update(tok=tok, opts=opts, schema=schema)
 
 
-def _tokenized(rows: list[dict], split: str):
-    from .build import tokenized
-
-    return tokenized(rows, split, _WORKER["tok"], _WORKER["opts"])
+def _prepared(records, spec, parser):
+    return prepare_batch(records, spec, parser, _WORKER["tok"], _WORKER["opts"], _WORKER["schema"])
 
 
 class Workers:
     def __init__(self, opts, tok):
+        from .split_writer import record_schema
+
         self.opts, self.tok, self._pool = opts, tok, None
+        self.schema = record_schema().remove(0).remove_metadata()     # every field but the id, given in order
 
     def __enter__(self) -> Workers:
         return self
@@ -56,23 +62,20 @@ class Workers:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def tokenized(self, batches, split: str):
-        """(records read, the reader's rejects, ``build.tokenized`` of the rows) per batch, in order."""
-        from .build import tokenized
-
+    def prepared(self, batches, spec, parser):
+        """(records read, ``batch.prepare_batch`` of the batch) per batch of raw records, in order."""
         pending: deque = deque()
-        for number, (read, rejects, rows) in enumerate(batches):
-            in_here = self.opts.workers == 1 or (number == 0 and self._pool is None)   # one batch: no pool yet
-            if in_here:
-                yield read, rejects, tokenized(rows, split, self.tok, self.opts)
+        for number, (read, records) in enumerate(batches):
+            if self._pool is None and (self.opts.workers == 1 or number < POOL_FROM_BATCH):
+                yield read, prepare_batch(records, spec, parser, self.tok, self.opts, self.schema)
                 continue
-            pending.append((read, rejects, self._executor().submit(_tokenized, rows, split)))
+            pending.append((read, self._executor().submit(_prepared, records, spec, parser)))
             if len(pending) > 2 * self.opts.workers:
-                read, rejects, done = pending.popleft()
-                yield read, rejects, done.result()
+                read, done = pending.popleft()
+                yield read, done.result()
         while pending:
-            read, rejects, done = pending.popleft()
-            yield read, rejects, done.result()
+            read, done = pending.popleft()
+            yield read, done.result()
 
     def _executor(self):
         if self._pool is None:
@@ -82,5 +85,5 @@ class Workers:
             backend = getattr(self.tok, "_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
             plain = backend is not None and not backend.truncation and not backend.padding
             self._pool = ProcessPoolExecutor(self.opts.workers, mp_context=get_context("spawn"), initializer=_start,
-                                             initargs=(self.opts, backend.to_str() if plain else None))
+                                             initargs=(self.opts, backend.to_str() if plain else None, self.schema))
         return self._pool

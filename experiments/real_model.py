@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from common.cli import run_cli
-from data_prep.build import BuildOptions, record_tokens, run_build
+from data_prep.batch import record_tokens
+from data_prep.build import BuildOptions, run_build
 from data_prep.summary import verify_shards
 from data_prep.templates import Templates
 from data_prep.tokenizer import build_tokenizer

@@ -9,7 +9,8 @@ import pytest
 from common.hashing import sha256_file
 from data_prep import ShardError, load_shards
 from data_prep.__main__ import main
-from data_prep.build import BuildOptions, record_tokens, run_build
+from data_prep.batch import record_tokens
+from data_prep.build import BuildOptions, run_build
 
 pytestmark = pytest.mark.unit
 

@@ -87,6 +87,18 @@ def test_strict_stops_at_the_first_reject_naming_file_and_line(tmp_path, malform
     assert not (tmp_path / "out").exists()
 
 
+def test_strict_stops_at_the_first_reject_found_in_a_worker_process(tmp_path, spm_tokenizer_dir):
+    """Batches of one record with 2 workers: the pool takes a source's batches from its third, so
+    lines 4 and 5 are parsed and tokenised there; the first reject in input order is the one
+    raised here, as in one process."""
+    aug = tmp_path / "late_train.txt"
+    aug.write_text("\n".join([GOOD] * 3 + ["Q? " + "many " * 400 + "||<<2+3=5>> #### 5", "no separator"]) + "\n")
+    with pytest.raises(StrictRejectError, match=rf"{aug}:4: too long") as raised:
+        _build(tmp_path, [("gsm8k-aug", aug)], spm_tokenizer_dir, strict=True, batch_size=1, workers=2)
+    assert type(raised.value.__cause__).__name__ == "_RemoteTraceback"          # raised in a worker
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_whole_json_file_that_does_not_parse_is_one_reject(tmp_path, spm_tokenizer_dir):
     broken = tmp_path / "broken_test.json"
     broken.write_text('[{"question": "Q?", "steps": [], "answer": "1"},\n  {oops}]')

@@ -96,3 +96,16 @@ def test_codi_teacher_cot_is_tokenised_once_as_the_reference_does(synth_dir):
         assert whole_ids == tok(" ".join(chain), add_special_tokens=False)["input_ids"]
         assert teacher_ids != sum(piece_ids[:-1], [])          # the pieces end in a lone " " and lack " <<"
         assert tok.convert_ids_to_tokens(teacher_ids).count("Ġ<<") == len(chain) - 2
+
+
+def test_encode_gives_the_ids_of_the_tokenizer_call(spm_tokenizer_dir, synth_dir):
+    """``templates.encode`` calls the Rust backend without token offsets: the ids of ``tok(texts)``,
+    with and without special tokens, for SentencePiece and LLaMA-3-style BPE."""
+    from data_prep.templates import encode
+
+    texts = [line for line in (synth_dir / "train.txt").read_text().splitlines()[:50]]
+    texts += ["", " ", "Ann  has 12 pens.\n<<12*3=36>>\n### 36 (é, 😀)", "x<|latent|> <<1+1=2>>"]
+    for tok in (AutoTokenizer.from_pretrained(spm_tokenizer_dir), llama3_style_bpe(texts)):
+        add_latent_tokens(tok)
+        for special in (True, False):
+            assert encode(tok, texts, special) == tok(texts, add_special_tokens=special)["input_ids"]
