@@ -199,6 +199,20 @@ def test_records_are_read_by_index_from_the_memory_mapped_shards(built):
         records[len(every)]
 
 
+def test_the_sampler_reads_micro_batches_ahead_and_gives_each_its_own_records(built):
+    """The trainer's micro-batches read ``READ_AHEAD`` at a time from the shards: each micro-batch
+    gets its own records in its order, across the read-ahead's windows, from the shards as from a
+    list."""
+    from pipeline.engine.sampler import READ_AHEAD, _read
+
+    shards = load_shards(str(built))
+    every = shards.split("train").to_list()
+    batches = [[(7 * b + k) % len(every) for k in range(1 + b % 5)] for b in range(READ_AHEAD + 7)]
+    expected = [(batch, [every[i] for i in batch]) for batch in batches]
+    assert list(_read(shards.records("train"), batches)) == expected
+    assert list(_read(every, batches)) == expected
+
+
 def test_the_build_streams_its_batches_and_writes_what_one_batch_would(synth_dir, spm_tokenizer_dir, tmp_path):
     """Batches of 7 records (memory holds a few), tokenised here and by 2 worker processes, against
     one batch holding every record (what the build did when it kept a data set in memory): the
