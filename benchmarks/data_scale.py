@@ -14,7 +14,11 @@ SentencePiece trained on them), then, each in a clean process of its own whose r
 
 One line per record count, in a fixed form:
 
-    data_scale records=<n> build=<s>s (<r>x plain=<s>s) build_peak=<GB> train=<s>s (+<s>s) train_peak=<GB> (+<GB>)
+    data_scale records=<n> build=<s>s (<r>x plain=<s>s) build_peak=<GB> train=<s>s (+<s>s) \
+        train_peak=<GB> (+<GB>) train_private=+<GB>
+
+``train_private``: the peak less the pages mapped from files (the shards memory-mapped, shared by
+every rank of a node and dropped by the kernel when memory is short), against 2,000 records.
 """
 from __future__ import annotations
 
@@ -55,24 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measured(args: list[str]) -> tuple[float, float]:
+def measured(args: list[str]) -> tuple[float, float, float]:
     """Run ``python ARGS`` from the repository in a process of its own -> (seconds, the peak of its
-    and its children's resident memory summed, sampled every 0.1 s, GB)."""
+    and its children's resident memory summed, sampled every 0.1 s, GB; the same less file-backed
+    pages, GB)."""
     import psutil
 
     env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu"}
-    start, peak = time.perf_counter(), 0
+    start, peak, private = time.perf_counter(), 0, 0
     with open(os.devnull, "w") as quiet, tempfile.TemporaryFile("w+") as errors:
         proc = psutil.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=quiet, stderr=errors)
         while proc.poll() is None:
             with contextlib.suppress(psutil.Error):
-                peak = max(peak, sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+                infos = [p.memory_info() for p in [proc, *proc.children(recursive=True)]]
+                peak = max(peak, sum(i.rss for i in infos))
+                private = max(private, sum(i.rss - i.shared for i in infos))
             time.sleep(0.1)
         seconds = time.perf_counter() - start
         if proc.returncode:
             errors.seek(0)
             raise SystemExit(f"{' '.join(args)} failed:\n{errors.read()[-2000:]}")
-    return seconds, peak / 2**30
+    return seconds, peak / 2**30, private / 2**30
 
 
 def lines_file(work: str, problems: list[str], n: int) -> str:
@@ -83,7 +90,7 @@ def lines_file(work: str, problems: list[str], n: int) -> str:
     return path
 
 
-def trained(work: str, shards: str, name: str) -> tuple[float, float]:
+def trained(work: str, shards: str, name: str) -> tuple[float, float, float]:
     return measured(["-m", "pipeline.train", "--config", "configs/tiny-cpu.yaml", f"data={shards}",
                      f"runs_dir={work}/runs", f"name={name}", "train.max_steps=1", "train.validate=false"])
 
@@ -103,16 +110,17 @@ def main(argv: list[str] | None = None) -> None:
         measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{lines_file(work, problems, SMALL)}",
                   "--tokenizer", os.path.join(work, "tok"), "--out", small])
         trained(work, small, "warm-up")     # builds DeepSpeed's JIT ops where none are cached: not counted
-        base_s, base_gb = trained(work, small, "small")
+        base_s, base_gb, base_private = trained(work, small, "small")
         for n in (int(x) for x in args.records.split(",")):
             source, shards = lines_file(work, problems, n), os.path.join(work, f"shards_{n}")
-            plain_s, _ = measured(["-c", TOKENIZE, os.path.join(work, "tok"), source])
-            build_s, build_gb = measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{source}",
+            plain_s, _, _ = measured(["-c", TOKENIZE, os.path.join(work, "tok"), source])
+            build_s, build_gb, _ = measured(["-m", "data_prep", "build", "--source", f"gsm8k-aug:{source}",
                                           "--tokenizer", os.path.join(work, "tok"), "--out", shards])
-            train_s, train_gb = trained(work, shards, f"records{n}")
+            train_s, train_gb, train_private = trained(work, shards, f"records{n}")
             print(f"data_scale records={n} build={build_s:.1f}s ({build_s / plain_s:.2f}x plain={plain_s:.1f}s) "
                   f"build_peak={build_gb:.2f} train={train_s:.1f}s (+{train_s - base_s:.1f}s) "
-                  f"train_peak={train_gb:.2f} (+{train_gb - base_gb:.2f})", flush=True)
+                  f"train_peak={train_gb:.2f} (+{train_gb - base_gb:.2f}) "
+                  f"train_private=+{train_private - base_private:.2f}", flush=True)
             os.remove(source)
             shutil.rmtree(shards)
 
