@@ -15,7 +15,8 @@ from .sources import Parsed, RawRecord, RecordParser, SourceSpec
 from .split_writer import SplitCounts
 from .templates import tokenize_joined_cots, tokenize_problems
 
-# The record's fields as the Arrow schema orders them; the build's process adds ``id`` in front.
+# The record's fields but ``id`` (``loader.FEATURES``; the build's process adds the ids), in the order
+# ``tokenized`` gives their values; the Arrow table takes them by name.
 COLUMNS = ("question", "steps", "answer", "question_ids", "step_ids", "answer_ids", "teacher_cot_ids", "cot_ids",
            "source", "flags")
 

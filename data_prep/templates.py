@@ -64,7 +64,14 @@ def encode(tok, texts: list[str], special: bool) -> list[list[int]]:
     offsets of each token, which nothing here reads."""
     if not texts:
         return []
-    backend = getattr(tok, "_tokenizer", None) if getattr(tok, "is_fast", False) else None
-    if backend is None or backend.truncation or backend.padding:
+    backend = direct_backend(tok)
+    if backend is None:
         return tok(texts, add_special_tokens=special)["input_ids"]
     return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=special)]
+
+
+def direct_backend(tok):
+    """A fast tokenizer's Rust backend where calling it gives what ``tok(...)`` gives (no
+    truncation or padding set on it), else None."""
+    backend = getattr(tok, "_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    return None if backend is None or backend.truncation or backend.padding else backend

@@ -16,6 +16,7 @@ import os
 from collections import deque
 
 from .batch import prepare_batch
+from .templates import direct_backend
 
 _WORKER: dict = {}
 POOL_FROM_BATCH = 2     # a source's third batch: on two, the pool's start-up costs more than it saves
@@ -82,8 +83,8 @@ class Workers:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
-            backend = getattr(self.tok, "_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
-            plain = backend is not None and not backend.truncation and not backend.padding
+            backend = direct_backend(self.tok)
+            serialized = None if backend is None else backend.to_str()
             self._pool = ProcessPoolExecutor(self.opts.workers, mp_context=get_context("spawn"), initializer=_start,
-                                             initargs=(self.opts, backend.to_str() if plain else None, self.schema))
+                                             initargs=(self.opts, serialized, self.schema))
         return self._pool
